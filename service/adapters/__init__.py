@@ -1,0 +1,1 @@
+"""Adapter registry: which names a client may ask for, and where each adapter lives."""

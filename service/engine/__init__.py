@@ -1,0 +1,1 @@
+"""Inference engines behind one narrow protocol (`base.Engine`); only backends import vLLM."""

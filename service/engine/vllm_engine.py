@@ -1,0 +1,216 @@
+"""The vLLM backend: an in-process `AsyncLLM` (its engine core runs in a child process it manages).
+
+Adapters are vLLM `LoRARequest`s with a stable integer id per loaded name; the base model is served
+with no LoRA request. On the CPU backend the mixed-batch correctness fix is applied by the plugin in
+`vllm_fixes.py`, which vLLM loads in every engine process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from service.engine.base import AdapterInfo, Delta, GenerationRequest
+from service.errors import BadRequest, ContextLengthExceeded, EngineFailure, ModelNotFound, NotReady
+from service.settings import ServiceSettings
+
+logger = logging.getLogger("vlora.engine")
+
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def adapter_rank(path: str | Path) -> int:
+    """LoRA rank from a peft adapter directory (the largest of `r` and any `rank_pattern` entry)."""
+    config_file = Path(path) / "adapter_config.json"
+    try:
+        config = json.loads(config_file.read_text())
+    except FileNotFoundError:
+        raise BadRequest(f"adapter at '{path}' has no adapter_config.json") from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise BadRequest(f"adapter config '{config_file}' is unreadable: {exc}") from None
+    ranks = [int(config.get("r", 8))] + [int(r) for r in (config.get("rank_pattern") or {}).values()]
+    return max(ranks)
+
+
+def engine_rank_limit(ranks: list[int], configured: int | None) -> int:
+    """The smallest rank vLLM accepts that covers every start adapter (or the configured one)."""
+    wanted = configured or max(ranks, default=16)
+    for allowed in VLLM_LORA_RANKS:
+        if allowed >= wanted:
+            return allowed
+    raise ValueError(f"LoRA rank {wanted} exceeds vLLM's maximum {VLLM_LORA_RANKS[-1]}")
+
+
+class VLLMEngine:
+    def __init__(self, settings: ServiceSettings, adapters: dict[str, str], enable_lora: bool = True):
+        self.settings = settings
+        self.model_id = settings.base_name
+        self._start_adapters = adapters
+        self._enable_lora = enable_lora or bool(adapters)
+        self._adapters: dict[str, AdapterInfo] = {}
+        self._next_adapter_id = 1
+        self._adapter_lock = asyncio.Lock()
+        self._llm = None
+        self.max_model_len = settings.max_model_len or 0
+        self.max_lora_rank = 0
+
+    # lifecycle ----------------------------------------------------------------------------------
+
+    def _engine_args(self):
+        from vllm.engine.arg_utils import AsyncEngineArgs
+
+        s = self.settings
+        kwargs = dict(
+            model=s.model,
+            served_model_name=[self.model_id],
+            dtype=s.dtype,
+            max_model_len=s.max_model_len,
+            max_num_seqs=s.max_num_seqs,
+            seed=s.seed,
+            enable_prefix_caching=s.enable_prefix_caching,
+            tensor_parallel_size=s.tensor_parallel_size,
+            gpu_memory_utilization=s.gpu_memory_utilization,
+            enforce_eager=s.enforce_eager,
+            limit_mm_per_prompt={"image": max(s.max_images_per_request, 1), "video": 0},
+            disable_log_stats=False,
+        )
+        if s.max_num_batched_tokens:
+            kwargs["max_num_batched_tokens"] = s.max_num_batched_tokens
+        if s.quantization:
+            kwargs["quantization"] = s.quantization
+        if self._enable_lora:
+            ranks = [adapter_rank(p) for p in self._start_adapters.values()]
+            self.max_lora_rank = engine_rank_limit(ranks, s.max_lora_rank)
+            kwargs.update(enable_lora=True, max_loras=s.max_loras, max_lora_rank=self.max_lora_rank)
+            if s.max_cpu_loras:
+                kwargs["max_cpu_loras"] = s.max_cpu_loras
+        return AsyncEngineArgs(**kwargs)
+
+    async def start(self) -> None:
+        from vllm.platforms import current_platform
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        if current_platform.is_cpu():
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.settings.cpu_kvcache_space_gib))
+        self._llm = AsyncLLM.from_engine_args(self._engine_args())
+        self.max_model_len = self._llm.model_config.max_model_len
+        for name, path in self._start_adapters.items():
+            await self.load_adapter(name, path)
+
+    async def shutdown(self) -> None:
+        if self._llm is not None:
+            self._llm.shutdown()
+            self._llm = None
+
+    async def check_health(self) -> None:
+        if self._llm is None:
+            raise NotReady("engine not started")
+        if self._llm.errored:
+            raise EngineFailure(f"engine is dead: {self._llm.dead_error}")
+        await self._llm.check_health()
+
+    def unfinished_requests(self) -> int:
+        return self._llm.get_num_unfinished_requests() if self._llm is not None else 0
+
+    # adapters -----------------------------------------------------------------------------------
+
+    def adapters(self) -> list[AdapterInfo]:
+        return list(self._adapters.values())
+
+    def _lora_request(self, info: AdapterInfo):
+        from vllm.lora.request import LoRARequest
+
+        return LoRARequest(lora_name=info.name, lora_int_id=info.engine_id, lora_path=info.path)
+
+    async def load_adapter(self, name: str, path: str) -> AdapterInfo:
+        if not self._enable_lora:
+            raise BadRequest("this server was started without LoRA support (no adapters configured)")
+        rank = adapter_rank(path)
+        if rank > self.max_lora_rank:
+            raise BadRequest(f"adapter '{name}' has rank {rank}, above the engine's max_lora_rank {self.max_lora_rank}")
+        async with self._adapter_lock:
+            info = AdapterInfo(name=name, path=str(Path(path).resolve()), rank=rank, engine_id=self._next_adapter_id)
+            try:
+                await self._llm.add_lora(self._lora_request(info))
+            except Exception as exc:  # vLLM reports bad adapters as assorted exception types
+                raise BadRequest(f"adapter '{name}' failed to load: {exc}") from exc
+            self._next_adapter_id += 1
+            self._adapters[name] = info
+        logger.info("adapter loaded", extra={"adapter": name, "path": info.path, "rank": rank})
+        return info
+
+    async def unload_adapter(self, name: str) -> None:
+        async with self._adapter_lock:
+            info = self._adapters.pop(name, None)
+            if info is None:
+                raise ModelNotFound(f"adapter '{name}' is not loaded")
+            await self._llm.remove_lora(info.engine_id)
+
+    # generation ---------------------------------------------------------------------------------
+
+    def _sampling_params(self, request: GenerationRequest):
+        from vllm.sampling_params import RequestOutputKind, SamplingParams
+
+        s = request.sampling
+        return SamplingParams(
+            n=s.n,
+            temperature=s.temperature,
+            top_p=s.top_p,
+            top_k=s.top_k,
+            min_p=s.min_p,
+            seed=s.seed,
+            stop=s.stop,
+            presence_penalty=s.presence_penalty,
+            frequency_penalty=s.frequency_penalty,
+            repetition_penalty=s.repetition_penalty,
+            max_tokens=s.max_tokens,
+            min_tokens=min(s.min_tokens, s.max_tokens),
+            ignore_eos=s.ignore_eos,
+            output_kind=RequestOutputKind.DELTA,
+        )
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+        if self._llm is None:
+            raise NotReady("engine not started")
+        lora = None
+        if request.adapter is not None:
+            info = self._adapters.get(request.adapter)
+            if info is None:
+                raise ModelNotFound(f"adapter '{request.adapter}' is not loaded")
+            lora = self._lora_request(info)
+        prompt: dict = {"prompt": request.prompt}
+        if request.images:
+            prompt["multi_modal_data"] = {"image": request.images}
+        finished = False
+        try:
+            stream = self._llm.generate(prompt, self._sampling_params(request), request.request_id, lora_request=lora)
+            async for out in stream:
+                prompt_tokens = len(out.prompt_token_ids) if out.prompt_token_ids is not None else None
+                for choice in out.outputs:
+                    yield Delta(index=choice.index, text=choice.text, new_tokens=len(choice.token_ids),
+                                finish_reason=choice.finish_reason, prompt_tokens=prompt_tokens)
+                finished = out.finished
+        except (ValueError, TypeError) as exc:
+            # vLLM validates prompts (length, multimodal limits) with ValueError subclasses.
+            message = str(exc)
+            if "maximum model length" in message or "longer than the maximum" in message:
+                raise ContextLengthExceeded(message) from exc
+            raise BadRequest(message) from exc
+        except Exception as exc:
+            from vllm.v1.engine.exceptions import EngineDeadError
+
+            if isinstance(exc, EngineDeadError):
+                raise EngineFailure("the inference engine died; the server is restarting") from exc
+            raise
+        finally:
+            if not finished:
+                # The consumer went away (client disconnect) or failed: free the engine's slot now.
+                await self._llm.abort(request.request_id)
+
+    async def abort(self, request_id: str) -> None:
+        if self._llm is not None:
+            await self._llm.abort(request_id)

@@ -1,0 +1,137 @@
+"""Typed service errors and their one mapping to OpenAI-shaped JSON responses.
+
+Everything that can go wrong with a request is raised as an `APIError` subclass below the routes; the
+handlers installed by `install_error_handlers` turn those, FastAPI validation errors (a capped 400, never
+a raw 422), unknown routes and unexpected exceptions (a 500 without internals) into
+`{"error": {"message", "type", "param", "code"}}`.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service.protocol.models import ErrorInfo, ErrorResponse
+
+logger = logging.getLogger("vlora.errors")
+
+MAX_MESSAGE_CHARS = 1000
+
+
+class APIError(Exception):
+    status = 500
+    type = "internal_error"
+    code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+        self.headers = headers or {}
+
+
+class BadRequest(APIError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class ContextLengthExceeded(BadRequest):
+    code = "context_length_exceeded"
+
+
+class Unauthorized(APIError):
+    status = 401
+    type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class ModelNotFound(APIError):
+    status = 404
+    type = "invalid_request_error"
+    code = "model_not_found"
+
+
+class PayloadTooLarge(APIError):
+    status = 413
+    type = "invalid_request_error"
+    code = "payload_too_large"
+
+
+class Overloaded(APIError):
+    status = 429
+    type = "rate_limit_error"
+    code = "overloaded"
+
+
+class NotReady(APIError):
+    status = 503
+    type = "service_unavailable"
+    code = "not_ready"
+
+
+class EngineFailure(APIError):
+    status = 500
+    type = "internal_error"
+    code = "engine_error"
+
+
+def error_body(status: int, message: str, type_: str, param: str | None = None, code: str | None = None) -> dict:
+    if len(message) > MAX_MESSAGE_CHARS:
+        message = message[: MAX_MESSAGE_CHARS - 3] + "..."
+    return ErrorResponse(error=ErrorInfo(message=message, type=type_, param=param, code=code)).model_dump()
+
+
+def api_error_response(exc: APIError) -> JSONResponse:
+    return JSONResponse(
+        error_body(exc.status, exc.message, exc.type, exc.param, exc.code), status_code=exc.status,
+        headers=exc.headers,
+    )
+
+
+def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    """First few pydantic errors as one readable line, plus the dotted path of the first as `param`."""
+    parts, param = [], None
+    for err in exc.errors()[:3]:
+        loc: list[str] = []
+        for part in (str(p) for p in err.get("loc", ()) if p != "body"):
+            # Drop pydantic's union-branch labels and collapse discriminator tags (`image_url.image_url`).
+            if part == "str" or part.startswith(("list[", "function-", "tagged-union[")):
+                continue
+            if not loc or loc[-1] != part:
+                loc.append(part)
+        where = ".".join(loc)
+        param = param or where or None
+        msg = err.get("msg", "invalid value").removeprefix("Value error, ")
+        parts.append(f"{where}: {msg}" if where else msg)
+    if not parts:
+        parts = ["invalid request"]
+    return "; ".join(parts), param
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError):
+        return api_error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError):
+        message, param = validation_message(exc)
+        return JSONResponse(error_body(400, message, "invalid_request_error", param, "invalid_request"), 400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return JSONResponse(error_body(exc.status_code, str(exc.detail), "invalid_request_error", None, code),
+                            exc.status_code, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        logger.exception("unhandled error on %s %s", request.method, request.url.path)
+        return JSONResponse(error_body(500, "internal server error", "internal_error", None, "internal_error"), 500)

@@ -1,0 +1,201 @@
+"""Image inputs: data URIs and http(s) URLs, decoded to RGB PIL images within byte and pixel limits.
+
+Every refusal is a typed error: 400 for what cannot be an image (bad base64, unknown format, truncated
+file, a URL we will not fetch), 413 for what is too large (bytes before decoding, pixels before the
+full decode, so decompression bombs are refused from the header alone).
+
+URL fetching resolves the host and refuses loopback, private, link-local, multicast, reserved and other
+non-public addresses (unless allowlisted), re-checks every redirect, streams with a byte cap and a
+timeout, and accepts only image content types.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import io
+import ipaddress
+import socket
+import time
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from urllib.parse import urljoin, urlsplit
+
+from PIL import Image, UnidentifiedImageError
+
+from service.errors import BadRequest, PayloadTooLarge
+
+ALLOWED_FORMATS = {"PNG", "JPEG", "WEBP", "GIF"}
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+@dataclass(frozen=True)
+class MediaLimits:
+    max_image_bytes: int
+    max_image_pixels: int
+    fetch_timeout_s: float = 10.0
+    max_redirects: int = 3
+    allowlist: tuple[str, ...] = ()
+
+
+# -- address policy (pure functions: no connection is ever made here) ---------------------------------
+
+def _unmapped(addr: IPAddress) -> IPAddress:
+    if isinstance(addr, ipaddress.IPv6Address):
+        if addr.ipv4_mapped is not None:
+            return addr.ipv4_mapped
+        if addr.sixtofour is not None:
+            return addr.sixtofour
+        if addr.teredo is not None:
+            return addr.teredo[1]
+    return addr
+
+
+def address_is_public(addr: IPAddress) -> bool:
+    """True only for globally routable unicast addresses (IPv4-mapped/6to4/Teredo judged by their IPv4)."""
+    addr = _unmapped(addr)
+    return bool(addr.is_global) and not (addr.is_multicast or addr.is_reserved or addr.is_unspecified)
+
+
+def address_allowed(addr: IPAddress, host: str, allowlist: Iterable[str]) -> bool:
+    for entry in allowlist:
+        if entry.lower() == host.lower():
+            return True
+        try:
+            if _unmapped(addr) in ipaddress.ip_network(entry, strict=False):
+                return True
+        except ValueError:
+            continue
+    return address_is_public(addr)
+
+
+Resolver = Callable[[str, int], list[str]]
+
+
+def system_resolve(host: str, port: int) -> list[str]:
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return sorted({info[4][0] for info in infos})
+
+
+def check_url(url: str, allowlist: Iterable[str], resolve: Resolver = system_resolve) -> tuple[str, int, str]:
+    """Validate scheme and every resolved address of `url`; returns (host, port, address to connect to)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https"):
+        raise BadRequest(f"image URL scheme '{parts.scheme}' is not allowed (only http and https)", param="image_url")
+    host = parts.hostname
+    if not host:
+        raise BadRequest("image URL has no host", param="image_url")
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        addresses = resolve(host, port)
+    except (OSError, UnicodeError) as exc:
+        raise BadRequest(f"image URL host '{host}' does not resolve: {exc}", param="image_url") from None
+    if not addresses:
+        raise BadRequest(f"image URL host '{host}' does not resolve", param="image_url")
+    for text in addresses:
+        addr = ipaddress.ip_address(text.split("%")[0])
+        if not address_allowed(addr, host, allowlist):
+            raise BadRequest(f"image URL host '{host}' resolves to a non-public address ({addr}); refused",
+                             param="image_url")
+    return host, port, addresses[0]
+
+
+# -- decoding -------------------------------------------------------------------------------------------
+
+def decode_image(data: bytes, limits: MediaLimits) -> Image.Image:
+    if len(data) > limits.max_image_bytes:
+        raise PayloadTooLarge(f"image is {len(data)} bytes; the limit is {limits.max_image_bytes}", param="image_url")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))  # reads the header only
+            if image.format not in ALLOWED_FORMATS:
+                raise BadRequest(f"image format {image.format} is not supported (PNG, JPEG, WebP, GIF)",
+                                 param="image_url")
+            width, height = image.size
+            if width * height > limits.max_image_pixels:
+                raise PayloadTooLarge(f"image is {width}x{height} = {width * height} pixels; the limit is "
+                                      f"{limits.max_image_pixels}", param="image_url")
+            if image.format == "GIF":
+                image.seek(0)
+            image.load()
+            return image.convert("RGB")
+    except (BadRequest, PayloadTooLarge):
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise PayloadTooLarge("image exceeds the decompression limit", param="image_url") from None
+    except UnidentifiedImageError:
+        raise BadRequest("image data is not a decodable image", param="image_url") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise BadRequest(f"image could not be decoded: {exc}", param="image_url") from None
+
+
+def decode_data_uri(uri: str, limits: MediaLimits) -> bytes:
+    header, sep, payload = uri.partition(",")
+    if not sep or not header.startswith("data:"):
+        raise BadRequest("malformed data URI", param="image_url")
+    media_type = header[5:].split(";")[0].strip().lower()
+    if media_type and not media_type.startswith("image/"):
+        raise BadRequest(f"data URI media type '{media_type}' is not an image", param="image_url")
+    if ";base64" not in header:
+        raise BadRequest("image data URIs must be base64-encoded", param="image_url")
+    # Refuse from the encoded length, before allocating the decoded bytes.
+    if len(payload) * 3 // 4 > limits.max_image_bytes + 3:
+        raise PayloadTooLarge(f"image data URI decodes to more than {limits.max_image_bytes} bytes", param="image_url")
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise BadRequest("image data URI is not valid base64", param="image_url") from None
+
+
+async def fetch_url(url: str, limits: MediaLimits, resolve: Resolver = system_resolve) -> bytes:
+    """GET an image over http(s), checking the address policy on the first URL and every redirect."""
+    import httpx
+
+    deadline = time.monotonic() + limits.fetch_timeout_s
+    timeout = httpx.Timeout(limits.fetch_timeout_s, connect=min(5.0, limits.fetch_timeout_s))
+    async with httpx.AsyncClient(follow_redirects=False, timeout=timeout, trust_env=False) as client:
+        for _ in range(limits.max_redirects + 1):
+            await asyncio.to_thread(check_url, url, limits.allowlist, resolve)
+            try:
+                async with client.stream("GET", url, headers={"Accept": "image/*"}) as response:
+                    if response.is_redirect:
+                        location = response.headers.get("location")
+                        if not location:
+                            raise BadRequest("image URL redirected without a location", param="image_url")
+                        url = urljoin(url, location)
+                        continue
+                    if response.status_code != 200:
+                        raise BadRequest(f"image URL answered HTTP {response.status_code}", param="image_url")
+                    ctype = response.headers.get("content-type", "").split(";")[0].strip().lower()
+                    if not ctype.startswith("image/"):
+                        raise BadRequest(f"image URL content type '{ctype or 'missing'}' is not an image",
+                                         param="image_url")
+                    declared = int(response.headers.get("content-length") or 0)
+                    if declared > limits.max_image_bytes:
+                        raise PayloadTooLarge(f"image URL body is {declared} bytes; the limit is "
+                                              f"{limits.max_image_bytes}", param="image_url")
+                    body = bytearray()
+                    async for chunk in response.aiter_bytes():
+                        body.extend(chunk)
+                        if len(body) > limits.max_image_bytes:
+                            raise PayloadTooLarge(f"image URL body exceeds {limits.max_image_bytes} bytes",
+                                                  param="image_url")
+                        if time.monotonic() > deadline:
+                            raise BadRequest("image URL download timed out", param="image_url")
+                    return bytes(body)
+            except httpx.TimeoutException:
+                raise BadRequest("image URL download timed out", param="image_url") from None
+            except httpx.HTTPError as exc:
+                raise BadRequest(f"image URL could not be fetched: {type(exc).__name__}", param="image_url") from None
+        raise BadRequest(f"image URL redirected more than {limits.max_redirects} times", param="image_url")
+
+
+async def load_image(url: str, limits: MediaLimits) -> Image.Image:
+    if url.startswith("data:"):
+        data = decode_data_uri(url, limits)
+    else:
+        data = await fetch_url(url, limits)
+    return await asyncio.to_thread(decode_image, data, limits)

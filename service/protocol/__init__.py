@@ -1,0 +1,1 @@
+"""OpenAI wire models: pydantic only, importable without torch or vLLM."""

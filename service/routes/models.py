@@ -1,0 +1,32 @@
+"""GET /v1/models and /v1/models/{id}: the base and every loaded adapter (parent = base)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+
+from service.errors import ModelNotFound
+from service.protocol.models import ModelCard, ModelList
+
+router = APIRouter()
+
+
+def _cards(request: Request) -> list[ModelCard]:
+    state = request.app.state
+    engine, base = state.engine, state.settings.base_name
+    cards = [ModelCard(id=base, root=base, max_model_len=engine.max_model_len)]
+    for info in engine.adapters():
+        cards.append(ModelCard(id=info.name, root=info.name, parent=base, max_model_len=engine.max_model_len))
+    return cards
+
+
+@router.get("/v1/models", response_model=ModelList)
+async def list_models(request: Request) -> ModelList:
+    return ModelList(data=_cards(request))
+
+
+@router.get("/v1/models/{model_id}", response_model=ModelCard)
+async def get_model(model_id: str, request: Request) -> ModelCard:
+    for card in _cards(request):
+        if card.id == model_id:
+            return card
+    raise ModelNotFound(f"The model '{model_id}' does not exist", param="model")

@@ -1,0 +1,36 @@
+"""Operations endpoints: /health (liveness), /ready (readiness), /metrics (Prometheus text)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+
+from service.errors import APIError, NotReady
+from service.metrics import CONTENT_TYPE
+
+router = APIRouter()
+
+
+@router.get("/health")
+async def health(request: Request) -> dict:
+    engine = request.app.state.engine
+    try:
+        await engine.check_health()
+    except APIError:
+        raise
+    except Exception as exc:
+        raise NotReady(f"engine unhealthy: {exc}") from exc
+    return {"status": "ok"}
+
+
+@router.get("/ready")
+async def ready(request: Request) -> dict:
+    state = request.app.state
+    if not getattr(state, "ready", False):
+        raise NotReady("not ready: the engine or its adapters are still loading", headers={"Retry-After": "5"})
+    await state.engine.check_health()
+    return {"status": "ready", "adapters": [a.name for a in state.engine.adapters()]}
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    return Response(request.app.state.metrics.exposition(), media_type=CONTENT_TYPE)

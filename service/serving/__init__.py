@@ -1,0 +1,1 @@
+"""Request -> engine mapping, chat rendering and SSE encoding."""

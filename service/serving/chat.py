@@ -1,0 +1,186 @@
+"""Chat completions: request -> engine request -> OpenAI response or SSE stream.
+
+Everything that can be refused is refused before the engine sees the request (model, images, prompt
+length); the first engine output is awaited before a stream's headers are sent, so engine-side
+validation errors still get a proper HTTP status. A stream whose client goes away aborts its engine
+request (`finally:` in the engine backend and here).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from service.adapters.registry import AdapterRegistry
+from service.engine.base import Delta, Engine, GenerationRequest, Sampling
+from service.errors import APIError, BadRequest, ContextLengthExceeded, error_body
+from service.media import MediaLimits, load_image
+from service.metrics import Metrics
+from service.protocol.chat import (
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    Choice,
+    ChunkChoice,
+    DeltaMessage,
+    ResponseMessage,
+    Usage,
+)
+from service.serving.render import ChatRenderer
+from service.serving.sse import DONE, sse_event, sse_json
+
+logger = logging.getLogger("vlora.chat")
+
+
+@dataclass
+class Prepared:
+    request: GenerationRequest
+    model: str  # the name the client asked for, echoed back
+    adapter_label: str
+    created: int = field(default_factory=lambda: int(time.time()))
+    started: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class _Totals:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    finish: dict[int, str] = field(default_factory=dict)
+    text: dict[int, list[str]] = field(default_factory=dict)
+    first_token_at: float | None = None
+
+    def add(self, delta: Delta) -> None:
+        if delta.prompt_tokens is not None:
+            self.prompt_tokens = delta.prompt_tokens
+        self.completion_tokens += delta.new_tokens
+        self.text.setdefault(delta.index, []).append(delta.text)
+        if delta.finish_reason:
+            self.finish[delta.index] = delta.finish_reason
+        if self.first_token_at is None and delta.new_tokens:
+            self.first_token_at = time.perf_counter()
+
+    def usage(self) -> Usage:
+        return Usage(prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens,
+                     total_tokens=self.prompt_tokens + self.completion_tokens)
+
+
+class ChatService:
+    def __init__(self, engine: Engine, registry: AdapterRegistry, renderer: ChatRenderer, limits: MediaLimits,
+                 max_images: int, metrics: Metrics):
+        self.engine = engine
+        self.registry = registry
+        self.renderer = renderer
+        self.limits = limits
+        self.max_images = max_images
+        self.metrics = metrics
+
+    async def prepare(self, req: ChatCompletionRequest) -> Prepared:
+        adapter = self.registry.resolve(req.model)
+        n_images = req.image_count()
+        if n_images > self.max_images:
+            raise BadRequest(f"{n_images} images in one request; the limit is {self.max_images}", param="messages")
+        urls = [part.image_url.url for m in req.messages for part in m.images()]
+        started = time.perf_counter()
+        images = list(await asyncio.gather(*(load_image(u, self.limits) for u in urls))) if urls else []
+        if urls:
+            self.metrics.image_seconds.observe(time.perf_counter() - started)
+        prompt = self.renderer.render(req.messages)
+        prompt_tokens = await asyncio.to_thread(self.renderer.prompt_tokens, prompt, [im.size for im in images])
+        room = self.engine.max_model_len - prompt_tokens
+        wanted = req.output_limit
+        if room < 1 or (wanted is not None and wanted > room):
+            raise ContextLengthExceeded(
+                f"this model's maximum context length is {self.engine.max_model_len} tokens; the prompt has "
+                f"{prompt_tokens} tokens (images included) and {wanted or 1} were requested for the completion",
+                param="messages" if room < 1 else "max_tokens",
+            )
+        sampling = Sampling(
+            max_tokens=wanted or room, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
+            min_p=req.min_p, n=req.n, stop=req.stop, seed=req.seed, presence_penalty=req.presence_penalty,
+            frequency_penalty=req.frequency_penalty, repetition_penalty=req.repetition_penalty,
+            min_tokens=req.min_tokens, ignore_eos=req.ignore_eos,
+        )
+        gen = GenerationRequest(request_id=f"chatcmpl-{uuid.uuid4().hex}", prompt=prompt, images=images,
+                                sampling=sampling, adapter=adapter)
+        return Prepared(request=gen, model=req.model, adapter_label=self.registry.label(adapter))
+
+    def _finish(self, prep: Prepared, totals: _Totals, status: str) -> None:
+        reasons = set(totals.finish.values()) or {"none"}
+        self.metrics.observe_request(
+            adapter=prep.adapter_label, status=status, finish_reason=",".join(sorted(reasons)) if len(reasons) > 1
+            else reasons.pop(), prompt_tokens=totals.prompt_tokens, completion_tokens=totals.completion_tokens,
+            ttft=(totals.first_token_at - prep.started) if totals.first_token_at else None,
+            e2e=time.perf_counter() - prep.started,
+        )
+
+    async def complete(self, prep: Prepared) -> ChatCompletion:
+        totals = _Totals()
+        status = "error"
+        with self.metrics.running():
+            try:
+                async for delta in self.engine.generate(prep.request):
+                    totals.add(delta)
+                status = "ok"
+            finally:
+                self._finish(prep, totals, status)
+        choices = [
+            Choice(index=i, message=ResponseMessage(content="".join(totals.text.get(i, []))),
+                   finish_reason=totals.finish.get(i))
+            for i in range(prep.request.sampling.n)
+        ]
+        return ChatCompletion(id=prep.request.request_id, created=prep.created, model=prep.model, choices=choices,
+                              usage=totals.usage())
+
+    async def open_stream(self, prep: Prepared, include_usage: bool) -> AsyncIterator[str]:
+        """Start generation and wait for its first output, then return the SSE body iterator.
+
+        Engine errors raised before the first output propagate to the caller (a normal HTTP error)."""
+        stream = self.engine.generate(prep.request)
+        running = self.metrics.running()
+        running.__enter__()
+        try:
+            first = await anext(stream, None)
+        except BaseException:
+            running.__exit__(None, None, None)
+            self._finish(prep, _Totals(), "error")
+            await stream.aclose()
+            raise
+        return self._sse(prep, stream, first, include_usage, running)
+
+    async def _sse(self, prep: Prepared, stream: AsyncIterator[Delta], first: Delta | None, include_usage: bool,
+                   running) -> AsyncIterator[str]:
+        rid, totals, status = prep.request.request_id, _Totals(), "aborted"
+
+        def chunk(choices: list[ChunkChoice], usage: Usage | None = None) -> str:
+            return sse_event(ChatCompletionChunk(id=rid, created=prep.created, model=prep.model, choices=choices,
+                                                 usage=usage))
+
+        try:
+            yield chunk([ChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))
+                         for i in range(prep.request.sampling.n)])
+            delta = first
+            while delta is not None:
+                totals.add(delta)
+                if delta.text or delta.finish_reason:
+                    yield chunk([ChunkChoice(index=delta.index, delta=DeltaMessage(content=delta.text or None),
+                                             finish_reason=delta.finish_reason)])
+                delta = await anext(stream, None)
+            if include_usage:
+                yield chunk([], usage=totals.usage())
+            status = "ok"
+            yield DONE
+        except APIError as exc:
+            status = "error"
+            logger.warning("stream %s failed: %s", rid, exc.message)
+            yield sse_json(error_body(exc.status, exc.message, exc.type, exc.param, exc.code))
+            yield DONE
+        finally:
+            if status == "aborted":
+                logger.info("stream %s ended early (client disconnected); aborting", rid)
+            await stream.aclose()  # the engine backend aborts an unfinished request on close
+            running.__exit__(None, None, None)
+            self._finish(prep, totals, status)

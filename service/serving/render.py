@@ -1,0 +1,72 @@
+"""Chat rendering: OpenAI messages -> the model's own chat template, with one vision placeholder per image.
+
+The template comes from the served model's processor (Qwen3-VL's, or the tiny kit's), so the prompt is
+exactly what the model was trained on; vLLM expands each `<|image_pad|>` to the image's token count.
+The prompt length, image tokens included, is computed here so that an over-long request is refused
+with a clear 400 before it reaches the engine.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from service.errors import BadRequest
+from service.protocol.chat import ChatMessage, ImagePart, TextPart
+
+
+def to_template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    """OpenAI messages as the HF chat-template structure (`developer` is treated as `system`)."""
+    out = []
+    for message in messages:
+        role = "system" if message.role == "developer" else message.role
+        if isinstance(message.content, str):
+            content: str | list[dict[str, Any]] = message.content
+        else:
+            content = []
+            for part in message.content:
+                if isinstance(part, TextPart):
+                    content.append({"type": "text", "text": part.text})
+                elif isinstance(part, ImagePart):
+                    content.append({"type": "image"})
+            if role != "user" and all(p["type"] == "text" for p in content):
+                content = "".join(p["text"] for p in content)
+        out.append({"role": role, "content": content})
+    return out
+
+
+class ChatRenderer:
+    """Renders prompts and counts their tokens with the served model's processor."""
+
+    def __init__(self, processor: Any):
+        self.processor = processor
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+        self.image_processor = getattr(processor, "image_processor", None)
+        self._merge = getattr(self.image_processor, "merge_size", 1) or 1
+        self._image_pad = self.tokenizer.convert_tokens_to_ids("<|image_pad|>") if self.image_processor else None
+
+    @classmethod
+    def from_pretrained(cls, model: str) -> ChatRenderer:
+        from transformers import AutoProcessor
+
+        return cls(AutoProcessor.from_pretrained(model))
+
+    def render(self, messages: list[ChatMessage]) -> str:
+        try:
+            return self.processor.apply_chat_template(
+                to_template_messages(messages), tokenize=False, add_generation_prompt=True
+            )
+        except Exception as exc:  # a template may reject e.g. a role order it does not support
+            raise BadRequest(f"messages could not be rendered with the model's chat template: {exc}") from None
+
+    def image_tokens(self, width: int, height: int) -> int:
+        if self.image_processor is None:
+            raise BadRequest("this model does not accept images")
+        return self.image_processor.get_number_of_image_patches(height, width, {}) // (self._merge**2)
+
+    def prompt_tokens(self, prompt: str, image_sizes: list[tuple[int, int]]) -> int:
+        ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        placeholders = sum(1 for i in ids if i == self._image_pad) if self._image_pad is not None else 0
+        if placeholders != len(image_sizes):
+            raise BadRequest(f"the chat template produced {placeholders} image placeholders for "
+                             f"{len(image_sizes)} images")
+        return len(ids) - placeholders + sum(self.image_tokens(w, h) for w, h in image_sizes)

@@ -1,0 +1,85 @@
+"""Service settings: one pydantic-settings model, built once in `main()` and passed down.
+
+Every field can be set by environment variable (`VLORA_` prefix, e.g. `VLORA_MODEL`, `VLORA_PORT`,
+`VLORA_ADAPTERS='["a=/adapters/a"]'`) or by the matching `vlora-serve` flag; flags win.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_MODEL_DIR = Path("models/tiny-qwen3-vl")
+DEFAULT_ADAPTER_DIR = Path("models/adapters")
+
+
+class ServiceSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="VLORA_", extra="ignore")
+
+    # What is served
+    model: str = Field(str(DEFAULT_MODEL_DIR), description="Model directory or hub id (merged models too).")
+    served_model_name: str | None = Field(None, description="Name clients use for the base; default: model dir name.")
+    adapters: list[str] = Field(default_factory=list, description="Adapters as NAME=PATH, loaded at start.")
+    adapter_dir: Path | None = Field(None, description="Directory whose subfolders are adapters (name = folder).")
+
+    # HTTP
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    log_level: str = "info"
+
+    # Engine (vLLM)
+    dtype: str = "auto"
+    max_model_len: int | None = Field(4096, ge=64)
+    max_num_seqs: int = Field(16, ge=1)
+    max_num_batched_tokens: int | None = None
+    max_loras: int = Field(4, ge=1, description="Adapters resident in one batch.")
+    max_cpu_loras: int | None = Field(None, description="Adapters cached in host memory (default: engine's).")
+    max_lora_rank: int | None = Field(None, description="Default: the largest rank among the start adapters.")
+    quantization: str | None = Field(None, description="vLLM quantization method, e.g. 'bitsandbytes', 'awq', 'fp8'.")
+    tensor_parallel_size: int = Field(1, ge=1)
+    gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0)
+    cpu_kvcache_space_gib: int = Field(1, ge=1, description="KV cache of the CPU backend (VLLM_CPU_KVCACHE_SPACE).")
+    enable_prefix_caching: bool = True
+    enforce_eager: bool = False
+    seed: int = 0
+
+    # Request limits
+    max_images_per_request: int = Field(4, ge=0)
+    max_image_bytes: int = Field(20 * 1024 * 1024, ge=1024)
+    max_image_pixels: int = Field(4096 * 4096, ge=64 * 64)
+    max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+
+    # Image URLs
+    image_fetch_timeout_s: float = Field(10.0, gt=0)
+    image_fetch_max_redirects: int = Field(3, ge=0)
+    image_url_allowlist: list[str] = Field(
+        default_factory=list,
+        description="Hosts or CIDRs that may be fetched although not public (e.g. '127.0.0.1/32' for tests).",
+    )
+
+    @field_validator("adapters")
+    @classmethod
+    def _adapters(cls, v: list[str]) -> list[str]:
+        for item in v:
+            name, sep, path = item.partition("=")
+            if not sep or not name.strip() or not path.strip():
+                raise ValueError(f"adapter '{item}' must look like NAME=PATH")
+        return v
+
+    @field_validator("image_url_allowlist")
+    @classmethod
+    def _allowlist(cls, v: list[str]) -> list[str]:
+        for item in v:
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                if not item or "/" in item:
+                    raise ValueError(f"allowlist entry '{item}' is neither a CIDR nor a host name") from None
+        return v
+
+    @property
+    def base_name(self) -> str:
+        return self.served_model_name or Path(self.model.rstrip("/")).name
