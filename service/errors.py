@@ -98,7 +98,9 @@ def api_error_response(exc: APIError) -> JSONResponse:
 def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     """First few pydantic errors as one readable line, plus the dotted path of the first as `param`."""
     parts, param = [], None
-    for err in exc.errors()[:3]:
+    # Union branches each report an error; the deepest location is the one that names the real problem.
+    errors = sorted(exc.errors(), key=lambda e: -len(e.get("loc", ())))
+    for err in errors[:3]:
         loc: list[str] = []
         for part in (str(p) for p in err.get("loc", ()) if p != "body"):
             # Drop pydantic's union-branch labels and collapse discriminator tags (`image_url.image_url`).

@@ -1,0 +1,68 @@
+"""Protocol models: what the official client sends parses; what is wrong is refused with a reason."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from service.protocol.chat import ChatCompletionChunk, ChatCompletionRequest, ChunkChoice, DeltaMessage, ImagePart
+from service.serving.sse import DONE, sse_event
+
+IMAGE = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+
+
+def req(**kw) -> ChatCompletionRequest:
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], **kw}
+    return ChatCompletionRequest.model_validate(body)
+
+
+def test_openai_client_shapes_parse():
+    r = req(messages=[{"role": "system", "content": "s"},
+                      {"role": "user", "content": [IMAGE, {"type": "text", "text": "q"}]},
+                      {"role": "assistant", "content": "a"},
+                      {"role": "user", "content": [{"type": "text", "text": "again"}]}],
+            stream=True, stream_options={"include_usage": True}, max_completion_tokens=5, stop="x",
+            top_k=5, min_p=0.1, seed=3, n=2, unknown_field="ignored")
+    assert r.image_count() == 1
+    assert isinstance(r.messages[1].images()[0], ImagePart)
+    assert r.include_usage and r.output_limit == 5 and r.stop == ["x"]
+
+
+def test_image_url_as_bare_string():
+    r = req(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": "https://x/y.png"}]}])
+    assert r.messages[0].images()[0].image_url.url == "https://x/y.png"
+
+
+@pytest.mark.parametrize("kw,needle", [
+    ({"messages": []}, "at least 1"),
+    ({"messages": [{"role": "tool", "content": "x"}]}, "role"),
+    ({"messages": [{"role": "user"}]}, "needs content"),
+    ({"messages": [{"role": "assistant", "content": [IMAGE]}]}, "only accepted in user messages"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}, "last message"),
+    ({"temperature": -1}, "temperature"),
+    ({"top_p": 0}, "top_p"),
+    ({"n": 0}, "n"),
+    ({"stop": ["a", "b", "c", "d", "e"]}, "up to 4"),
+    ({"stop": [""]}, "non-empty"),
+    ({"tools": [{"type": "function"}]}, "'tools' is not supported"),
+    ({"logprobs": True}, "'logprobs' is not supported"),
+    ({"response_format": {"type": "json_object"}}, "'response_format' is not supported"),
+    ({"max_tokens": 3, "max_completion_tokens": 4}, "disagree"),
+])
+def test_invalid_requests(kw, needle):
+    with pytest.raises(ValidationError) as exc:
+        req(**kw)
+    assert needle in str(exc.value)
+
+
+def test_text_response_format_is_accepted():
+    assert req(response_format={"type": "text"}).response_format == {"type": "text"}
+
+
+def test_sse_encoding():
+    chunk = ChatCompletionChunk(id="c1", created=1, model="m",
+                                choices=[ChunkChoice(index=0, delta=DeltaMessage(content="hi"))])
+    event = sse_event(chunk)
+    assert event.startswith("data: {") and event.endswith("}\n\n")
+    assert '"content":"hi"' in event and "null" not in event
+    assert DONE == "data: [DONE]\n\n"

@@ -1,0 +1,64 @@
+"""Chat rendering with images, and prompt-length accounting that matches the real processor."""
+
+from __future__ import annotations
+
+import pytest
+
+from service.errors import BadRequest
+from service.protocol.chat import ChatCompletionRequest
+from service.serving.render import ChatRenderer, to_template_messages
+from tests.images import shape_image
+
+IMG = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+
+
+def messages(*msgs):
+    return ChatCompletionRequest.model_validate({"model": "m", "messages": list(msgs)}).messages
+
+
+@pytest.fixture(scope="module")
+def renderer(tiny_processor) -> ChatRenderer:
+    return ChatRenderer(tiny_processor)
+
+
+def test_template_structure():
+    out = to_template_messages(messages(
+        {"role": "developer", "content": "be brief"},
+        {"role": "user", "content": [{"type": "text", "text": "a"}, IMG, {"type": "text", "text": "b"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "x"}, {"type": "text", "text": "y"}]},
+        {"role": "user", "content": "next"},
+    ))
+    assert out[0] == {"role": "system", "content": "be brief"}
+    assert out[1]["content"] == [{"type": "text", "text": "a"}, {"type": "image"}, {"type": "text", "text": "b"}]
+    assert out[2] == {"role": "assistant", "content": "xy"}
+
+
+def test_render_places_one_vision_block_per_image(renderer):
+    prompt = renderer.render(messages(
+        {"role": "system", "content": "S"},
+        {"role": "user", "content": [IMG, IMG, {"type": "text", "text": "two?"}]},
+        {"role": "assistant", "content": "yes"},
+        {"role": "user", "content": "ok"},
+    ))
+    assert prompt == (
+        "<|im_start|>system\nS<|im_end|>\n"
+        "<|im_start|>user\n" + "<|vision_start|><|image_pad|><|vision_end|>" * 2 + "two?<|im_end|>\n"
+        "<|im_start|>assistant\nyes<|im_end|>\n"
+        "<|im_start|>user\nok<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+
+
+@pytest.mark.parametrize("sizes", [[], [(256, 256)], [(640, 480), (33, 47)], [(2000, 300)]])
+def test_prompt_tokens_match_processor(renderer, tiny_processor, sizes):
+    content = [IMG] * len(sizes) + [{"type": "text", "text": "What color is the shape?"}]
+    prompt = renderer.render(messages({"role": "user", "content": content}))
+    images = [shape_image("red", size) for size in sizes] or None
+    real = tiny_processor(text=[prompt], images=images, return_tensors="pt")["input_ids"].shape[1]
+    assert renderer.prompt_tokens(prompt, sizes) == real
+
+
+def test_placeholder_count_must_match_images(renderer):
+    prompt = renderer.render(messages({"role": "user", "content": [IMG, {"type": "text", "text": "q"}]}))
+    with pytest.raises(BadRequest):
+        renderer.prompt_tokens(prompt, [])
