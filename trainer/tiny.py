@@ -76,7 +76,7 @@ def _corpus() -> list[str]:
     for c in COLORS:
         for s in SHAPES:
             lines.append(f"What color is the shape? {c}. What shape is it? {s}. A {c} {s} on a background.")
-    for i, w in enumerate(words):
+    for i in range(len(words)):
         lines.append(" ".join(words[i:] + words[:i]))
     lines.append("0123456789 .,;:!?-'\"()[]{}<>/\\@#$%^&*+=_~`|")
     return lines * 4

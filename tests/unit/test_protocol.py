@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from service.protocol.chat import ChatCompletionChunk, ChatCompletionRequest, ChunkChoice, DeltaMessage, ImagePart
+from service.protocol.chat import (
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChunkChoice,
+    DeltaMessage,
+    ImagePart,
+)
 from service.serving.sse import DONE, sse_event
 
 IMAGE = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
