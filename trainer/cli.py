@@ -1,5 +1,11 @@
 """`vlora-train`: the offline side of vlora.
 
+    vlora-train validate data/train.jsonl
+    vlora-train train --config trainer/configs/tiny-colors.yaml --output-dir models/adapters/colors
+    vlora-train eval --adapter models/adapters/colors --data data/colors/val.jsonl
+    vlora-train merge --adapter models/adapters/colors --out models/tiny-colors-merged --data data/colors/val.jsonl
+    vlora-train convert simple.jsonl --out chat.jsonl
+    vlora-train demo-data --task colors --out data/colors
     vlora-train tiny-model --out models/tiny-qwen3-vl --seed 0
     vlora-train random-adapter --base models/tiny-qwen3-vl --out models/adapters/demo-a --rank 8 --seed 1
     vlora-train demo-assets --out models        # tiny model + demo adapters, skipped when present
@@ -48,10 +54,124 @@ def _demo_assets(args) -> None:
     print("\n".join(f"made {p}" for p in made) or f"demo assets under {args.out} are up to date")
 
 
+def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    import dataclasses
+    import typing
+
+    from trainer.config import TrainConfig
+
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        kind = hints[f.name]
+        base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)
+        if base is bool:
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                           help=f.metadata["help"])
+        else:
+            p.add_argument(flag, dest=f.name, type=base, default=None, help=f.metadata["help"])
+
+
+def _train(args) -> None:
+    from trainer.config import TrainConfig
+    from trainer.train import train
+
+    overrides = {k: v for k, v in vars(args).items() if k in TrainConfig.field_names()}
+    train(TrainConfig.load(args.config, overrides))
+
+
+def _validate(args) -> None:
+    from trainer.data import load_dataset_file
+
+    records = load_dataset_file(args.data, args.max_pixels)
+    print(f"{args.data}: {len(records)} records, all valid")
+
+
+def _convert(args) -> None:
+    import json
+
+    from trainer.data import convert_simple, read_records
+
+    records = convert_simple(read_records(args.input))
+    Path(args.out).write_text("".join(json.dumps(r) + "\n" for r in records))
+    print(f"{len(records)} records written to {args.out}")
+
+
+def _eval(args) -> None:
+    import json
+
+    from trainer.evaluate import evaluate_adapter
+
+    result = evaluate_adapter(args.adapter, args.data, args.base, args.max_samples, args.max_new_tokens)
+    result.pop("records", None)
+    text = json.dumps(result, indent=2)
+    (Path(args.out) if args.out else Path(args.adapter) / "eval.json").write_text(text)
+    for who in ("adapter", "base"):
+        r = result[who]
+        print(f"{who:8s} exact match {r['exact_match']:.1%}  BLEU {r['bleu']:.1f}  ROUGE-L {r['rouge_l']:.3f}  (n={r['n']})")
+
+
+def _merge(args) -> None:
+    from trainer.merge import merge
+
+    report = merge(args.adapter, args.out, args.base, args.data, args.k, args.dtype)
+    print(f"merged into {args.out}: {report['samples']} samples identical, max logit diff "
+          f"{report['max_logit_diff']:.3g}")
+
+
+def _demo_data(args) -> None:
+    from trainer.demo_data import make_demo_dataset
+
+    out = make_demo_dataset(args.task, args.out, args.seed, args.n_train, args.n_val, args.overwrite)
+    print(f"demo dataset '{args.task}' written to {out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlora-train", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a LoRA/QLoRA adapter (YAML recipe + flags)")
+    p.add_argument("--config", type=Path, help="YAML recipe (see trainer/configs/); flags override it")
+    _add_config_flags(p)
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("validate", help="check every record of a dataset and report every problem")
+    p.add_argument("data", type=Path)
+    p.add_argument("--max-pixels", type=int, default=None, help="processor max_pixels (images far above are refused)")
+    p.set_defaults(func=_validate)
+
+    p = sub.add_parser("convert", help="convert {image_path, question, answer} records to the chat format")
+    p.add_argument("input", type=Path)
+    p.add_argument("--out", required=True, type=Path)
+    p.set_defaults(func=_convert)
+
+    p = sub.add_parser("eval", help="greedy eval of an adapter and its base: exact match, BLEU, ROUGE-L")
+    p.add_argument("--adapter", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--base", help="base model (default: the one the adapter was trained on)")
+    p.add_argument("--max-samples", type=int, default=200)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--out", help="where to write eval.json (default: in the adapter directory)")
+    p.set_defaults(func=_eval)
+
+    p = sub.add_parser("merge", help="merge_and_unload onto the 16-bit base, with a parity proof")
+    p.add_argument("--adapter", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--base", help="base model (default: the one the adapter was trained on)")
+    p.add_argument("--data", help="validation file for the parity check (default: the training eval_data)")
+    p.add_argument("-k", type=int, default=4, help="samples in the parity check")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), bf16 or fp32")
+    p.set_defaults(func=_merge)
+
+    p = sub.add_parser("demo-data", help="generate a synthetic demo dataset (colors or shapes)")
+    p.add_argument("--task", required=True, choices=["colors", "shapes"])
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-train", type=int, default=800)
+    p.add_argument("--n-val", type=int, default=200)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_demo_data)
 
     p = sub.add_parser("tiny-model", help="build the tiny random Qwen3-VL (deterministic from --seed)")
     p.add_argument("--out", required=True, type=Path, help="output directory")
@@ -78,7 +198,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (FileExistsError, FileNotFoundError, ValueError) as exc:
+    except (FileExistsError, FileNotFoundError, ValueError, MemoryError) as exc:
         sys.exit(f"vlora-train {args.command}: {exc}")
 
 

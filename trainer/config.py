@@ -1,0 +1,132 @@
+"""Training configuration: one dataclass with help text, checked in `__post_init__`, from YAML + CLI flags.
+
+    vlora-train train --config trainer/configs/qwen3-vl-8b-qlora.yaml --train-data data.jsonl --output-dir out
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+TARGET_PRESETS = {
+    # language-model attention + MLP (the default; what vLLM applies)
+    "llm": r".*language_model\.layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(gate_proj|up_proj|down_proj))",
+    "llm+vision": r".*(language_model\.layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(gate_proj|up_proj|down_proj))"
+                  r"|visual\.blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(linear_fc1|linear_fc2)))",
+    "llm+merger": r".*(language_model\.layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(gate_proj|up_proj|down_proj))"
+                  r"|visual\.(merger|deepstack_merger_list\.\d+)\.(linear_fc1|linear_fc2))",
+}
+
+
+def _f(default: Any, help: str, **kw):  # noqa: A002 - dataclass field with help text
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+@dataclass
+class TrainConfig:
+    base_model: str = _f("models/tiny-qwen3-vl", "Base model directory or hub id.")
+    train_data: str = _f("", "Training dataset (JSON array or JSONL in the chat format).")
+    eval_data: str | None = _f(None, "Validation dataset; default: split from train_data by val_fraction.")
+    val_fraction: float = _f(0.1, "Fraction of train_data held out when eval_data is not given.")
+    output_dir: str = _f("", "Where the adapter, manifest and reports are written (atomically).")
+    # LoRA
+    lora_r: int = _f(16, "LoRA rank.")
+    lora_alpha: int = _f(32, "LoRA alpha.")
+    lora_dropout: float = _f(0.05, "LoRA dropout.")
+    use_rslora: bool = _f(False, "Rank-stabilised LoRA scaling (alpha / sqrt(r)).")
+    targets: str = _f("llm", f"Target preset ({', '.join(TARGET_PRESETS)}) or a regex over module names.")
+    # Base model
+    quantization: str = _f("none", "'none' or '4bit' (QLoRA: bitsandbytes nf4, double quant, bf16 compute).")
+    dtype: str = _f("auto", "'auto' (bf16 on GPU, fp32 on CPU), 'bf16', 'fp32'.")
+    gradient_checkpointing: bool = _f(True, "Recompute activations in the backward pass (less memory).")
+    attn_implementation: str = _f("sdpa", "Attention kernel: 'sdpa' or 'eager'.")
+    # Optimisation
+    learning_rate: float = _f(2e-4, "Peak learning rate.")
+    per_device_batch_size: int = _f(2, "Samples per device per step.")
+    grad_accum: int = _f(8, "Gradient accumulation steps.")
+    epochs: float = _f(1.0, "Training epochs (ignored when max_steps > 0).")
+    max_steps: int = _f(-1, "Stop after this many optimiser steps (> 0 overrides epochs).")
+    warmup_ratio: float = _f(0.03, "Fraction of steps for linear warmup.")
+    lr_scheduler: str = _f("cosine", "Learning-rate schedule (any transformers scheduler name).")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    optim: str = _f("auto", "'auto' (8-bit AdamW on GPU, torch AdamW on CPU) or a transformers optimizer name.")
+    max_grad_norm: float = _f(1.0, "Gradient clipping.")
+    # Evaluation, checkpoints
+    eval_steps: int = _f(50, "Evaluate every N steps (0: only at the end).")
+    save_steps: int = _f(50, "Checkpoint every N steps.")
+    save_total_limit: int = _f(2, "Keep at most this many checkpoints.")
+    early_stopping_patience: int = _f(0, "Stop after N evaluations without eval-loss improvement (0: off).")
+    logging_steps: int = _f(5, "Log the loss every N steps.")
+    seed: int = _f(0, "Random seed.")
+    # Data
+    min_pixels: int | None = _f(None, "Processor min_pixels override.")
+    max_pixels: int | None = _f(None, "Processor max_pixels override.")
+    max_length: int | None = _f(None, "Refuse batches longer than this many tokens.")
+    augment: bool = _f(False, "Random resized crop + colour jitter (no flips).")
+    num_workers: int = _f(0, "DataLoader worker processes.")
+    golden_samples: int = _f(4, "Validation samples stored in the manifest for load-time checks.")
+    eval_max_samples: int = _f(200, "Validation samples used by the final generation eval.")
+    eval_max_new_tokens: int = _f(32, "Max new tokens in the final generation eval.")
+    # Resume
+    resume: bool = _f(False, "Continue from the newest checkpoint of an interrupted run in output_dir.")
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.quantization not in ("none", "4bit"):
+            problems.append(f"quantization must be 'none' or '4bit', not {self.quantization!r}")
+        if self.dtype not in ("auto", "bf16", "fp32"):
+            problems.append(f"dtype must be auto, bf16 or fp32, not {self.dtype!r}")
+        if self.lora_r < 1 or self.lora_alpha < 1:
+            problems.append("lora_r and lora_alpha must be positive")
+        if not 0 <= self.lora_dropout < 1:
+            problems.append("lora_dropout must be in [0, 1)")
+        if self.targets not in TARGET_PRESETS and not any(c in self.targets for c in ".*\\|("):
+            problems.append(f"unknown target preset {self.targets!r}; use one of {sorted(TARGET_PRESETS)} "
+                            "or a module-name regex")
+        if not 0 <= self.val_fraction < 1:
+            problems.append("val_fraction must be in [0, 1)")
+        if self.per_device_batch_size < 1 or self.grad_accum < 1:
+            problems.append("per_device_batch_size and grad_accum must be >= 1")
+        if self.learning_rate <= 0:
+            problems.append("learning_rate must be positive")
+        if problems:
+            raise ValueError("invalid training config: " + "; ".join(problems))
+
+    @property
+    def target_regex(self) -> str:
+        return TARGET_PRESETS.get(self.targets, self.targets)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, overrides: dict | None = None) -> TrainConfig:
+        """YAML (optional) then overrides (CLI flags); unknown keys are refused with the valid ones named."""
+        values: dict = {}
+        if path is not None:
+            path = Path(path)
+            if not path.is_file():
+                raise ValueError(f"config file '{path}' does not exist")
+            loaded = yaml.safe_load(path.read_text()) or {}
+            if not isinstance(loaded, dict):
+                raise ValueError(f"config file '{path}' must be a mapping of keys to values")
+            values.update(loaded)
+        values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+        unknown = sorted(set(values) - set(cls.field_names()))
+        if unknown:
+            import difflib
+
+            hints = [f"{k} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, cls.field_names(), 1)) else k
+                     for k in unknown]
+            raise ValueError(f"unknown config key(s): {', '.join(hints)}")
+        return cls(**values)

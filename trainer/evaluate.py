@@ -1,0 +1,92 @@
+"""Evaluation: greedy generation on validation records for the base and the adapter.
+
+Metrics: exact match after normalisation (case, surrounding punctuation and whitespace), corpus BLEU
+(sacrebleu) and ROUGE-L F1 (rouge-score).
+
+    vlora-train eval --adapter out/colors --data data/colors/val.jsonl
+"""
+
+from __future__ import annotations
+
+import re
+import string
+
+_PUNCT = re.compile(f"^[{re.escape(string.punctuation)}\\s]+|[{re.escape(string.punctuation)}\\s]+$")
+
+
+def normalise(text: str) -> str:
+    return _PUNCT.sub("", " ".join(text.lower().split()))
+
+
+def scores(predictions: list[str], references: list[str]) -> dict:
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
+    exact = sum(normalise(p) == normalise(r) for p, r in zip(predictions, references, strict=True))
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    rouge = [scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references, strict=True)]
+    bleu = sacrebleu.corpus_bleu(predictions, [references]).score if predictions else 0.0
+    n = max(len(predictions), 1)
+    return {"n": len(predictions), "exact_match": exact / n, "bleu": bleu, "rouge_l": sum(rouge) / n}
+
+
+def generate(model, processor, records: list[dict], max_new_tokens: int = 32, batch_size: int = 8) -> list[str]:
+    """Greedy answers to each record's last assistant turn (the conversation before it is the prompt)."""
+    import torch
+
+    from trainer.data import open_image, prompt_and_answer
+
+    tokenizer = processor.tokenizer
+    tokenizer.padding_side = "left"
+    device = next(model.parameters()).device
+    answers: list[str] = []
+    model.eval()
+    for start in range(0, len(records), batch_size):
+        chunk = records[start:start + batch_size]
+        prompts, images = [], []
+        for record in chunk:
+            messages, _ = prompt_and_answer(record)
+            prompts.append(processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+            images.extend(open_image(p["image"]) for m in messages for p in m["content"] if p["type"] == "image")
+        inputs = processor(text=prompts, images=images or None, return_tensors="pt", padding=True).to(device)
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id)
+        answers.extend(tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+    return answers
+
+
+def evaluate_records(model, processor, records: list[dict], max_new_tokens: int = 32, batch_size: int = 8) -> dict:
+    """Scores of the adapter and of the base (the same peft model with its adapter disabled)."""
+    from trainer.data import prompt_and_answer
+
+    references = [prompt_and_answer(r)[1] for r in records]
+    tuned = generate(model, processor, records, max_new_tokens, batch_size)
+    with model.disable_adapter():
+        base = generate(model, processor, records, max_new_tokens, batch_size)
+    return {
+        "adapter": scores(tuned, references),
+        "base": scores(base, references),
+        "samples": [{"reference": r, "adapter": t, "base": b} for r, t, b in zip(references, tuned, base, strict=True)],
+        "records": records,
+    }
+
+
+def evaluate_adapter(adapter_dir: str, data: str, base_model: str | None = None, max_samples: int = 200,
+                     max_new_tokens: int = 32) -> dict:
+    import json
+    from pathlib import Path
+
+    from peft import PeftModel
+
+    from trainer.config import TrainConfig
+    from trainer.data import load_dataset_file
+    from trainer.model import load_base, load_processor
+
+    adapter = Path(adapter_dir)
+    saved = json.loads((adapter / "train_config.json").read_text()) if (adapter / "train_config.json").is_file() else {}
+    config = TrainConfig(**{**saved, "base_model": base_model or saved.get("base_model", ""), "resume": False})
+    processor = load_processor(config)
+    model = PeftModel.from_pretrained(load_base(config), adapter)
+    records = load_dataset_file(data)[:max_samples]
+    return evaluate_records(model, processor, records, max_new_tokens)
