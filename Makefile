@@ -14,7 +14,7 @@ SETUP_INPUTS := pyproject.toml tools/venv_fixes.py tools/vlora_torchvision_fix.p
 help:
 	@echo "make serve   - set up .venv, build the embedded model + demo adapters if absent, serve on $(HOST):$(PORT)"
 	@echo "make test    - set up .venv with dev tools and run the test suite"
-	@echo "make models  - build the embedded model and demo adapters only"
+	@echo "make models  - build the embedded model, demo data and trained demo adapters (colors, shapes) only"
 
 # Runtime environment: the project with the CPU or GPU vLLM stack, then the detected environment fixes.
 $(VENV)/.runtime-$(STACK): $(SETUP_INPUTS)

@@ -16,12 +16,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 @pytest.fixture(scope="session")
 def demo_assets() -> dict[str, Path]:
-    from trainer.cli import DEMO_ADAPTERS, ensure_demo_assets
+    """The tiny model and two random (untrained) adapters, demo-a and demo-b."""
+    from trainer.cli import ensure_random_adapters, ensure_tiny_model
 
-    ensure_demo_assets(MODELS)
-    assets = {"model": MODELS / "tiny-qwen3-vl", "adapter_dir": MODELS / "adapters"}
-    assets.update({name: MODELS / "adapters" / name for name in DEMO_ADAPTERS})
-    return assets
+    model = ensure_tiny_model(MODELS)
+    adapters = ensure_random_adapters(MODELS / "test-adapters", model)
+    return {"model": model, "adapter_dir": MODELS / "test-adapters", **adapters}
 
 
 @pytest.fixture(scope="session")

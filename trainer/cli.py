@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 DEMO_ADAPTERS = {"demo-a": 1, "demo-b": 2}
+DEMO_DATA = {"colors": {"n_train": 800, "image_size": 128}, "shapes": {"n_train": 2000, "image_size": 192}}
 
 
 def _tiny_model(args) -> None:
@@ -34,18 +35,67 @@ def _random_adapter(args) -> None:
     print(f"random LoRA (r={args.rank}) written to {out}")
 
 
-def ensure_demo_assets(root: Path, seed: int = 0) -> list[Path]:
-    """Create the embedded default model and demo adapters under `root` if absent; return what was made."""
-    from trainer.tiny import make_random_adapter, make_tiny_model
+def ensure_tiny_model(root: Path, seed: int = 0) -> Path:
+    from trainer.tiny import make_tiny_model
 
-    made = []
     model = root / "tiny-qwen3-vl"
     if not (model / "config.json").is_file():
-        made.append(make_tiny_model(model, seed=seed, overwrite=model.exists()))
+        make_tiny_model(model, seed=seed, overwrite=model.exists())
+    return model
+
+
+def ensure_random_adapters(root: Path, base: Path) -> dict[str, Path]:
+    """Random (untrained) adapters `demo-a` and `demo-b` under `root`, for serving tests."""
+    from trainer.tiny import make_random_adapter
+
+    out = {}
     for name, adapter_seed in DEMO_ADAPTERS.items():
-        out = root / "adapters" / name
-        if not (out / "adapter_config.json").is_file():
-            made.append(make_random_adapter(model, out, rank=8, seed=adapter_seed, overwrite=out.exists()))
+        out[name] = root / name
+        if not (out[name] / "adapter_config.json").is_file():
+            make_random_adapter(base, out[name], rank=8, seed=adapter_seed, overwrite=out[name].exists())
+    return out
+
+
+DEMO_TASKS = ("colors", "shapes")
+
+
+def ensure_demo_assets(root: Path, seed: int = 0) -> list[Path]:
+    """The embedded default: tiny model, demo datasets and the two trained demo adapters, made if absent.
+
+    The adapters train in parallel, one process per core; each is complete or absent (atomic output)."""
+    import os
+    import subprocess
+
+    from trainer.demo_data import make_demo_dataset
+
+    made = []
+    model = ensure_tiny_model(root, seed)
+    configs = Path(__file__).resolve().parent / "configs"
+    jobs = []
+    for task in DEMO_TASKS:
+        data = root / "demo-data" / task
+        if not (data / "val.jsonl").is_file():
+            made.append(make_demo_dataset(task, data, seed=seed, overwrite=data.exists(), **DEMO_DATA[task]))
+        out = root / "adapters" / task
+        if (out / "adapter_config.json").is_file():
+            continue
+        partial = out.with_name(out.name + ".partial")
+        cmd = [sys.executable, "-m", "trainer", "train", "--config", str(configs / f"tiny-{task}.yaml"),
+               "--base-model", str(model), "--train-data", str(data / "train.jsonl"),
+               "--eval-data", str(data / "val.jsonl"), "--output-dir", str(out)]
+        if partial.exists():
+            cmd.append("--resume")
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        print(f"training demo adapter '{task}' (log: {out}.log)")
+        log = open(f"{out}.log", "w")
+        jobs.append((task, out, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log))
+    for task, out, proc, log in jobs:
+        if proc.wait() != 0:
+            log.close()
+            tail = Path(f"{out}.log").read_text().splitlines()[-15:]
+            raise ValueError(f"training demo adapter '{task}' failed:\n" + "\n".join(tail))
+        log.close()
+        made.append(out)
     return made
 
 
@@ -122,7 +172,8 @@ def _merge(args) -> None:
 def _demo_data(args) -> None:
     from trainer.demo_data import make_demo_dataset
 
-    out = make_demo_dataset(args.task, args.out, args.seed, args.n_train, args.n_val, args.overwrite)
+    out = make_demo_dataset(args.task, args.out, args.seed, args.n_train, args.n_val, args.overwrite,
+                            args.image_size)
     print(f"demo dataset '{args.task}' written to {out}")
 
 
@@ -170,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n-train", type=int, default=800)
     p.add_argument("--n-val", type=int, default=200)
+    p.add_argument("--image-size", type=int, default=128, help="square image side in pixels")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_demo_data)
 
@@ -187,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.set_defaults(func=_random_adapter)
 
-    p = sub.add_parser("demo-assets", help="create the embedded default model and demo adapters if absent")
+    p = sub.add_parser("demo-assets", help="create the embedded model, demo data and trained demo adapters if absent")
     p.add_argument("--out", type=Path, default=Path("models"), help="root directory (default: models)")
     p.add_argument("--seed", type=int, default=0, help="tiny model seed")
     p.set_defaults(func=_demo_assets)

@@ -63,7 +63,7 @@ def draw_sample(color: str, shape: str, rng: random.Random, size: int = IMAGE_SI
 
 
 def make_demo_dataset(task: str, out: str | Path, seed: int = 0, n_train: int = 800, n_val: int = 200,
-                      overwrite: bool = False) -> Path:
+                      overwrite: bool = False, image_size: int = IMAGE_SIZE) -> Path:
     if task not in QUESTIONS:
         raise ValueError(f"unknown demo task '{task}'; choose one of {sorted(QUESTIONS)}")
     out = Path(out)
@@ -81,7 +81,7 @@ def make_demo_dataset(task: str, out: str | Path, seed: int = 0, n_train: int = 
                 for i in range(count):
                     color, shape = rng.choice(sorted(COLORS)), rng.choice(SHAPES)
                     name = f"images/{split}-{i:05d}.png"
-                    draw_sample(color, shape, rng).save(tmp / name)
+                    draw_sample(color, shape, rng, image_size).save(tmp / name)
                     answer = color if task == "colors" else shape
                     record = {"messages": [
                         {"role": "user", "content": [{"type": "image", "image": name},
