@@ -51,13 +51,13 @@ def draw_sample(color: str, shape: str, rng: random.Random, size: int = IMAGE_SI
     background = _jitter((235, 235, 235), rng, 15)
     image = Image.new("RGB", (size, size), background)
     draw = ImageDraw.Draw(image)
-    r = rng.uniform(0.22, 0.36) * size
-    cx, cy = rng.uniform(r, size - r), rng.uniform(r, size - r)
+    r = rng.uniform(0.28, 0.38) * size
+    cx, cy = size / 2 + rng.uniform(-0.1, 0.1) * size, size / 2 + rng.uniform(-0.1, 0.1) * size
     fill = _jitter(COLORS[color], rng)
     if shape == "circle":
         draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
     else:
-        angle = rng.uniform(-0.3, 0.3) if shape != "star" else rng.uniform(0, math.pi)
+        angle = rng.uniform(-0.15, 0.15)
         draw.polygon(_polygon(shape, cx, cy, r, angle), fill=fill)
     return image
 
