@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 DEMO_ADAPTERS = {"demo-a": 1, "demo-b": 2}
-DEMO_DATA = {"colors": {"n_train": 800, "image_size": 128}, "shapes": {"n_train": 2000, "image_size": 192}}
+DEMO_DATA = {"colors": {"n_train": 800, "image_size": 128}, "shapes": {"n_train": 2000, "image_size": 128}}
 
 
 def _tiny_model(args) -> None:
@@ -85,6 +85,7 @@ def ensure_demo_assets(root: Path, seed: int = 0) -> list[Path]:
                "--eval-data", str(data / "val.jsonl"), "--output-dir", str(out)]
         if partial.exists():
             cmd.append("--resume")
+        out.parent.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         print(f"training demo adapter '{task}' (log: {out}.log)")
         log = open(f"{out}.log", "w")
