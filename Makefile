@@ -10,7 +10,7 @@ MODELS ?= models
 STACK ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 SETUP_INPUTS := pyproject.toml tools/venv_fixes.py tools/vlora_torchvision_fix.py
 
-.PHONY: serve test test-slow test-all models lint clean help
+.PHONY: serve test test-slow test-all models demo-adapters lint clean help
 help:
 	@echo "make serve   - set up .venv, build the embedded model + demo adapters if absent, serve on $(HOST):$(PORT)"
 	@echo "make test    - set up .venv with dev tools and run the test suite"
@@ -33,6 +33,8 @@ $(VENV)/.dev-$(STACK): $(VENV)/.runtime-$(STACK)
 
 models: $(VENV)/.runtime-$(STACK)
 	@$(BIN)/vlora-train demo-assets --out $(MODELS)
+
+demo-adapters: models
 
 serve: models
 	$(BIN)/vlora-serve --host $(HOST) --port $(PORT)

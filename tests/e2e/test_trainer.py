@@ -152,3 +152,15 @@ def test_qlora_trains_on_cpu(demo_assets, colors, tmp_path):
               "--quantization", "4bit", *SHORT)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["lora"]["quantization"] == "4bit"
+
+
+def test_eval_cli_scores_adapter_and_base(trained, colors, tmp_path):
+    out = tmp_path / "eval.json"
+    proc = subprocess.run([sys.executable, "-m", "trainer", "eval", "--adapter", str(trained), "--data",
+                           str(colors / "val.jsonl"), "--max-samples", "8", "--max-new-tokens", "4", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    for who in ("adapter", "base"):
+        assert result[who]["n"] == 8 and {"exact_match", "bleu", "rouge_l"} <= set(result[who])
+    assert len(result["samples"]) == 8 and "exact match" in proc.stdout
