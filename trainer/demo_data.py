@@ -11,11 +11,11 @@ from __future__ import annotations
 import json
 import math
 import random
-import shutil
-import tempfile
 from pathlib import Path
 
 from PIL import Image, ImageDraw
+
+from trainer.atomic import atomic_dir
 
 COLORS = {
     "red": (220, 30, 30), "green": (30, 170, 50), "blue": (30, 60, 220), "yellow": (240, 220, 20),
@@ -66,14 +66,7 @@ def make_demo_dataset(task: str, out: str | Path, seed: int = 0, n_train: int = 
                       overwrite: bool = False, image_size: int = IMAGE_SIZE) -> Path:
     if task not in QUESTIONS:
         raise ValueError(f"unknown demo task '{task}'; choose one of {sorted(QUESTIONS)}")
-    out = Path(out)
-    if out.exists():
-        if not overwrite:
-            raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
-        shutil.rmtree(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out, overwrite) as tmp:
         (tmp / "images").mkdir()
         rng = random.Random(f"{task}-{seed}")
         for split, count in (("train", n_train), ("val", n_val)):
@@ -89,9 +82,4 @@ def make_demo_dataset(task: str, out: str | Path, seed: int = 0, n_train: int = 
                         {"role": "assistant", "content": answer},
                     ]}
                     f.write(json.dumps(record) + "\n")
-        tmp.chmod(0o755)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return Path(out)

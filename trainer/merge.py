@@ -9,10 +9,9 @@ logit difference is reported. A failed check fails the command and leaves no out
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
+
+from trainer.atomic import atomic_dir
 
 
 def _is_quantized(model_dir: str) -> bool:
@@ -68,15 +67,8 @@ def merge(adapter_dir: str, out: str, base_model: str | None = None, data: str |
     if not report["outputs_equal"]:
         raise ValueError(f"parity check failed: merged outputs differ from the adapter's "
                          f"(max logit diff {max_diff:.3g}): {json.dumps(report)[:600]}")
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.", dir=out_path.parent))
-    try:
+    with atomic_dir(out_path) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)
         processor.save_pretrained(tmp)
         (tmp / "merge_report.json").write_text(json.dumps(report, indent=2))
-        tmp.chmod(0o755)
-        os.replace(tmp, out_path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return report

@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
-import tempfile
 from pathlib import Path
+
+from trainer.atomic import atomic_dir
 
 SPECIAL_TOKENS = [
     "<|endoftext|>",
@@ -209,14 +209,7 @@ def make_tiny_model(out: str | Path, seed: int = 0, overwrite: bool = False) -> 
     """Build and save the tiny model, tokenizer and processor to `out`; atomic (temp dir, then rename)."""
     from transformers import GenerationConfig
 
-    out = Path(out)
-    if out.exists():
-        if not overwrite:
-            raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
-        shutil.rmtree(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out, overwrite) as tmp:
         tokenizer = build_tokenizer()
         config, ids = build_config(tokenizer)
         model = build_model(config, seed)
@@ -228,12 +221,7 @@ def make_tiny_model(out: str | Path, seed: int = 0, overwrite: bool = False) -> 
         model.save_pretrained(tmp, safe_serialization=True)
         build_processor(tokenizer).save_pretrained(tmp)
         (tmp / "vlora_tiny.json").write_text(json.dumps({"seed": seed, "kind": "tiny-qwen3-vl"}, indent=2))
-        tmp.chmod(0o755)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return Path(out)
 
 
 def weights_digest(model_dir: str | Path) -> str:
@@ -261,14 +249,7 @@ def make_random_adapter(base: str | Path, out: str | Path, rank: int = 8, seed: 
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForImageTextToText
 
-    out = Path(out)
-    if out.exists():
-        if not overwrite:
-            raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
-        shutil.rmtree(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out, overwrite) as tmp:
         model = AutoModelForImageTextToText.from_pretrained(base, dtype=torch.float32)
         config = LoraConfig(r=rank, lora_alpha=alpha or 2 * rank, lora_dropout=0.0,
                             target_modules=LLM_TARGET_MODULES, bias="none")
@@ -281,9 +262,4 @@ def make_random_adapter(base: str | Path, out: str | Path, rank: int = 8, seed: 
                 elif "lora_B" in name:
                     param.copy_(torch.randn(param.shape, generator=gen) * scale / rank ** 0.5)
         peft_model.save_pretrained(tmp, safe_serialization=True)
-        tmp.chmod(0o755)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return Path(out)
