@@ -110,6 +110,14 @@ class TrainConfig:
         return [f.name for f in fields(cls)]
 
     @classmethod
+    def saved_with(cls, adapter_dir: str | Path) -> dict:
+        """The training config saved beside an adapter (`train_config.json`), or {} when there is none."""
+        import json
+
+        saved = Path(adapter_dir) / "train_config.json"
+        return json.loads(saved.read_text()) if saved.is_file() else {}
+
+    @classmethod
     def load(cls, path: str | Path | None = None, overrides: dict | None = None) -> TrainConfig:
         """YAML (optional) then overrides (CLI flags); unknown keys are refused with the valid ones named."""
         values: dict = {}

@@ -196,8 +196,13 @@ def split(records: list[dict], fraction: float, seed: int) -> tuple[list[dict], 
     return shuffled[n_val:], shuffled[:n_val]
 
 
+def message_images(messages: list[dict]) -> list[str]:
+    """Image references of normalised messages, in prompt order."""
+    return [p["image"] for m in messages for p in m["content"] if p["type"] == "image"]
+
+
 def record_images(record: dict) -> list[str]:
-    return [p["image"] for m in record["messages"] for p in m["content"] if p["type"] == "image"]
+    return message_images(record["messages"])
 
 
 def prompt_and_answer(record: dict) -> tuple[list[dict], str]:

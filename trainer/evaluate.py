@@ -34,7 +34,7 @@ def generate(model, processor, records: list[dict], max_new_tokens: int = 32, ba
     """Greedy answers to each record's last assistant turn (the conversation before it is the prompt)."""
     import torch
 
-    from trainer.data import open_image, prompt_and_answer
+    from trainer.data import message_images, open_image, prompt_and_answer
 
     tokenizer = processor.tokenizer
     tokenizer.padding_side = "left"
@@ -47,7 +47,7 @@ def generate(model, processor, records: list[dict], max_new_tokens: int = 32, ba
         for record in chunk:
             messages, _ = prompt_and_answer(record)
             prompts.append(processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
-            images.extend(open_image(p["image"]) for m in messages for p in m["content"] if p["type"] == "image")
+            images.extend(open_image(ref) for ref in message_images(messages))
         inputs = processor(text=prompts, images=images or None, return_tensors="pt", padding=True).to(device)
         with torch.no_grad():
             out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
@@ -74,7 +74,6 @@ def evaluate_records(model, processor, records: list[dict], max_new_tokens: int 
 
 def evaluate_adapter(adapter_dir: str, data: str, base_model: str | None = None, max_samples: int = 200,
                      max_new_tokens: int = 32) -> dict:
-    import json
     from pathlib import Path
 
     from peft import PeftModel
@@ -84,7 +83,7 @@ def evaluate_adapter(adapter_dir: str, data: str, base_model: str | None = None,
     from trainer.model import load_base, load_processor
 
     adapter = Path(adapter_dir)
-    saved = json.loads((adapter / "train_config.json").read_text()) if (adapter / "train_config.json").is_file() else {}
+    saved = TrainConfig.saved_with(adapter)
     config = TrainConfig(**{**saved, "base_model": base_model or saved.get("base_model", ""), "resume": False})
     processor = load_processor(config)
     model = PeftModel.from_pretrained(load_base(config), adapter)

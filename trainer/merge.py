@@ -25,14 +25,14 @@ def merge(adapter_dir: str, out: str, base_model: str | None = None, data: str |
     from peft import PeftModel
 
     from trainer.config import TrainConfig
-    from trainer.data import load_dataset_file, open_image, prompt_and_answer
+    from trainer.data import load_dataset_file, message_images, open_image, prompt_and_answer
     from trainer.evaluate import generate
     from trainer.model import load_base, load_processor
 
     adapter, out_path = Path(adapter_dir), Path(out)
     if out_path.exists():
         raise FileExistsError(f"output directory '{out_path}' already exists")
-    saved = json.loads((adapter / "train_config.json").read_text()) if (adapter / "train_config.json").is_file() else {}
+    saved = TrainConfig.saved_with(adapter)
     base = base_model or saved.get("base_model") or json.loads((adapter / "adapter_config.json").read_text()).get(
         "base_model_name_or_path")
     if _is_quantized(base):
@@ -51,7 +51,7 @@ def merge(adapter_dir: str, out: str, base_model: str | None = None, data: str |
         for record in records:
             messages, _ = prompt_and_answer(record)
             text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            images = [open_image(p["image"]) for msg in messages for p in msg["content"] if p["type"] == "image"]
+            images = [open_image(ref) for ref in message_images(messages)]
             inputs = processor(text=[text], images=images or None, return_tensors="pt").to(m.device)
             with torch.no_grad():
                 outs.append(m(**inputs).logits.float().cpu())
