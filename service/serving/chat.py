@@ -142,19 +142,19 @@ class ChatService:
 
         Engine errors raised before the first output propagate to the caller (a normal HTTP error)."""
         stream = self.engine.generate(prep.request)
-        running = self.metrics.running()
-        running.__enter__()
+        # The stream outlives this call, so the running gauge is held by hand until the SSE body ends.
+        self.metrics.running_requests.inc()
         try:
             first = await anext(stream, None)
         except BaseException:
-            running.__exit__(None, None, None)
+            self.metrics.running_requests.dec()
             self._finish(prep, _Totals(), "error")
             await stream.aclose()
             raise
-        return self._sse(prep, stream, first, include_usage, running)
+        return self._sse(prep, stream, first, include_usage)
 
-    async def _sse(self, prep: Prepared, stream: AsyncIterator[Delta], first: Delta | None, include_usage: bool,
-                   running) -> AsyncIterator[str]:
+    async def _sse(self, prep: Prepared, stream: AsyncIterator[Delta], first: Delta | None,
+                   include_usage: bool) -> AsyncIterator[str]:
         rid, totals, status = prep.request.request_id, _Totals(), "aborted"
 
         def chunk(choices: list[ChunkChoice], usage: Usage | None = None) -> str:
@@ -183,7 +183,7 @@ class ChatService:
         finally:
             if status == "aborted":
                 logger.info("stream %s ended early (client disconnected); aborting", rid)
-            running.__exit__(None, None, None)
+            self.metrics.running_requests.dec()
             self._finish(prep, totals, status)
             # Shielded: a disconnect cancels this task, and anyio re-delivers cancellation at every await.
             with anyio.CancelScope(shield=True):
