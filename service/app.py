@@ -1,7 +1,9 @@
 """The FastAPI application: `create_app(settings, engine)`; all state lives on `app.state`.
 
 The engine starts in the lifespan (uvicorn accepts connections once it is up), then the start adapters
-are loaded and the app turns ready.
+are loaded and the app turns ready. Two background tasks run beside it: a liveness watchdog (a dead
+engine stops the server, and `vlora-serve` then exits non-zero so Kubernetes restarts the pod) and the
+drain watcher (after SIGTERM, stop the server once requests in flight are done).
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ from fastapi import FastAPI
 from service.adapters.registry import AdapterRegistry
 from service.engine.base import Engine
 from service.errors import PayloadTooLarge, api_error_response, install_error_handlers
+from service.lifecycle import Drain, RequestLifecycle
 from service.media import MediaLimits
-from service.metrics import Metrics
+from service.metrics import EngineStats, Metrics
 from service.routes import chat, models, ops
 from service.serving.chat import ChatService
 from service.serving.render import ChatRenderer
@@ -56,24 +59,53 @@ class BodySizeLimit:
             await api_error_response(exc)(scope, receive, send)
 
 
+async def watch_engine(app: FastAPI, interval_s: float) -> None:
+    """Liveness watchdog: when the engine dies, mark the app dead and stop the HTTP server."""
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            await app.state.engine.check_health()
+        except Exception as exc:
+            logger.error("engine is dead; stopping the server", extra={"error": str(exc)})
+            app.state.engine_dead = True
+            app.state.ready = False
+            server = getattr(app.state, "server", None)
+            if server is not None:
+                server.should_exit = True
+            return
+
+
 def create_app(settings: ServiceSettings, engine: Engine, renderer: ChatRenderer | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        metrics = app.state.metrics
+        if hasattr(engine, "on_adapter_event"):
+            engine.on_adapter_event = metrics.observe_adapter_event
+        if hasattr(engine, "stat_logger_factories"):
+            engine.stat_logger_factories.append(EngineStats(metrics, engine.adapter_of_request).factory())
         await engine.start()
         app.state.chat.renderer = renderer or await asyncio.to_thread(ChatRenderer.from_pretrained, settings.model)
+        tasks = [asyncio.create_task(watch_engine(app, settings.health_check_interval_s))]
+        server = getattr(app.state, "server", None)
+        if server is not None:
+            tasks.append(asyncio.create_task(app.state.drain.wait_and_stop(server)))
         app.state.ready = True
-        logger.info("ready: serving %s with adapters %s", settings.base_name, [a.name for a in engine.adapters()])
+        logger.info("ready", extra={"model": settings.base_name, "adapters": [a.name for a in engine.adapters()]})
         try:
             yield
         finally:
             app.state.ready = False
+            for task in tasks:
+                task.cancel()
             await engine.shutdown()
 
     app = FastAPI(title="vlora", version="0.1.0", lifespan=lifespan)
     app.state.settings = settings
     app.state.engine = engine
     app.state.ready = False
-    app.state.metrics = Metrics(engine.unfinished_requests)
+    app.state.engine_dead = False
+    app.state.drain = Drain(settings.drain_grace_s)
+    app.state.metrics = Metrics(settings.metrics_max_adapter_labels, engine.unfinished_requests)
     limits = MediaLimits(
         max_image_bytes=settings.max_image_bytes,
         max_image_pixels=settings.max_image_pixels,
@@ -83,9 +115,11 @@ def create_app(settings: ServiceSettings, engine: Engine, renderer: ChatRenderer
     )
     registry = AdapterRegistry(settings.base_name, engine)
     app.state.chat = ChatService(engine, registry, renderer, limits, settings.max_images_per_request,
-                                 app.state.metrics)
+                                 app.state.metrics, settings.max_pending_requests, settings.retry_after_s)
     install_error_handlers(app)
     for router in (chat.router, models.router, ops.router):
         app.include_router(router)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    # Outermost: request ids, access logs and drain refusals apply to everything, 413s included.
+    app.add_middleware(RequestLifecycle, drain=app.state.drain, retry_after_s=settings.retry_after_s)
     return app

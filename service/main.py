@@ -9,11 +9,11 @@ Flags override `VLORA_*` environment variables (see service/settings.py).
 from __future__ import annotations
 
 import argparse
-import logging
 import signal
 import sys
 from pathlib import Path
 
+from service.lifecycle import configure_logging
 from service.settings import DEFAULT_ADAPTER_DIR, DEFAULT_MODEL_DIR, ServiceSettings
 
 
@@ -38,7 +38,10 @@ def parse_args(argv: list[str] | None = None) -> dict:
     p.add_argument("--gpu-memory-utilization", type=float)
     p.add_argument("--image-url-allowlist", action="append", metavar="HOST_OR_CIDR",
                    help="allow image URLs on this non-public host or network (repeatable)")
+    p.add_argument("--max-pending-requests", type=int, help="bound on running + waiting requests (then 429)")
+    p.add_argument("--drain-grace-s", type=float, help="on SIGTERM, how long requests in flight may finish")
     p.add_argument("--log-level")
+    p.add_argument("--log-format", choices=["json", "text"])
     args = vars(p.parse_args(argv))
     return {k: v for k, v in args.items() if v is not None}
 
@@ -52,11 +55,31 @@ def build_settings(argv: list[str] | None = None) -> ServiceSettings:
     return settings
 
 
+def _draining_server_class():
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        """SIGTERM/SIGINT start a drain (see service.lifecycle.Drain); a second signal exits at once."""
+
+        def __init__(self, config, drain):
+            super().__init__(config)
+            self.drain = drain
+
+        def handle_exit(self, sig, frame):
+            if self.drain.draining:
+                return super().handle_exit(sig, frame)
+            self._captured_signals.append(sig)
+            self.drain.begin()
+
+    return DrainingServer
+
+
 def main(argv: list[str] | None = None) -> None:
     settings = build_settings(argv)
-    logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings.log_level, settings.log_format)
     import uvicorn
+
+    DrainingServer = _draining_server_class()  # noqa: N806
 
     from service.adapters.registry import collect_adapters
     from service.app import create_app
@@ -70,12 +93,18 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"vlora-serve: adapter name '{settings.base_name}' collides with the base model's name")
     engine = VLLMEngine(settings, adapters, enable_lora=bool(adapters) or settings.adapter_dir is not None)
     app = create_app(settings, engine)
-    # uvicorn drains on SIGTERM/SIGINT, then re-raises the signal to the handler that was installed before
-    # it; a no-op one lets a drained server exit 0 (what Kubernetes and supervisors expect).
+    server = DrainingServer(uvicorn.Config(app, host=settings.host, port=settings.port, access_log=False,
+                                           log_level=settings.log_level.lower(), log_config=None,
+                                           timeout_graceful_shutdown=5),
+                            app.state.drain)
+    app.state.server = server
+    # uvicorn re-raises the captured signal after shutting down, to the handler installed before it; a
+    # no-op one lets a drained server exit 0 (what Kubernetes and supervisors expect).
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
-                timeout_graceful_shutdown=30)
+    server.run()
+    if app.state.engine_dead:
+        sys.exit("vlora-serve: the inference engine died")
 
 
 if __name__ == "__main__":

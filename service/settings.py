@@ -29,6 +29,14 @@ class ServiceSettings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     log_level: str = "info"
+    log_format: str = Field("json", pattern="^(json|text)$", description="json lines or plain text logs.")
+
+    # Operations
+    max_pending_requests: int = Field(64, ge=1, description="Bound on running + waiting requests; beyond: 429.")
+    drain_grace_s: float = Field(30.0, ge=0, description="On SIGTERM, how long requests in flight may finish.")
+    retry_after_s: int = Field(5, ge=1, description="Retry-After sent with 429 and 503 answers.")
+    metrics_max_adapter_labels: int = Field(20, ge=1, description="Adapters named in metrics; the rest: 'other'.")
+    health_check_interval_s: float = Field(2.0, gt=0, description="Engine liveness check period.")
 
     # Engine (vLLM)
     dtype: str = "auto"

@@ -54,13 +54,3 @@ class AdapterRegistry:
         if model in self.names():
             return model
         raise ModelNotFound(f"The model '{model}' does not exist", param="model")
-
-    def label_for_model(self, model: str) -> str:
-        """Metric label for a requested model name that may not exist (bounded: unknown names share one)."""
-        if model == self.base_name:
-            return "base"
-        return model if model in self.names() else "unknown"
-
-    def label(self, adapter: str | None) -> str:
-        """Metric label for an adapter (the base is labelled 'base')."""
-        return adapter or "base"

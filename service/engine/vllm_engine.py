@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import os
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -57,6 +58,9 @@ class VLLMEngine:
         self._llm = None
         self.max_model_len = settings.max_model_len or 0
         self.max_lora_rank = 0
+        self.stat_logger_factories: list = []  # vLLM stat loggers (see service.metrics.EngineStats)
+        self.on_adapter_event = None  # callback(event: load | load_failed | unload, name, seconds | None)
+        self._request_adapters: dict[str, str | None] = {}
 
     # lifecycle ----------------------------------------------------------------------------------
 
@@ -96,7 +100,7 @@ class VLLMEngine:
 
         if current_platform.is_cpu():
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.settings.cpu_kvcache_space_gib))
-        self._llm = AsyncLLM.from_engine_args(self._engine_args())
+        self._llm = AsyncLLM.from_engine_args(self._engine_args(), stat_loggers=self.stat_logger_factories or None)
         self.max_model_len = self._llm.model_config.max_model_len
         for name, path in self._start_adapters.items():
             await self.load_adapter(name, path)
@@ -134,14 +138,26 @@ class VLLMEngine:
             raise BadRequest(f"adapter '{name}' has rank {rank}, above the engine's max_lora_rank {self.max_lora_rank}")
         async with self._adapter_lock:
             info = AdapterInfo(name=name, path=str(Path(path).resolve()), rank=rank, engine_id=self._next_adapter_id)
+            started = time.perf_counter()
             try:
                 await self._llm.add_lora(self._lora_request(info))
             except Exception as exc:  # vLLM reports bad adapters as assorted exception types
+                self._report("load_failed", name, None)
                 raise BadRequest(f"adapter '{name}' failed to load: {exc}") from exc
+            self._report("load", name, time.perf_counter() - started)
             self._next_adapter_id += 1
             self._adapters[name] = info
         logger.info("adapter loaded", extra={"adapter": name, "path": info.path, "rank": rank})
         return info
+
+    def _report(self, event: str, name: str, seconds: float | None) -> None:
+        if self.on_adapter_event is not None:
+            self.on_adapter_event(event, name, seconds)
+
+    def adapter_of_request(self, engine_request_id: str) -> str | None:
+        """The adapter of a request, from the engine's (possibly suffixed) request id."""
+        start = engine_request_id.find("chatcmpl-")
+        return self._request_adapters.get(engine_request_id[start:start + 41]) if start >= 0 else None
 
     async def unload_adapter(self, name: str) -> None:
         async with self._adapter_lock:
@@ -149,6 +165,7 @@ class VLLMEngine:
             if info is None:
                 raise ModelNotFound(f"adapter '{name}' is not loaded")
             await self._llm.remove_lora(info.engine_id)
+        self._report("unload", name, None)
 
     # generation ---------------------------------------------------------------------------------
 
@@ -186,6 +203,7 @@ class VLLMEngine:
         if request.images:
             prompt["multi_modal_data"] = {"image": request.images}
         finished = False
+        self._request_adapters[request.request_id] = request.adapter
         try:
             stream = self._llm.generate(prompt, self._sampling_params(request), request.request_id, lora_request=lora)
             async for out in stream:
@@ -210,6 +228,8 @@ class VLLMEngine:
             if not finished:
                 # The consumer went away (client disconnect) or failed: free the engine's slot now.
                 await self._llm.abort(request.request_id)
+            # Kept briefly: the engine's stats for a finished request arrive after its last output.
+            asyncio.get_running_loop().call_later(30, self._request_adapters.pop, request.request_id, None)
 
     async def abort(self, request_id: str) -> None:
         if self._llm is not None:

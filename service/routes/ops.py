@@ -13,6 +13,8 @@ router = APIRouter()
 @router.get("/health")
 async def health(request: Request) -> dict:
     engine = request.app.state.engine
+    if request.app.state.engine_dead:
+        raise NotReady("engine is dead; the process is exiting")
     try:
         await engine.check_health()
     except APIError:
@@ -25,7 +27,9 @@ async def health(request: Request) -> dict:
 @router.get("/ready")
 async def ready(request: Request) -> dict:
     state = request.app.state
-    if not getattr(state, "ready", False):
+    if state.drain.draining:
+        raise NotReady("not ready: the server is draining before shutdown", headers={"Retry-After": "5"})
+    if not state.ready:
         raise NotReady("not ready: the engine or its adapters are still loading", headers={"Retry-After": "5"})
     await state.engine.check_health()
     return {"status": "ready", "adapters": [a.name for a in state.engine.adapters()]}

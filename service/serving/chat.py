@@ -19,7 +19,7 @@ import anyio
 
 from service.adapters.registry import AdapterRegistry
 from service.engine.base import Delta, Engine, GenerationRequest, Sampling
-from service.errors import APIError, BadRequest, ContextLengthExceeded, error_body
+from service.errors import APIError, BadRequest, ContextLengthExceeded, Overloaded, error_body
 from service.media import MediaLimits, load_image
 from service.metrics import Metrics
 from service.protocol.chat import (
@@ -43,6 +43,7 @@ class Prepared:
     request: GenerationRequest
     model: str  # the name the client asked for, echoed back
     adapter_label: str
+    image_tokens: int = 0
     created: int = field(default_factory=lambda: int(time.time()))
     started: float = field(default_factory=time.perf_counter)
 
@@ -54,6 +55,8 @@ class _Totals:
     finish: dict[int, str] = field(default_factory=dict)
     text: dict[int, list[str]] = field(default_factory=dict)
     first_token_at: float | None = None
+    last_token_at: float | None = None
+    gaps: list[tuple[float, int]] = field(default_factory=list)  # (seconds since previous tokens, new tokens)
 
     def add(self, delta: Delta) -> None:
         if delta.prompt_tokens is not None:
@@ -62,8 +65,13 @@ class _Totals:
         self.text.setdefault(delta.index, []).append(delta.text)
         if delta.finish_reason:
             self.finish[delta.index] = delta.finish_reason
-        if self.first_token_at is None and delta.new_tokens:
-            self.first_token_at = time.perf_counter()
+        if delta.new_tokens:
+            now = time.perf_counter()
+            if self.first_token_at is None:
+                self.first_token_at = now
+            elif self.last_token_at is not None:
+                self.gaps.append((now - self.last_token_at, delta.new_tokens))
+            self.last_token_at = now
 
     def usage(self) -> Usage:
         return Usage(prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens,
@@ -72,13 +80,56 @@ class _Totals:
 
 class ChatService:
     def __init__(self, engine: Engine, registry: AdapterRegistry, renderer: ChatRenderer, limits: MediaLimits,
-                 max_images: int, metrics: Metrics):
+                 max_images: int, metrics: Metrics, max_pending: int = 64, retry_after_s: int = 5):
         self.engine = engine
         self.registry = registry
         self.renderer = renderer
         self.limits = limits
         self.max_images = max_images
         self.metrics = metrics
+        self.max_pending = max_pending
+        self.retry_after = str(retry_after_s)
+        self.active = 0
+
+    # admission ----------------------------------------------------------------------------------
+
+    def admit(self) -> None:
+        """Backpressure: refuse (429) rather than queue without bound."""
+        if self.active >= self.max_pending:
+            self.metrics.rejected.labels("overloaded").inc()
+            raise Overloaded(f"the server has {self.active} requests running or waiting (limit "
+                             f"{self.max_pending}); retry later", headers={"Retry-After": self.retry_after})
+        self.active += 1
+        self.metrics.running_requests.inc()
+
+    def release(self) -> None:
+        self.active -= 1
+        self.metrics.running_requests.dec()
+
+    def _label_for(self, model: str) -> str:
+        """Metric label of a requested name that may not exist (bounded: unknown names share one)."""
+        if model == self.registry.base_name:
+            return "base"
+        return self.metrics.labels(model) if model in self.registry.names() else "unknown"
+
+    async def handle(self, req: ChatCompletionRequest):
+        """A whole request: admission, preparation, then a completion or an SSE body iterator."""
+        self.admit()
+        handed_over = False
+        try:
+            try:
+                prep = await self.prepare(req)
+            except APIError as exc:
+                self.metrics.count_refusal(self._label_for(req.model), exc.status)
+                raise
+            if req.stream:
+                body = await self.open_stream(prep, req.include_usage)
+                handed_over = True  # the SSE body releases the slot when it ends
+                return body
+            return await self.complete(prep)
+        finally:
+            if not handed_over:
+                self.release()
 
     async def prepare(self, req: ChatCompletionRequest) -> Prepared:
         adapter = self.registry.resolve(req.model)
@@ -88,6 +139,7 @@ class ChatService:
         urls = [part.image_url.url for m in req.messages for part in m.images()]
         started = time.perf_counter()
         images = list(await asyncio.gather(*(load_image(u, self.limits) for u in urls))) if urls else []
+        image_tokens = sum(self.renderer.image_tokens(*im.size) for im in images)
         if urls:
             self.metrics.image_seconds.observe(time.perf_counter() - started)
         prompt = self.renderer.render(req.messages)
@@ -108,27 +160,40 @@ class ChatService:
         )
         gen = GenerationRequest(request_id=f"chatcmpl-{uuid.uuid4().hex}", prompt=prompt, images=images,
                                 sampling=sampling, adapter=adapter)
-        return Prepared(request=gen, model=req.model, adapter_label=self.registry.label(adapter))
+        return Prepared(request=gen, model=req.model, adapter_label=self.metrics.labels(adapter),
+                        image_tokens=image_tokens)
 
     def _finish(self, prep: Prepared, totals: _Totals, status: str) -> None:
-        reasons = set(totals.finish.values()) or {"none"}
+        reasons = sorted(set(totals.finish.values())) or ["none"]
+        finish_reason = ",".join(reasons)
+        ttft = (totals.first_token_at - prep.started) if totals.first_token_at else None
+        e2e = time.perf_counter() - prep.started
         self.metrics.observe_request(
-            adapter=prep.adapter_label, status=status, finish_reason=",".join(sorted(reasons)) if len(reasons) > 1
-            else reasons.pop(), prompt_tokens=totals.prompt_tokens, completion_tokens=totals.completion_tokens,
-            ttft=(totals.first_token_at - prep.started) if totals.first_token_at else None,
-            e2e=time.perf_counter() - prep.started,
+            adapter=prep.adapter_label, status=status, finish_reason=finish_reason,
+            prompt_tokens=totals.prompt_tokens, image_tokens=prep.image_tokens,
+            completion_tokens=totals.completion_tokens, ttft=ttft, e2e=e2e,
         )
+        itl = self.metrics.itl.labels(prep.adapter_label)
+        for gap, tokens in totals.gaps:
+            itl.observe(gap / tokens)
+        logger.info("chat completion", extra={
+            "completion_id": prep.request.request_id, "model": prep.model, "adapter": prep.adapter_label,
+            "status": status, "finish_reason": finish_reason, "prompt_tokens": totals.prompt_tokens,
+            "image_tokens": prep.image_tokens, "completion_tokens": totals.completion_tokens,
+            "ttft_ms": round(ttft * 1000, 1) if ttft is not None else None, "e2e_ms": round(e2e * 1000, 1)})
 
     async def complete(self, prep: Prepared) -> ChatCompletion:
         totals = _Totals()
-        status = "error"
-        with self.metrics.running():
-            try:
-                async for delta in self.engine.generate(prep.request):
-                    totals.add(delta)
-                status = "ok"
-            finally:
-                self._finish(prep, totals, status)
+        status = "5xx"
+        try:
+            async for delta in self.engine.generate(prep.request):
+                totals.add(delta)
+            status = "2xx"
+        except APIError as exc:
+            status = f"{exc.status // 100}xx"
+            raise
+        finally:
+            self._finish(prep, totals, status)
         choices = [
             Choice(index=i, message=ResponseMessage(content="".join(totals.text.get(i, []))),
                    finish_reason=totals.finish.get(i))
@@ -142,13 +207,10 @@ class ChatService:
 
         Engine errors raised before the first output propagate to the caller (a normal HTTP error)."""
         stream = self.engine.generate(prep.request)
-        # The stream outlives this call, so the running gauge is held by hand until the SSE body ends.
-        self.metrics.running_requests.inc()
         try:
             first = await anext(stream, None)
-        except BaseException:
-            self.metrics.running_requests.dec()
-            self._finish(prep, _Totals(), "error")
+        except BaseException as exc:
+            self._finish(prep, _Totals(), f"{exc.status // 100}xx" if isinstance(exc, APIError) else "5xx")
             await stream.aclose()
             raise
         return self._sse(prep, stream, first, include_usage)
@@ -173,17 +235,17 @@ class ChatService:
                 delta = await anext(stream, None)
             if include_usage:
                 yield chunk([], usage=totals.usage())
-            status = "ok"
+            status = "2xx"
             yield DONE
         except APIError as exc:
-            status = "error"
+            status = f"{exc.status // 100}xx"
             logger.warning("stream %s failed: %s", rid, exc.message)
             yield sse_json(error_body(exc.status, exc.message, exc.type, exc.param, exc.code))
             yield DONE
         finally:
             if status == "aborted":
                 logger.info("stream %s ended early (client disconnected); aborting", rid)
-            self.metrics.running_requests.dec()
+            self.release()
             self._finish(prep, totals, status)
             # Shielded: a disconnect cancels this task, and anyio re-delivers cancellation at every await.
             with anyio.CancelScope(shield=True):

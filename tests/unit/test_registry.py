@@ -63,4 +63,11 @@ def test_resolution():
     assert reg.resolve("base") is None and reg.resolve("a") == "a"
     with pytest.raises(ModelNotFound):
         reg.resolve("b")
-    assert [reg.label_for_model(m) for m in ("base", "a", "zzz")] == ["base", "a", "unknown"]
+
+
+def test_adapter_labels_are_bounded():
+    from service.metrics import AdapterLabels
+
+    labels = AdapterLabels(2)
+    assert [labels.register(n) for n in ("a", "b", "c", "a")] == ["a", "b", "other", "a"]
+    assert [labels(n) for n in (None, "a", "c", "never-seen")] == ["base", "a", "other", "other"]
