@@ -1,0 +1,162 @@
+"""Operations end to end: request ids, JSON logs, metrics exposition, backpressure, drain, engine death."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import threading
+import time
+
+import httpx
+import psutil
+import pytest
+
+from tests.e2e.server import start_server
+from tests.images import data_uri, encode, image_message, shape_image
+
+MAX_PENDING = 4
+
+
+@pytest.fixture(scope="module")
+def server(demo_assets, tmp_path_factory):
+    srv = start_server(
+        ["--model", str(demo_assets["model"]), "--adapter-dir", str(demo_assets["adapter_dir"]),
+         "--max-pending-requests", str(MAX_PENDING), "--drain-grace-s", "60"],
+        tmp_path_factory.mktemp("ops") / "server.log",
+        env={"VLORA_METRICS_MAX_ADAPTER_LABELS": "1"},
+    )
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def body() -> dict:
+    return {"model": "demo-a", "messages": image_message(data_uri(encode(shape_image("red")))), "max_tokens": 4,
+            "temperature": 0}
+
+
+def _log_lines(server) -> list[dict]:
+    out = []
+    for line in server.log_path.read_text(errors="replace").splitlines():
+        if line.startswith("{"):
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass
+    return out
+
+
+def test_request_id_echoed_and_logged_as_json(server, body):
+    r = httpx.post(f"{server.url}/v1/chat/completions", json=body, headers={"X-Request-ID": "trace-123"}, timeout=60)
+    assert r.status_code == 200 and r.headers["x-request-id"] == "trace-123"
+    generated = httpx.get(f"{server.url}/v1/models", timeout=10).headers["x-request-id"]
+    assert len(generated) == 32
+    bad = httpx.get(f"{server.url}/v1/models", headers={"X-Request-ID": "a b\tc"}, timeout=10).headers["x-request-id"]
+    assert bad != "a b\tc"
+    time.sleep(0.3)
+    entries = [e for e in _log_lines(server) if e.get("request_id") == "trace-123"]
+    chat = next(e for e in entries if e["message"] == "chat completion")
+    assert chat["adapter"] == "demo-a" and chat["status"] == "2xx" and chat["completion_tokens"] == 4
+    assert chat["prompt_tokens"] > chat["image_tokens"] > 0 and chat["ttft_ms"] > 0
+    access = next(e for e in entries if e["message"] == "http request")
+    assert access["status"] == 200 and access["path"] == "/v1/chat/completions"
+    assert "Authorization" not in json.dumps(entries)
+
+
+def test_metrics_exposition_is_valid_and_bounded(server, body):
+    for model in ("demo-a", "demo-b", "tiny-qwen3-vl", "nope"):
+        httpx.post(f"{server.url}/v1/chat/completions", json={**body, "model": model}, timeout=60)
+    text = httpx.get(f"{server.url}/metrics", timeout=10).text
+    names = {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line and not line.startswith("#")}
+    assert names and all(n.startswith("vlora_") for n in names)
+    # Only one adapter may be named (VLORA_METRICS_MAX_ADAPTER_LABELS=1): the second shares 'other'.
+    assert 'vlora_requests_total{adapter="demo-a",finish_reason="length",status="2xx"}' in text
+    assert 'vlora_requests_total{adapter="other",finish_reason="length",status="2xx"}' in text
+    assert 'vlora_requests_total{adapter="base",finish_reason="length",status="2xx"}' in text
+    assert 'vlora_requests_total{adapter="unknown",finish_reason="none",status="4xx"}' in text
+    assert 'adapter="demo-b"' not in text
+    for series in ("vlora_time_to_first_token_seconds_bucket", "vlora_inter_token_latency_seconds_bucket",
+                   "vlora_queue_wait_seconds_bucket", "vlora_image_tokens_total", "vlora_engine_requests_waiting",
+                   "vlora_engine_kv_cache_usage_ratio", "vlora_adapter_loads_total", "vlora_adapter_load_seconds_bucket"):
+        assert series in text, series
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool is not installed (.ci/run installs Debian's prometheus package)")
+    check = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True)
+    assert check.returncode == 0 and not check.stdout.strip() and not check.stderr.strip(), check.stdout + check.stderr
+
+
+def test_backpressure_gives_429_and_recovers(server, body):
+    flood = {**body, "max_tokens": 1500, "ignore_eos": True, "stream": True}  # seconds each: they overlap
+    statuses: list[int] = []
+    retry_after: list[str] = []
+
+    def one():
+        with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=flood, timeout=120) as r:
+            statuses.append(r.status_code)
+            if r.status_code == 429:
+                retry_after.append(r.headers.get("retry-after"))
+                assert r.read() and json.loads(r.content)["error"]["code"] == "overloaded"
+            else:
+                assert list(r.iter_lines())[-2] == "data: [DONE]"
+
+    threads = [threading.Thread(target=one) for _ in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(180)
+    assert len(statuses) == 16 and set(statuses) <= {200, 429}
+    assert statuses.count(200) >= MAX_PENDING and statuses.count(429) >= 1
+    assert retry_after and all(v == "5" for v in retry_after)
+    r = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60)
+    assert r.status_code == 200
+    assert 'vlora_requests_rejected_total{reason="overloaded"}' in httpx.get(f"{server.url}/metrics").text
+
+
+def test_sigterm_drains_streams_then_exits_0(server, body):
+    """Runs last: streams in flight finish with [DONE]; new requests get 503 + Retry-After; exit code 0."""
+    stream_body = {**body, "max_tokens": 200, "ignore_eos": True, "stream": True}
+    results: dict[int, list[str]] = {}
+    started = threading.Barrier(4)
+
+    def one(i):
+        with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=stream_body, timeout=120) as r:
+            lines = r.iter_lines()
+            results[i] = [next(lines)]
+            started.wait(30)
+            results[i].extend(lines)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    started.wait(60)
+    server.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    late = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=30)
+    assert late.status_code == 503 and late.headers["retry-after"] == "5"
+    assert late.json()["error"]["code"] == "shutting_down"
+    assert httpx.get(f"{server.url}/ready", timeout=10).status_code == 503
+    for t in threads:
+        t.join(120)
+    for i in range(3):
+        assert results[i][-2:] == ["data: [DONE]", ""], results[i][-4:]
+    assert server.proc.wait(60) == 0
+
+
+def test_engine_death_fails_health_and_exits_nonzero(demo_assets, tmp_path):
+    srv = start_server(["--model", str(demo_assets["model"])], tmp_path / "server.log",
+                       env={"VLORA_HEALTH_CHECK_INTERVAL_S": "0.5"})
+    try:
+        assert httpx.get(f"{srv.url}/health", timeout=10).status_code == 200
+        cores = [p for p in psutil.Process(srv.proc.pid).children(recursive=True) if "EngineCore" in " ".join(
+            p.cmdline()) or "EngineCore" in p.name()]
+        assert cores, [p.cmdline() for p in psutil.Process(srv.proc.pid).children(recursive=True)]
+        for core in cores:
+            os.kill(core.pid, signal.SIGKILL)
+        assert srv.proc.wait(60) != 0
+        assert "engine is dead" in srv.log_tail(200)
+    finally:
+        srv.stop()
