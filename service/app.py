@@ -14,6 +14,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from service.adapters import golden
 from service.adapters.registry import AdapterRegistry
 from service.engine.base import Engine
 from service.errors import PayloadTooLarge, api_error_response, install_error_handlers
@@ -85,6 +86,10 @@ def create_app(settings: ServiceSettings, engine: Engine, renderer: ChatRenderer
             engine.stat_logger_factories.append(EngineStats(metrics, engine.adapter_of_request).factory())
         await engine.start()
         app.state.chat.renderer = renderer or await asyncio.to_thread(ChatRenderer.from_pretrained, settings.model)
+        for info in engine.adapters():
+            problems = await golden.check_adapter(engine, app.state.chat.renderer, info.name, info.path)
+            if problems:
+                app.state.golden_failures[info.name] = problems
         tasks = [asyncio.create_task(watch_engine(app, settings.health_check_interval_s))]
         server = getattr(app.state, "server", None)
         if server is not None:
@@ -104,6 +109,7 @@ def create_app(settings: ServiceSettings, engine: Engine, renderer: ChatRenderer
     app.state.engine = engine
     app.state.ready = False
     app.state.engine_dead = False
+    app.state.golden_failures = {}
     app.state.drain = Drain(settings.drain_grace_s)
     app.state.metrics = Metrics(settings.metrics_max_adapter_labels, engine.unfinished_requests)
     limits = MediaLimits(

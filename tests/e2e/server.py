@@ -31,13 +31,13 @@ class ServerProcess:
             stdout=self._log, stderr=subprocess.STDOUT, env=full_env, start_new_session=True,
         )
 
-    def wait_healthy(self, timeout: float = 240.0) -> None:
+    def wait_healthy(self, timeout: float = 240.0, path: str = "/ready") -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_tail()}")
             try:
-                if httpx.get(f"{self.url}/ready", timeout=2).status_code == 200:
+                if httpx.get(f"{self.url}{path}", timeout=2).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass
@@ -61,10 +61,11 @@ class ServerProcess:
         return self.proc.returncode
 
 
-def start_server(args: list[str], log_path: Path, env: dict[str, str] | None = None) -> ServerProcess:
+def start_server(args: list[str], log_path: Path, env: dict[str, str] | None = None,
+                 wait_path: str = "/ready") -> ServerProcess:
     server = ServerProcess(args, log_path, env)
     try:
-        server.wait_healthy()
+        server.wait_healthy(path=wait_path)
     except BaseException:
         server.stop()
         raise

@@ -14,6 +14,7 @@ import httpx
 import psutil
 import pytest
 
+from tests.conftest import MODELS
 from tests.e2e.server import start_server
 from tests.images import data_uri, encode, image_message, shape_image
 
@@ -146,11 +147,27 @@ def test_sigterm_drains_streams_then_exits_0(server, body):
     assert server.proc.wait(60) == 0
 
 
-def test_engine_death_fails_health_and_exits_nonzero(demo_assets, tmp_path):
-    srv = start_server(["--model", str(demo_assets["model"])], tmp_path / "server.log",
-                       env={"VLORA_HEALTH_CHECK_INTERVAL_S": "0.5"})
+def test_failed_golden_samples_keep_not_ready_then_engine_death_exits_nonzero(demo_assets, tmp_path):
+    """One server: an adapter whose golden samples fail keeps /ready at 503 (liveness stays fine); then
+    the engine is killed, /health fails and the process exits non-zero."""
+    from trainer.cli import ensure_demo_assets
+
+    ensure_demo_assets(MODELS)
+    tampered = tmp_path / "tampered"
+    shutil.copytree(MODELS / "adapters" / "colors", tampered)
+    manifest = json.loads((tampered / "manifest.json").read_text())
+    assert manifest["golden_samples"]
+    manifest["golden_samples"][0]["expected"] = "not what this adapter says"
+    (tampered / "manifest.json").write_text(json.dumps(manifest))
+    srv = start_server(["--model", str(demo_assets["model"]), "--adapter", f"tampered={tampered}",
+                        "--adapter", f"colors={MODELS / 'adapters' / 'colors'}"], tmp_path / "server.log",
+                       env={"VLORA_HEALTH_CHECK_INTERVAL_S": "0.5"}, wait_path="/health")
     try:
         assert httpx.get(f"{srv.url}/health", timeout=10).status_code == 200
+        ready = httpx.get(f"{srv.url}/ready", timeout=10)
+        assert ready.status_code == 503
+        message = ready.json()["error"]["message"]
+        assert "golden" in message and "tampered" in message and "colors" not in message
         cores = [p for p in psutil.Process(srv.proc.pid).children(recursive=True) if "EngineCore" in " ".join(
             p.cmdline()) or "EngineCore" in p.name()]
         assert cores, [p.cmdline() for p in psutil.Process(srv.proc.pid).children(recursive=True)]
