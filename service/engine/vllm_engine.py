@@ -212,6 +212,10 @@ class VLLMEngine:
                     yield Delta(index=choice.index, text=choice.text, new_tokens=len(choice.token_ids),
                                 finish_reason=choice.finish_reason, prompt_tokens=prompt_tokens)
                 finished = out.finished
+                # When outputs are already queued, neither vLLM's collector nor the response writer yields
+                # to the event loop: one fast stream would starve every other request (health checks,
+                # metrics, disconnect detection) until it ends. Let them run between outputs.
+                await asyncio.sleep(0)
         except (ValueError, TypeError) as exc:
             # vLLM validates prompts (length, multimodal limits) with ValueError subclasses.
             message = str(exc)

@@ -327,8 +327,8 @@ def _metric(server, name: str) -> float:
 
 
 def test_client_disconnect_aborts_engine_request(server, red_uri):
-    # 8 choices x 4000 tokens: tens of seconds of work, so the disconnect surely comes before the end.
-    body = {"model": "demo-a", "messages": image_message(red_uri), "stream": True, "max_tokens": 4000, "n": 8,
+    # 4000 tokens: seconds of work, so the disconnect after a few chunks comes long before the end.
+    body = {"model": "demo-a", "messages": image_message(red_uri), "stream": True, "max_tokens": 4000,
             "ignore_eos": True, "temperature": 1.0}
     aborted = 'vlora_requests_total{adapter="demo-a",finish_reason="none",status="aborted"}'
     tokens = 'vlora_generation_tokens_total{adapter="demo-a"}'
@@ -338,16 +338,15 @@ def test_client_disconnect_aborts_engine_request(server, red_uri):
         lines = r.iter_lines()
         got = [next(lines) for _ in range(6)]
         assert any(line.startswith("data: ") for line in got), got
-        assert _metric(server, "vlora_engine_requests_unfinished") >= 1
     # The stream was closed after a few chunks: the engine drops the request, the server counts it as
     # aborted, and far fewer tokens than requested were generated.
     def settled() -> tuple:
         return (_metric(server, "vlora_engine_requests_unfinished"), _metric(server, "vlora_requests_running"),
                 _metric(server, aborted) - aborted_before)
 
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 20
     while time.monotonic() < deadline and settled() != (0, 0, 1):
         time.sleep(0.2)
     assert settled() == (0, 0, 1), (settled(), server.log_tail(20))
-    assert _metric(server, tokens) - tokens_before < 8 * 4000 / 2
+    assert _metric(server, tokens) - tokens_before < 4000 / 2
 
