@@ -58,7 +58,7 @@ def start(kind: str, model: Path, adapters: dict[str, Path], out: Path) -> tuple
     if kind == "vllm":
         cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
                "--served-model-name", model.name, "--host", "127.0.0.1", "--port", str(port), "--enable-lora",
-               "--lora-modules", *[f"{n}={p}" for n, p in adapters.items()], "--disable-log-requests"]
+               "--lora-modules", *[f"{n}={p}" for n, p in adapters.items()]]
         cmd += [x for k, v in ENGINE.items() for x in (f"--{k}", v)]
         cmd += ["--limit-mm-per-prompt", json.dumps({"image": 4, "video": 0}), "--seed", "0"]
         ready = "/health"
@@ -89,7 +89,7 @@ def stop(proc: subprocess.Popen) -> None:
             proc.wait(10)
 
 
-def vllm_bench_client(url: str, model: str, adapters: list[str], n: int, out: Path) -> dict | None:
+def vllm_bench_client(url: str, model: str, tokenizer: Path, adapters: list[str], n: int, out: Path) -> dict | None:
     """vLLM's own benchmark client (text-only random prompts; LoRA names chosen uniformly)."""
     code = (
         "import sys, json\n"
@@ -100,7 +100,7 @@ def vllm_bench_client(url: str, model: str, adapters: list[str], n: int, out: Pa
         "print('RESULT ' + json.dumps({k: v for k, v in r.items() if isinstance(v, (int, float))}))\n"
     )
     args = ["--backend", "openai-chat", "--base-url", url, "--endpoint", "/v1/chat/completions", "--model", model,
-            "--tokenizer", model, "--dataset-name", "random", "--random-input-len", "64", "--random-output-len", "64",
+            "--tokenizer", str(tokenizer), "--dataset-name", "random", "--random-input-len", "64", "--random-output-len", "64",
             "--num-prompts", str(n), "--max-concurrency", "8", "--lora-modules", *adapters, "--ignore-eos",
             "--seed", "0", "--disable-tqdm"]
     proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=600,
@@ -136,7 +136,8 @@ def main() -> None:
                             "--max-requests", str(args.requests), "--adapters", ",".join(adapters),
                             "--out", str(run_dir)], check=True, timeout=600, capture_output=True)
             results[kind] = {"load": json.loads((run_dir / "summary.json").read_text()),
-                             "vllm_bench": vllm_bench_client(url, model.name, list(adapters), args.requests, args.out)}
+                             "vllm_bench": vllm_bench_client(url, model.name, model, list(adapters), args.requests,
+                                                             args.out)}
         finally:
             stop(proc)
     rows = compare(results["vllm"]["load"], results["vlora"]["load"])
