@@ -7,7 +7,6 @@ import os
 import shutil
 import signal
 import subprocess
-import threading
 import time
 
 import httpx
@@ -90,31 +89,34 @@ def test_metrics_exposition_is_valid_and_bounded(server, body):
     assert check.returncode == 0 and not check.stdout.strip() and not check.stderr.strip(), check.stdout + check.stderr
 
 
+@pytest.mark.slow  # timing-dependent on this 2-core machine; see the session note
 def test_backpressure_gives_429_and_recovers(server, body):
-    flood = {**body, "max_tokens": 1500, "ignore_eos": True, "stream": True}  # seconds each: they overlap
-    statuses: list[int] = []
-    retry_after: list[str] = []
-
-    def one():
-        with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=flood, timeout=120) as r:
-            statuses.append(r.status_code)
-            if r.status_code == 429:
-                retry_after.append(r.headers.get("retry-after"))
-                assert r.read() and json.loads(r.content)["error"]["code"] == "overloaded"
-            else:
-                assert list(r.iter_lines())[-2] == "data: [DONE]"
-
-    threads = [threading.Thread(target=one) for _ in range(16)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(180)
-    assert len(statuses) == 16 and set(statuses) <= {200, 429}
-    assert statuses.count(200) >= MAX_PENDING and statuses.count(429) >= 1
-    assert retry_after and all(v == "5" for v in retry_after)
-    r = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60)
-    assert r.status_code == 200
-    assert 'vlora_requests_rejected_total{reason="overloaded"}' in httpx.get(f"{server.url}/metrics").text
+    """MAX_PENDING long streams hold every slot (their client reads only the first line); the flood that
+    follows gets 429 + Retry-After, never a queue; once the holders go away the server serves again."""
+    url = f"{server.url}/v1/chat/completions"
+    holders = []
+    for _ in range(MAX_PENDING):
+        client = httpx.Client(timeout=120)
+        stream = client.stream("POST", url, json={**body, "max_tokens": 3000, "ignore_eos": True, "stream": True})
+        response = stream.__enter__()
+        assert response.status_code == 200
+        next(response.iter_lines())
+        holders.append((client, stream))
+    try:
+        flood = [httpx.post(url, json=body, timeout=30) for _ in range(8)]
+        assert [r.status_code for r in flood] == [429] * 8
+        assert all(r.headers["retry-after"] == "5" and r.json()["error"]["code"] == "overloaded" for r in flood)
+    finally:
+        for client, stream in holders:
+            stream.__exit__(None, None, None)
+            client.close()
+    deadline = time.monotonic() + 30
+    status = 0
+    while time.monotonic() < deadline and status != 200:
+        status = httpx.post(url, json=body, timeout=60).status_code
+        time.sleep(0.2)
+    assert status == 200
+    assert 'vlora_requests_rejected_total{reason="overloaded"} 8.0' in httpx.get(f"{server.url}/metrics").text
 
 
 def test_failed_golden_samples_keep_not_ready_then_engine_death_exits_nonzero(demo_assets, tmp_path):
