@@ -9,12 +9,22 @@ CPU backend) a token with no adapter has index -1, and `weights[-1]` silently se
 slot: a base-model request batched with adapter requests receives an adapter's delta (upstream PRs
 #48421 / #49656). The fix zeroes the inputs of rows with index -1 (the LoRA delta is linear in them, so
 their contribution becomes exactly zero) and clamps the index, for every bgmv op (the sgmv ops call them).
+
+`shm-spin` (a tuning, not a bug) — the readers of vLLM's shared-memory message queues (the worker waiting
+for the scheduler, the engine core waiting for the worker) spin on `sched_yield` for 1 s after every read
+before they sleep on a notify socket. That assumes dedicated cores: on a small CPU host the spinning
+processes take the cores from the API process, whose event loop then answers health checks, new requests
+and stream chunks seconds late, and an idle server burns a whole core. Shortening the spin window is no
+cure (the socket path then loses wake-ups and stalls for seconds); instead each turn of the spin sleeps a
+few microseconds. `VLORA_ENGINE_SPIN_SLEEP_US` sets that sleep (default: 50 µs when the host has fewer than
+8 cores, else vLLM's own `sched_yield` is kept; 0 keeps it too).
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import os
 
 logger = logging.getLogger("vlora.vllm_fixes")
 
@@ -72,6 +82,45 @@ def fix_lora_no_adapter_index() -> bool:
     return True
 
 
+def engine_spin_sleep_us(env: dict | None = None, cpu_count: int | None = None) -> float:
+    """Microseconds each spin turn of an shm queue reader sleeps; 0 keeps vLLM's `sched_yield`."""
+    env = os.environ if env is None else env
+    raw = env.get("VLORA_ENGINE_SPIN_SLEEP_US", "").strip()
+    if raw:
+        value = float(raw)
+        if value < 0:
+            raise ValueError(f"VLORA_ENGINE_SPIN_SLEEP_US must be >= 0, got {raw!r}")
+        return value
+    cores = cpu_count if cpu_count is not None else len(os.sched_getaffinity(0))
+    return 50.0 if cores < 8 else 0.0
+
+
+def tune_shm_spin() -> float:
+    """Make the spin turns of vLLM's shm message queues sleep briefly (see the module docstring)."""
+    sleep_us = engine_spin_sleep_us()
+    if sleep_us <= 0:
+        return 0.0
+    try:
+        from vllm.distributed.device_communicators import shm_broadcast
+    except ImportError:
+        return 0.0
+    current = getattr(shm_broadcast, "sched_yield", None)
+    if current is None or getattr(current, "__vlora_fixed__", False):
+        return sleep_us
+    import time
+
+    seconds = sleep_us / 1e6
+
+    def brief_sleep() -> None:
+        time.sleep(seconds)
+
+    brief_sleep.__vlora_fixed__ = True
+    shm_broadcast.sched_yield = brief_sleep
+    logger.info("vlora tuning applied: shm-spin sleep %.0f us", sleep_us)
+    return sleep_us
+
+
 def register() -> None:
     """Entry point of `vllm.general_plugins` (see pyproject.toml); safe to call many times."""
     fix_lora_no_adapter_index()
+    tune_shm_spin()

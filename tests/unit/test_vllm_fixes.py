@@ -59,3 +59,30 @@ def test_installed_vllm_is_patched_when_needed():
     from vllm.lora.punica_wrapper import punica_cpu
 
     assert punica_cpu.bgmv_shrink is lora_ops.bgmv_shrink
+
+
+@pytest.mark.parametrize(("env", "cores", "expected"), [
+    ({}, 2, 50.0), ({}, 8, 0.0), ({"VLORA_ENGINE_SPIN_SLEEP_US": "200"}, 64, 200.0),
+    ({"VLORA_ENGINE_SPIN_SLEEP_US": "0"}, 2, 0.0),
+])
+def test_spin_sleep_defaults_to_small_hosts_only(env, cores, expected):
+    assert vllm_fixes.engine_spin_sleep_us(env, cores) == expected
+
+
+def test_spin_sleep_refuses_negative_values():
+    with pytest.raises(ValueError, match="VLORA_ENGINE_SPIN_SLEEP_US"):
+        vllm_fixes.engine_spin_sleep_us({"VLORA_ENGINE_SPIN_SLEEP_US": "-1"}, 2)
+
+
+def test_shm_queue_spin_sleeps_instead_of_yielding(monkeypatch):
+    from vllm.distributed.device_communicators import shm_broadcast
+
+    monkeypatch.setattr(shm_broadcast, "sched_yield", shm_broadcast.sched_yield)  # restored afterwards
+    monkeypatch.setenv("VLORA_ENGINE_SPIN_SLEEP_US", "100")
+    assert vllm_fixes.tune_shm_spin() == 100.0
+    patched = shm_broadcast.sched_yield
+    assert patched.__vlora_fixed__
+    assert vllm_fixes.tune_shm_spin() == 100.0 and shm_broadcast.sched_yield is patched  # idempotent
+    # The spin condition's wait() and the writer's acquire loop call the module-level name.
+    import inspect
+    assert "sched_yield()" in inspect.getsource(shm_broadcast.SpinCondition.wait)
