@@ -14,14 +14,15 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from service.adapters import golden
 from service.adapters.registry import AdapterRegistry
+from service.adapters.store import AdapterStore
+from service.auth import Authenticate, KeyRing
 from service.engine.base import Engine
 from service.errors import PayloadTooLarge, api_error_response, install_error_handlers
 from service.lifecycle import Drain, RequestLifecycle
 from service.media import MediaLimits
 from service.metrics import EngineStats, Metrics
-from service.routes import chat, models, ops
+from service.routes import adapters, chat, models, ops
 from service.serving.chat import ChatService
 from service.serving.render import ChatRenderer
 from service.settings import ServiceSettings
@@ -76,7 +77,23 @@ async def watch_engine(app: FastAPI, interval_s: float) -> None:
             return
 
 
-def create_app(settings: ServiceSettings, engine: Engine, renderer: ChatRenderer | None = None) -> FastAPI:
+def configured_adapters(settings: ServiceSettings) -> dict[str, str]:
+    return {name.strip(): path.strip() for name, _, path in (p.partition("=") for p in settings.adapters)}
+
+
+def served_base_fingerprint(model: str) -> dict | None:
+    """The served base's fingerprint (as the trainer's manifest records it), for local model folders."""
+    from trainer.manifest import base_fingerprint
+
+    try:
+        fingerprint = base_fingerprint(model)
+    except OSError:
+        return None
+    return fingerprint if fingerprint.get("config_sha256") else None
+
+
+def create_app(settings: ServiceSettings, engine: Engine, renderer: ChatRenderer | None = None,
+               keyring: KeyRing | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         metrics = app.state.metrics
@@ -86,22 +103,21 @@ def create_app(settings: ServiceSettings, engine: Engine, renderer: ChatRenderer
             engine.stat_logger_factories.append(EngineStats(metrics, engine.adapter_of_request).factory())
         await engine.start()
         app.state.chat.renderer = renderer or await asyncio.to_thread(ChatRenderer.from_pretrained, settings.model)
-        for info in engine.adapters():
-            problems = await golden.check_adapter(engine, app.state.chat.renderer, info.name, info.path)
-            if problems:
-                app.state.golden_failures[info.name] = problems
+        registry.renderer = app.state.chat.renderer
+        await registry.start()
         tasks = [asyncio.create_task(watch_engine(app, settings.health_check_interval_s))]
         server = getattr(app.state, "server", None)
         if server is not None:
             tasks.append(asyncio.create_task(app.state.drain.wait_and_stop(server)))
         app.state.ready = True
-        logger.info("ready", extra={"model": settings.base_name, "adapters": [a.name for a in engine.adapters()]})
+        logger.info("ready", extra={"model": settings.base_name, "adapters": registry.names()})
         try:
             yield
         finally:
             app.state.ready = False
             for task in tasks:
                 task.cancel()
+            await registry.settle()
             await engine.shutdown()
 
     app = FastAPI(title="vlora", version="0.1.0", lifespan=lifespan)
@@ -109,7 +125,6 @@ def create_app(settings: ServiceSettings, engine: Engine, renderer: ChatRenderer
     app.state.engine = engine
     app.state.ready = False
     app.state.engine_dead = False
-    app.state.golden_failures = {}
     app.state.drain = Drain(settings.drain_grace_s)
     app.state.metrics = Metrics(settings.metrics_max_adapter_labels, engine.unfinished_requests)
     limits = MediaLimits(
@@ -119,13 +134,21 @@ def create_app(settings: ServiceSettings, engine: Engine, renderer: ChatRenderer
         max_redirects=settings.image_fetch_max_redirects,
         allowlist=tuple(settings.image_url_allowlist),
     )
-    registry = AdapterRegistry(settings.base_name, engine)
+    registry = AdapterRegistry(
+        settings.base_name, engine, store=AdapterStore(settings.adapter_dir), configured=configured_adapters(settings),
+        tower_lora=settings.enable_tower_lora, base_fingerprint=served_base_fingerprint(settings.model),
+        preload=settings.preload)
+    app.state.registry = registry
+    ring = keyring or KeyRing.from_settings(settings.api_keys, settings.admin_api_keys, settings.api_keys_file)
+    if not ring.enabled:
+        logger.warning("no API keys configured: every endpoint, the admin API included, is open")
     app.state.chat = ChatService(engine, registry, renderer, limits, settings.max_images_per_request,
                                  app.state.metrics, settings.max_pending_requests, settings.retry_after_s)
     install_error_handlers(app)
-    for router in (chat.router, models.router, ops.router):
+    for router in (chat.router, models.router, adapters.router, ops.router):
         app.include_router(router)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(Authenticate, ring=ring, public_paths=settings.public_paths)
     # Outermost: request ids, access logs and drain refusals apply to everything, 413s included.
     app.add_middleware(RequestLifecycle, drain=app.state.drain, retry_after_s=settings.retry_after_s)
     return app

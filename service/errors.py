@@ -52,6 +52,12 @@ class Unauthorized(APIError):
     code = "invalid_api_key"
 
 
+class Forbidden(APIError):
+    status = 403
+    type = "permission_error"
+    code = "permission_denied"
+
+
 class ModelNotFound(APIError):
     status = 404
     type = "invalid_request_error"

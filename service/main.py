@@ -24,8 +24,14 @@ def parse_args(argv: list[str] | None = None) -> dict:
     p.add_argument("--served-model-name", help="name clients use for the base model")
     p.add_argument("--adapter", action="append", dest="adapters", metavar="NAME=PATH",
                    help="serve a LoRA adapter under NAME (repeatable)")
-    p.add_argument("--adapter-dir", type=Path, help=f"serve every adapter subfolder (default with the embedded "
-                   f"model: {DEFAULT_ADAPTER_DIR})")
+    p.add_argument("--adapter-dir", type=Path, help=f"adapter root: NAME/ or NAME/REV/ folders, served by name "
+                   f"(default with the embedded model: {DEFAULT_ADAPTER_DIR})")
+    p.add_argument("--preload", choices=["all", "none"],
+                   help="load every root adapter at start (all, default) or each on its first request (none)")
+    p.add_argument("--enable-tower-lora", action="store_true", default=None,
+                   help="apply vision-tower/merger LoRA weights")
+    p.add_argument("--max-cpu-loras", type=int, help="adapters the engine keeps in host memory")
+    p.add_argument("--api-keys-file", type=Path, help="YAML/JSON tenants file: keys, adapter allowlists, admin")
     p.add_argument("--host")
     p.add_argument("--port", type=int)
     p.add_argument("--dtype")
@@ -36,8 +42,8 @@ def parse_args(argv: list[str] | None = None) -> dict:
     p.add_argument("--quantization", help="vLLM quantization method (e.g. bitsandbytes, awq, fp8)")
     p.add_argument("--tensor-parallel-size", type=int)
     p.add_argument("--gpu-memory-utilization", type=float)
-    p.add_argument("--image-url-allowlist", action="append", metavar="HOST_OR_CIDR",
-                   help="allow image URLs on this non-public host or network (repeatable)")
+    p.add_argument("--image-url-allowlist", action="append", metavar="HOST_OR_CIDR[:PORT]",
+                   help="allow image URLs on this non-public host or network, optionally one port (repeatable)")
     p.add_argument("--max-pending-requests", type=int, help="bound on running + waiting requests (then 429)")
     p.add_argument("--drain-grace-s", type=float, help="on SIGTERM, how long requests in flight may finish")
     p.add_argument("--log-level")
@@ -92,7 +98,10 @@ def main(argv: list[str] | None = None) -> None:
     if settings.base_name in adapters:
         sys.exit(f"vlora-serve: adapter name '{settings.base_name}' collides with the base model's name")
     engine = VLLMEngine(settings, adapters, enable_lora=bool(adapters) or settings.adapter_dir is not None)
-    app = create_app(settings, engine)
+    try:
+        app = create_app(settings, engine)
+    except ValueError as exc:
+        sys.exit(f"vlora-serve: {exc}")
     server = DrainingServer(uvicorn.Config(app, host=settings.host, port=settings.port, access_log=False,
                                            log_level=settings.log_level.lower(), log_config=None,
                                            timeout_graceful_shutdown=5),

@@ -59,12 +59,35 @@ def address_is_public(addr: IPAddress) -> bool:
     return bool(addr.is_global) and not (addr.is_multicast or addr.is_reserved or addr.is_unspecified)
 
 
-def address_allowed(addr: IPAddress, host: str, allowlist: Iterable[str]) -> bool:
+def parse_allowlist_entry(entry: str) -> tuple[str, int | None]:
+    """`HOST`, `CIDR`, `HOST:PORT`, `CIDR:PORT` or `[IPv6]:PORT` -> (host or network, port or None)."""
+    entry = entry.strip()
+    if entry.startswith("["):
+        host, _, rest = entry[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else ""
+    elif entry.count(":") == 1:
+        host, _, port = entry.partition(":")
+    else:
+        host, port = entry, ""
+    if port and not port.isdigit():
+        raise ValueError(f"allowlist entry '{entry}' has a bad port")
+    return host, (int(port) if port else None)
+
+
+def address_allowed(addr: IPAddress, host: str, allowlist: Iterable[str], port: int | None = None) -> bool:
+    """Public addresses are allowed; others only when an allowlist entry names the host or its network
+    (and, when the entry has a port, that port)."""
     for entry in allowlist:
-        if entry.lower() == host.lower():
+        try:
+            allowed_host, allowed_port = parse_allowlist_entry(entry)
+        except ValueError:
+            continue
+        if allowed_port is not None and allowed_port != port:
+            continue
+        if allowed_host.lower() == host.lower():
             return True
         try:
-            if _unmapped(addr) in ipaddress.ip_network(entry, strict=False):
+            if _unmapped(addr) in ipaddress.ip_network(allowed_host, strict=False):
                 return True
         except ValueError:
             continue
@@ -96,7 +119,7 @@ def check_url(url: str, allowlist: Iterable[str], resolve: Resolver = system_res
         raise BadRequest(f"image URL host '{host}' does not resolve", param="image_url")
     for text in addresses:
         addr = ipaddress.ip_address(text.split("%")[0])
-        if not address_allowed(addr, host, allowlist):
+        if not address_allowed(addr, host, allowlist, port):
             raise BadRequest(f"image URL host '{host}' resolves to a non-public address ({addr}); refused",
                              param="image_url")
     return host, port, addresses[0]
@@ -150,6 +173,22 @@ def decode_data_uri(uri: str, limits: MediaLimits) -> bytes:
         raise BadRequest("image data URI is not valid base64", param="image_url") from None
 
 
+def pin_to_address(url: str, host: str, port: int, address: str) -> tuple[str, dict, dict]:
+    """The request for `url` sent to the address that was checked, not to a second DNS answer (no DNS
+    rebinding between check and connect): the URL names the IP, `Host` and TLS SNI/verification keep the
+    original host name."""
+    parts = urlsplit(url)
+    ip = ipaddress.ip_address(address.split("%")[0])
+    netloc = f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
+    default_port = 443 if parts.scheme == "https" else 80
+    host_header = host if port == default_port else f"{host}:{port}"
+    if ":" in host and not host.startswith("["):
+        host_header = f"[{host}]" if port == default_port else f"[{host}]:{port}"
+    pinned = parts._replace(netloc=netloc).geturl()
+    extensions = {"sni_hostname": host} if parts.scheme == "https" else {}
+    return pinned, {"Accept": "image/*", "Host": host_header}, extensions
+
+
 async def fetch_url(url: str, limits: MediaLimits, resolve: Resolver = system_resolve) -> bytes:
     """GET an image over http(s), checking the address policy on the first URL and every redirect."""
     import httpx
@@ -158,9 +197,10 @@ async def fetch_url(url: str, limits: MediaLimits, resolve: Resolver = system_re
     timeout = httpx.Timeout(limits.fetch_timeout_s, connect=min(5.0, limits.fetch_timeout_s))
     async with httpx.AsyncClient(follow_redirects=False, timeout=timeout, trust_env=False) as client:
         for _ in range(limits.max_redirects + 1):
-            await asyncio.to_thread(check_url, url, limits.allowlist, resolve)
+            host, port, address = await asyncio.to_thread(check_url, url, limits.allowlist, resolve)
+            pinned, headers, extensions = pin_to_address(url, host, port, address)
             try:
-                async with client.stream("GET", url, headers={"Accept": "image/*"}) as response:
+                async with client.stream("GET", pinned, headers=headers, extensions=extensions) as response:
                     if response.is_redirect:
                         location = response.headers.get("location")
                         if not location:

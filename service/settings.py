@@ -23,7 +23,17 @@ class ServiceSettings(BaseSettings):
     model: str = Field(str(DEFAULT_MODEL_DIR), description="Model directory or hub id (merged models too).")
     served_model_name: str | None = Field(None, description="Name clients use for the base; default: model dir name.")
     adapters: list[str] = Field(default_factory=list, description="Adapters as NAME=PATH, loaded at start.")
-    adapter_dir: Path | None = Field(None, description="Directory whose subfolders are adapters (name = folder).")
+    adapter_dir: Path | None = Field(None, description="Adapter root: NAME/ or NAME/REV/ folders (see service.adapters.store).")
+    preload: str = Field("all", pattern="^(all|none)$",
+                         description="Load every adapter of the root at start (all), or each on its first request (none).")
+    enable_tower_lora: bool = Field(False, description="Apply vision-tower/merger LoRA weights (vLLM tower LoRA).")
+
+    # Access control
+    api_keys_file: Path | None = Field(None, description="YAML/JSON tenants file (keys, adapter allowlists, admin).")
+    api_keys: list[str] = Field(default_factory=list, description="Keys with access to every adapter and the base.")
+    admin_api_keys: list[str] = Field(default_factory=list, description="Keys that may also use the admin API.")
+    public_paths: list[str] = Field(default_factory=lambda: ["/health", "/ready", "/metrics"],
+                                    description="Paths answered without a key when keys are configured.")
 
     # HTTP
     host: str = "127.0.0.1"
@@ -80,11 +90,14 @@ class ServiceSettings(BaseSettings):
     @field_validator("image_url_allowlist")
     @classmethod
     def _allowlist(cls, v: list[str]) -> list[str]:
+        from service.media import parse_allowlist_entry
+
         for item in v:
+            host, _ = parse_allowlist_entry(item)  # ValueError on a bad port
             try:
-                ipaddress.ip_network(item, strict=False)
+                ipaddress.ip_network(host, strict=False)
             except ValueError:
-                if not item or "/" in item:
+                if not host or "/" in host:
                     raise ValueError(f"allowlist entry '{item}' is neither a CIDR nor a host name") from None
         return v
 

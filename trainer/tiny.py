@@ -239,7 +239,7 @@ LLM_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_p
 
 
 def make_random_adapter(base: str | Path, out: str | Path, rank: int = 8, seed: int = 0, alpha: int | None = None,
-                        scale: float = 0.5, overwrite: bool = False) -> Path:
+                        scale: float = 0.5, overwrite: bool = False, target_modules=None) -> Path:
     """Write a peft LoRA on the language model's linear layers with non-zero random A and B.
 
     With B non-zero (peft initialises it to zero) the adapter changes outputs, so the serving path can be
@@ -252,7 +252,7 @@ def make_random_adapter(base: str | Path, out: str | Path, rank: int = 8, seed: 
     with atomic_dir(out, overwrite) as tmp:
         model = AutoModelForImageTextToText.from_pretrained(base, dtype=torch.float32)
         config = LoraConfig(r=rank, lora_alpha=alpha or 2 * rank, lora_dropout=0.0,
-                            target_modules=LLM_TARGET_MODULES, bias="none")
+                            target_modules=target_modules or LLM_TARGET_MODULES, bias="none")
         peft_model = get_peft_model(model, config)
         gen = torch.Generator().manual_seed(seed)
         with torch.no_grad():

@@ -1,32 +1,52 @@
-"""Adapter registry: model names -> adapters, from `--adapter NAME=PATH` and an adapter directory.
+"""Adapter registry: which adapter revision a request's `model` means, and the adapter lifecycle.
 
-The base model is served under its own name; every adapter under its name, with `parent` = the base.
-Adapter names are what clients send in `model`, so they are restricted to a safe character set.
+Names come from two places: `--adapter NAME=PATH` (operator-configured paths, loaded at start) and the
+adapter root (`--adapter-dir`, see `store.py`), whose adapters load at start (`--preload all`) or on the
+first request that names them (`--preload none`), exactly once even under concurrent first requests.
+
+Each loaded revision is its own engine adapter (`NAME@REV`, a fresh engine id), so prefixes cached for
+one revision are never reused for another. Loading a new revision of a loaded name switches new requests
+to it; requests already running on the old revision finish on it, and the old revision is unloaded when
+the last of them ends. Loads run the checks of `store.inspect_adapter`, then the golden samples of the
+adapter's manifest (a load-time canary): a failing adapter is refused with the reason and the previous
+revision stays. Start adapters whose golden samples fail are kept, but readiness reports them.
 """
 
 from __future__ import annotations
 
-import re
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from service.adapters import golden
+from service.adapters.store import (
+    NAME_RE,
+    AdapterMeta,
+    AdapterRefused,
+    AdapterStore,
+    files_fingerprint,
+    inspect_adapter,
+    is_adapter_dir,
+    split_model,
+)
 from service.errors import ModelNotFound
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-
-
-def is_adapter_dir(path: Path) -> bool:
-    return (path / "adapter_config.json").is_file()
+logger = logging.getLogger("vlora.adapters")
 
 
 def collect_adapters(pairs: list[str], adapter_dir: Path | None) -> dict[str, str]:
-    """Adapters to load at start: the subfolders of `adapter_dir` that hold an adapter, then `pairs`."""
+    """`--adapter NAME=PATH` pairs (validated) plus, for the rank estimate, the newest revision of every
+    adapter under `adapter_dir`."""
     found: dict[str, str] = {}
     if adapter_dir is not None:
         if not adapter_dir.is_dir():
             raise ValueError(f"adapter directory '{adapter_dir}' does not exist")
-        for sub in sorted(adapter_dir.iterdir()):
-            if sub.is_dir() and is_adapter_dir(sub) and NAME_RE.match(sub.name):
-                found[sub.name] = str(sub)
+        store = AdapterStore(adapter_dir)
+        for name in store.names():
+            found[name] = str(store.find(name)[1])
     for pair in pairs:
         name, _, path = pair.partition("=")
         name, path = name.strip(), path.strip()
@@ -38,19 +58,202 @@ def collect_adapters(pairs: list[str], adapter_dir: Path | None) -> dict[str, st
     return found
 
 
-class AdapterRegistry:
-    """Resolves a request's `model` to None (the base) or an adapter name the engine has loaded."""
+@dataclass
+class Revision:
+    name: str
+    rev: str
+    path: str
+    source: str  # "config" (--adapter), "root" (adapter directory)
+    meta: AdapterMeta | None = None
+    loaded_at: float = 0.0
+    load_seconds: float = 0.0
+    in_flight: int = 0
+    retired: bool = False
+    golden_problems: list[str] = field(default_factory=list)
 
-    def __init__(self, base_name: str, engine):
+    @property
+    def key(self) -> str:
+        """The engine's adapter name: one per revision."""
+        return f"{self.name}@{self.rev}"
+
+
+class AdapterRegistry:
+    def __init__(self, base_name: str, engine, *, store: AdapterStore | None = None,
+                 configured: dict[str, str] | None = None, tower_lora: bool = False,
+                 base_fingerprint: dict | None = None, preload: str = "all"):
         self.base_name = base_name
         self.engine = engine
+        self.store = store or AdapterStore(None)
+        self.configured = dict(configured or {})
+        self.tower_lora = tower_lora
+        self.base_fingerprint = base_fingerprint
+        self.preload = preload
+        self.renderer = None  # set once the chat renderer exists (golden samples need it)
+        self.active: dict[str, Revision] = {}  # name -> the revision new requests get
+        self.resident: dict[str, Revision] = {}  # engine key -> every loaded revision
+        self._loading: dict[str, asyncio.Future] = {}
+        self._lock = asyncio.Lock()
+        self._unloads: set[asyncio.Task] = set()
+
+    # queries ------------------------------------------------------------------------------------
 
     def names(self) -> list[str]:
-        return [a.name for a in self.engine.adapters()]
+        return sorted(self.active)
 
-    def resolve(self, model: str) -> str | None:
+    def available(self) -> list[str]:
+        """Names that can be served: loaded, configured, or under the root."""
+        return sorted(set(self.active) | set(self.configured) | set(self.store.names()))
+
+    def golden_failures(self) -> dict[str, list[str]]:
+        return {r.name: r.golden_problems for r in self.active.values() if r.golden_problems}
+
+    def known(self, model: str) -> bool:
+        name = model.partition("@")[0]
+        return name in self.active or name in self.configured or bool(self.store.revisions(name))
+
+    # start --------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Load the configured adapters (and, with preload=all, the root's); golden failures are kept."""
+        for name, path in self.configured.items():
+            await self._load(name, files_fingerprint(Path(path)), Path(path), "config", activate=True,
+                             refuse_on_golden=False)
+        if self.preload == "all":
+            for name in self.store.names():
+                if name not in self.active:
+                    rev, path = self.store.find(name)
+                    await self._load(name, rev, path, "root", activate=True, refuse_on_golden=False)
+
+    # resolution ---------------------------------------------------------------------------------
+
+    async def resolve(self, model: str, allowed: Callable[[str], bool] | None = None) -> Revision | None:
+        """The revision serving `model` (None = the base), loading it first if it is under the root."""
         if model == self.base_name:
             return None
-        if model in self.names():
-            return model
-        raise ModelNotFound(f"The model '{model}' does not exist", param="model")
+        name, rev = split_model(model)
+        if allowed is not None and not allowed(name):
+            raise ModelNotFound(f"The model '{model}' does not exist", param="model")
+        current = self.active.get(name)
+        if current is not None and (rev is None or rev == current.rev):
+            return current
+        if rev is not None and f"{name}@{rev}" in self.resident:
+            return self.resident[f"{name}@{rev}"]
+        if name in self.configured:
+            raise ModelNotFound(f"The model '{model}' does not exist", param="model")
+        found_rev, path = self.store.find(name, rev)
+        return await self._load(name, found_rev, path, "root", activate=rev is None or name not in self.active)
+
+    def acquire(self, revision: Revision | None) -> None:
+        if revision is not None:
+            revision.in_flight += 1
+
+    def release(self, revision: Revision | None) -> None:
+        if revision is None:
+            return
+        revision.in_flight -= 1
+        if revision.retired and revision.in_flight <= 0:
+            self._schedule_unload(revision)
+
+    # lifecycle ----------------------------------------------------------------------------------
+
+    async def load(self, name: str, rev: str | None = None) -> Revision:
+        """Admin load: the newest (or the given) revision from the root becomes the active one."""
+        if not NAME_RE.match(name):
+            raise ModelNotFound(f"The model '{name}' does not exist", param="name")
+        found_rev, path = self.store.find(name, rev)
+        return await self._load(name, found_rev, path, "root", activate=True)
+
+    async def unload(self, name: str) -> list[Revision]:
+        """Retire every revision of `name` (each unloads when its last request ends)."""
+        async with self._lock:
+            revisions = [r for r in self.resident.values() if r.name == name]
+            if not revisions:
+                raise ModelNotFound(f"adapter '{name}' is not loaded", param="name")
+            self.active.pop(name, None)
+            for r in revisions:
+                self._retire(r)
+        return revisions
+
+    async def _load(self, name: str, rev: str, path: Path, source: str, *, activate: bool,
+                    refuse_on_golden: bool = True) -> Revision:
+        key = f"{name}@{rev}"
+        pending = self._loading.get(key)
+        if pending is not None:  # a concurrent first request: wait for the same load
+            revision = await asyncio.shield(pending)
+        else:
+            future = asyncio.get_running_loop().create_future()
+            self._loading[key] = future
+            try:
+                revision = await self._load_once(name, rev, path, source, refuse_on_golden)
+            except BaseException as exc:
+                future.set_exception(exc)
+                future.exception()  # retrieved: waiters re-raise it, nobody else needs to
+                raise
+            else:
+                future.set_result(revision)
+            finally:
+                self._loading.pop(key, None)
+        if activate:
+            async with self._lock:
+                old = self.active.get(name)
+                if revision.retired:  # re-activated before its unload ran
+                    revision.retired = False
+                self.active[name] = revision
+                if old is not None and old is not revision:
+                    logger.info("adapter revision switched", extra={"adapter": name, "from": old.rev, "to": rev})
+                    self._retire(old)
+        return revision
+
+    async def _load_once(self, name: str, rev: str, path: Path, source: str, refuse_on_golden: bool) -> Revision:
+        key = f"{name}@{rev}"
+        if key in self.resident:
+            return self.resident[key]
+        started = time.perf_counter()
+        revision = Revision(name=name, rev=rev, path=str(path), source=source)
+        try:
+            revision.meta = await asyncio.to_thread(
+                inspect_adapter, name, path, max_rank=self.engine.max_lora_rank, tower_lora=self.tower_lora,
+                base_fingerprint=self.base_fingerprint)
+        except AdapterRefused:
+            self.engine.report_adapter_event("load_failed", name, None)
+            raise
+        await self.engine.load_adapter(key, str(path))
+        if revision.meta.manifest and revision.meta.manifest.get("golden_samples") and self.renderer is not None:
+            problems = await golden.check_adapter(self.engine, self.renderer, key, path)
+            if problems and refuse_on_golden:
+                await self.engine.unload_adapter(key)
+                self.engine.report_adapter_event("load_failed", name, None)
+                raise AdapterRefused(name, [f"golden samples failed: {p}" for p in problems])
+            revision.golden_problems = problems
+        revision.loaded_at = time.time()
+        revision.load_seconds = time.perf_counter() - started
+        self.resident[key] = revision
+        logger.info("adapter ready", extra={"adapter": name, "revision": rev, "source": source,
+                                            "load_ms": round(revision.load_seconds * 1000, 1)})
+        return revision
+
+    def _retire(self, revision: Revision) -> None:
+        revision.retired = True
+        if revision.in_flight <= 0:
+            self._schedule_unload(revision)
+
+    def _schedule_unload(self, revision: Revision) -> None:
+        async def unload():
+            async with self._lock:
+                if not revision.retired or revision.in_flight > 0 or self.resident.get(revision.key) is not revision:
+                    return
+                self.resident.pop(revision.key, None)
+                try:
+                    await self.engine.unload_adapter(revision.key)
+                except ModelNotFound:
+                    pass
+                logger.info("adapter revision unloaded", extra={"adapter": revision.name, "revision": revision.rev})
+
+        task = asyncio.get_running_loop().create_task(unload())
+        self._unloads.add(task)
+        task.add_done_callback(self._unloads.discard)
+
+    async def settle(self) -> None:
+        """Wait for scheduled unloads (tests and shutdown)."""
+        while self._unloads:
+            await asyncio.gather(*list(self._unloads), return_exceptions=True)

@@ -87,9 +87,16 @@ class VLLMEngine:
         if s.quantization:
             kwargs["quantization"] = s.quantization
         if self._enable_lora:
-            ranks = [adapter_rank(p) for p in self._start_adapters.values()]
+            ranks = []
+            for path in self._start_adapters.values():
+                try:
+                    ranks.append(adapter_rank(path))
+                except BadRequest:  # a broken adapter fails its own load later, not the server's start
+                    pass
             self.max_lora_rank = engine_rank_limit(ranks, s.max_lora_rank)
             kwargs.update(enable_lora=True, max_loras=s.max_loras, max_lora_rank=self.max_lora_rank)
+            if s.enable_tower_lora:
+                kwargs["enable_tower_connector_lora"] = True
             if s.max_cpu_loras:
                 kwargs["max_cpu_loras"] = s.max_cpu_loras
         return AsyncEngineArgs(**kwargs)
@@ -102,8 +109,6 @@ class VLLMEngine:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.settings.cpu_kvcache_space_gib))
         self._llm = AsyncLLM.from_engine_args(self._engine_args(), stat_loggers=self.stat_logger_factories or None)
         self.max_model_len = self._llm.model_config.max_model_len
-        for name, path in self._start_adapters.items():
-            await self.load_adapter(name, path)
 
     async def shutdown(self) -> None:
         if self._llm is not None:
@@ -131,6 +136,7 @@ class VLLMEngine:
         return LoRARequest(lora_name=info.name, lora_int_id=info.engine_id, lora_path=info.path)
 
     async def load_adapter(self, name: str, path: str) -> AdapterInfo:
+        """Load an adapter under the engine name `name` (the registry passes `NAME@REV`)."""
         if not self._enable_lora:
             raise BadRequest("this server was started without LoRA support (no adapters configured)")
         rank = adapter_rank(path)
@@ -138,26 +144,32 @@ class VLLMEngine:
             raise BadRequest(f"adapter '{name}' has rank {rank}, above the engine's max_lora_rank {self.max_lora_rank}")
         async with self._adapter_lock:
             info = AdapterInfo(name=name, path=str(Path(path).resolve()), rank=rank, engine_id=self._next_adapter_id)
+            self._next_adapter_id += 1  # never reused: a new revision never meets an old one's cached prefixes
             started = time.perf_counter()
             try:
                 await self._llm.add_lora(self._lora_request(info))
             except Exception as exc:  # vLLM reports bad adapters as assorted exception types
-                self._report("load_failed", name, None)
-                raise BadRequest(f"adapter '{name}' failed to load: {exc}") from exc
-            self._report("load", name, time.perf_counter() - started)
-            self._next_adapter_id += 1
+                self.report_adapter_event("load_failed", name, None)
+                raise BadRequest(f"adapter '{name.partition('@')[0]}' failed to load: {exc}") from exc
+            self.report_adapter_event("load", name, time.perf_counter() - started)
             self._adapters[name] = info
         logger.info("adapter loaded", extra={"adapter": name, "path": info.path, "rank": rank})
         return info
 
-    def _report(self, event: str, name: str, seconds: float | None) -> None:
+    def report_adapter_event(self, event: str, name: str, seconds: float | None) -> None:
+        """Metrics hook; adapters are labelled by name, not revision (bounded cardinality)."""
         if self.on_adapter_event is not None:
-            self.on_adapter_event(event, name, seconds)
+            self.on_adapter_event(event, name.partition("@")[0], seconds)
+
+    async def resident_ids(self) -> set[int]:
+        """Engine ids of the adapters the engine holds in memory (others reload from disk when used)."""
+        return set(await self._llm.list_loras()) if self._llm is not None and self._enable_lora else set()
 
     def adapter_of_request(self, engine_request_id: str) -> str | None:
         """The adapter of a request, from the engine's (possibly suffixed) request id."""
         start = engine_request_id.find("chatcmpl-")
-        return self._request_adapters.get(engine_request_id[start:start + 41]) if start >= 0 else None
+        key = self._request_adapters.get(engine_request_id[start:start + 41]) if start >= 0 else None
+        return key.partition("@")[0] if key else None
 
     async def unload_adapter(self, name: str) -> None:
         async with self._adapter_lock:
@@ -165,7 +177,7 @@ class VLLMEngine:
             if info is None:
                 raise ModelNotFound(f"adapter '{name}' is not loaded")
             await self._llm.remove_lora(info.engine_id)
-        self._report("unload", name, None)
+        self.report_adapter_event("unload", name, None)
 
     # generation ---------------------------------------------------------------------------------
 

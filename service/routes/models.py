@@ -1,9 +1,14 @@
-"""GET /v1/models and /v1/models/{id}: the base and every loaded adapter (parent = base)."""
+"""GET /v1/models and /v1/models/{id}: the base and every adapter the caller's key may use.
+
+Adapters are listed whether loaded or only present under the adapter root (served on first use), each
+with `parent` = the base; a key sees only what its tenant may use.
+"""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
+from service.auth import tenant_of
 from service.errors import ModelNotFound
 from service.protocol.models import ModelCard, ModelList
 
@@ -12,10 +17,12 @@ router = APIRouter()
 
 def _cards(request: Request) -> list[ModelCard]:
     state = request.app.state
+    tenant = tenant_of(request)
     engine, base = state.engine, state.settings.base_name
-    cards = [ModelCard(id=base, root=base, max_model_len=engine.max_model_len)]
-    for info in engine.adapters():
-        cards.append(ModelCard(id=info.name, root=info.name, parent=base, max_model_len=engine.max_model_len))
+    cards = [ModelCard(id=base, root=base, max_model_len=engine.max_model_len)] if tenant.base else []
+    for name in state.registry.available():
+        if tenant.may_use_adapter(name):
+            cards.append(ModelCard(id=name, root=name, parent=base, max_model_len=engine.max_model_len))
     return cards
 
 

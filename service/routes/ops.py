@@ -31,12 +31,13 @@ async def ready(request: Request) -> dict:
         raise NotReady("not ready: the server is draining before shutdown", headers={"Retry-After": "5"})
     if not state.ready:
         raise NotReady("not ready: the engine or its adapters are still loading", headers={"Retry-After": "5"})
-    if state.golden_failures:
-        failed = ", ".join(sorted(state.golden_failures))
+    golden_failures = state.registry.golden_failures()
+    if golden_failures:
+        failed = ", ".join(sorted(golden_failures))
         raise NotReady(f"not ready: golden-sample checks failed for adapter(s) {failed}",
                        headers={"Retry-After": "5"})
     await state.engine.check_health()
-    return {"status": "ready", "adapters": [a.name for a in state.engine.adapters()]}
+    return {"status": "ready", "adapters": state.registry.names()}
 
 
 @router.get("/metrics")

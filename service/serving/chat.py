@@ -17,9 +17,10 @@ from dataclasses import dataclass, field
 
 import anyio
 
-from service.adapters.registry import AdapterRegistry
+from service.adapters.registry import AdapterRegistry, Revision
+from service.auth import OPEN, Tenant
 from service.engine.base import Delta, Engine, GenerationRequest, Sampling
-from service.errors import APIError, BadRequest, ContextLengthExceeded, Overloaded, error_body
+from service.errors import APIError, BadRequest, ContextLengthExceeded, ModelNotFound, Overloaded, error_body
 from service.media import MediaLimits, load_image
 from service.metrics import Metrics
 from service.protocol.chat import (
@@ -43,6 +44,7 @@ class Prepared:
     request: GenerationRequest
     model: str  # the name the client asked for, echoed back
     adapter_label: str
+    revision: Revision | None = None  # held (registry.acquire) until the request ends
     image_tokens: int = 0
     created: int = field(default_factory=lambda: int(time.time()))
     started: float = field(default_factory=time.perf_counter)
@@ -110,15 +112,16 @@ class ChatService:
         """Metric label of a requested name that may not exist (bounded: unknown names share one)."""
         if model == self.registry.base_name:
             return "base"
-        return self.metrics.labels(model) if model in self.registry.names() else "unknown"
+        name = model.partition("@")[0]
+        return self.metrics.labels(name) if self.registry.known(model) else "unknown"
 
-    async def handle(self, req: ChatCompletionRequest):
+    async def handle(self, req: ChatCompletionRequest, tenant: Tenant = OPEN):
         """A whole request: admission, preparation, then a completion or an SSE body iterator."""
         self.admit()
         handed_over = False
         try:
             try:
-                prep = await self.prepare(req)
+                prep = await self.prepare(req, tenant)
             except APIError as exc:
                 self.metrics.count_refusal(self._label_for(req.model), exc.status)
                 raise
@@ -131,8 +134,20 @@ class ChatService:
             if not handed_over:
                 self.release()
 
-    async def prepare(self, req: ChatCompletionRequest) -> Prepared:
-        adapter = self.registry.resolve(req.model)
+    async def prepare(self, req: ChatCompletionRequest, tenant: Tenant = OPEN) -> Prepared:
+        base = self.registry.base_name
+        if req.model == base and not tenant.base:
+            raise ModelNotFound(f"The model '{req.model}' does not exist", param="model")
+        revision = await self.registry.resolve(req.model, tenant.may_use_adapter)
+        self.registry.acquire(revision)
+        try:
+            return await self._prepare(req, revision)
+        except BaseException:
+            self.registry.release(revision)
+            raise
+
+    async def _prepare(self, req: ChatCompletionRequest, revision: Revision | None) -> Prepared:
+        adapter = revision.key if revision is not None else None
         n_images = req.image_count()
         if n_images > self.max_images:
             raise BadRequest(f"{n_images} images in one request; the limit is {self.max_images}", param="messages")
@@ -160,10 +175,11 @@ class ChatService:
         )
         gen = GenerationRequest(request_id=f"chatcmpl-{uuid.uuid4().hex}", prompt=prompt, images=images,
                                 sampling=sampling, adapter=adapter)
-        return Prepared(request=gen, model=req.model, adapter_label=self.metrics.labels(adapter),
-                        image_tokens=image_tokens)
+        return Prepared(request=gen, model=req.model, revision=revision, image_tokens=image_tokens,
+                        adapter_label=self.metrics.labels(revision.name if revision is not None else None))
 
     def _finish(self, prep: Prepared, totals: _Totals, status: str) -> None:
+        self.registry.release(prep.revision)
         reasons = sorted(set(totals.finish.values())) or ["none"]
         finish_reason = ",".join(reasons)
         ttft = (totals.first_token_at - prep.started) if totals.first_token_at else None

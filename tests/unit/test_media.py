@@ -96,3 +96,29 @@ def test_check_url_policy_with_stubbed_resolution():
     assert check_url("http://localhost/x", ["localhost"], resolve)
     with pytest.raises(BadRequest):
         check_url("http://internal.example/x", ["10.0.1.0/24"], resolve)
+
+
+def test_allowlist_entries_with_ports():
+    from service.media import address_allowed, parse_allowlist_entry
+
+    assert parse_allowlist_entry("127.0.0.1:8080") == ("127.0.0.1", 8080)
+    assert parse_allowlist_entry("[::1]:9") == ("::1", 9)
+    assert parse_allowlist_entry("fd00::/8") == ("fd00::/8", None)
+    assert parse_allowlist_entry("localhost") == ("localhost", None)
+    loop = ipaddress.ip_address("127.0.0.1")
+    assert address_allowed(loop, "127.0.0.1", ["127.0.0.1:8080"], 8080)
+    assert not address_allowed(loop, "127.0.0.1", ["127.0.0.1:8080"], 8081)
+    assert address_allowed(loop, "localhost", ["127.0.0.0/8"], 1)
+    with pytest.raises(ValueError):
+        parse_allowlist_entry("127.0.0.1:http")
+
+
+def test_requests_are_pinned_to_the_checked_address():
+    """The connection goes to the address the policy checked; a second DNS answer is never asked for."""
+    from service.media import pin_to_address
+
+    url, headers, ext = pin_to_address("https://images.example/a.png?s=1", "images.example", 443, "93.184.216.34")
+    assert url == "https://93.184.216.34:443/a.png?s=1"
+    assert headers["Host"] == "images.example" and ext == {"sni_hostname": "images.example"}
+    url, headers, ext = pin_to_address("http://img.example:8080/x", "img.example", 8080, "2606:4700::1")
+    assert url == "http://[2606:4700::1]:8080/x" and headers["Host"] == "img.example:8080" and ext == {}

@@ -1,0 +1,170 @@
+"""API keys and tenants: who may call, which adapters each key may use, who may use the admin API.
+
+Keys come from settings (`VLORA_API_KEYS`, `VLORA_ADMIN_API_KEYS`: full access) and from a tenants file
+(`VLORA_API_KEYS_FILE`, YAML or JSON, typically a mounted Kubernetes Secret):
+
+    tenants:
+      - name: acme
+        keys: ["sk-acme-1", "sha256:<hex digest of a key>"]
+        adapters: ["acme-*", "colors"]     # fnmatch patterns over adapter names
+        base: false                        # may the key use the base model?
+      - name: ops
+        keys: ["sk-ops"]
+        adapters: ["*"]
+        base: true
+        admin: true                        # may load/unload adapters
+
+Keys are kept only as SHA-256 digests and compared in constant time against every digest (no early
+exit); they never reach logs. With no keys configured at all, authentication is off (a warning is logged
+at start). A key that may not use an adapter gets the same 404 as a name that does not exist, so tenants
+learn nothing about each other.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import hmac
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from service.errors import APIError, Unauthorized, api_error_response
+
+OPEN_TENANT_NAME = "open"
+
+
+@dataclass(frozen=True)
+class Tenant:
+    name: str
+    adapters: tuple[str, ...] = ("*",)
+    base: bool = True
+    admin: bool = False
+
+    def may_use_adapter(self, name: str) -> bool:
+        return any(fnmatch.fnmatchcase(name, pattern) for pattern in self.adapters)
+
+    def may_use(self, model: str, base_name: str) -> bool:
+        if model == base_name:
+            return self.base
+        return self.may_use_adapter(model.partition("@")[0])
+
+
+OPEN = Tenant(OPEN_TENANT_NAME, admin=True)
+PUBLIC = Tenant("public", adapters=(), base=False)  # what a keyless call to a public path may use: nothing
+
+
+def _digest(key: str) -> bytes:
+    if key.startswith("sha256:"):
+        try:
+            raw = bytes.fromhex(key[7:])
+        except ValueError:
+            raw = b""
+        if len(raw) != 32:
+            raise ValueError("a 'sha256:' key must be followed by 64 hex digits")
+        return raw
+    if len(key) < 8:
+        raise ValueError("API keys must be at least 8 characters long")
+    return hashlib.sha256(key.encode()).digest()
+
+
+@dataclass
+class KeyRing:
+    entries: list[tuple[bytes, Tenant]] = field(default_factory=list)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.entries)
+
+    def add(self, key: str, tenant: Tenant) -> None:
+        self.entries.append((_digest(key), tenant))
+
+    def authenticate(self, token: str) -> Tenant | None:
+        """The tenant of `token`, comparing against every stored digest in constant time."""
+        presented = hashlib.sha256(token.encode()).digest()
+        found = None
+        for digest, tenant in self.entries:
+            if hmac.compare_digest(presented, digest) and found is None:
+                found = tenant
+        return found
+
+    @classmethod
+    def from_settings(cls, api_keys: list[str], admin_api_keys: list[str], keys_file: Path | None) -> KeyRing:
+        ring = cls()
+        for key in api_keys:
+            ring.add(key, Tenant("default"))
+        for key in admin_api_keys:
+            ring.add(key, Tenant("admin", admin=True))
+        if keys_file is not None:
+            for tenant, keys in parse_tenants(keys_file):
+                for key in keys:
+                    ring.add(key, tenant)
+        return ring
+
+
+def parse_tenants(path: Path) -> list[tuple[Tenant, list[str]]]:
+    import yaml
+
+    try:
+        text = Path(path).read_text()
+        data = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
+    except (OSError, ValueError, yaml.YAMLError) as exc:
+        raise ValueError(f"API keys file '{path}' is unreadable: {exc}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("tenants"), list):
+        raise ValueError(f"API keys file '{path}' must hold a 'tenants' list")
+    out = []
+    for i, entry in enumerate(data["tenants"]):
+        if not isinstance(entry, dict) or not entry.get("name") or not isinstance(entry.get("keys"), list):
+            raise ValueError(f"API keys file '{path}': tenant #{i} needs a 'name' and a 'keys' list")
+        unknown = set(entry) - {"name", "keys", "adapters", "base", "admin"}
+        if unknown:
+            raise ValueError(f"API keys file '{path}': tenant '{entry['name']}' has unknown fields {sorted(unknown)}")
+        adapters = entry.get("adapters", [])
+        if not isinstance(adapters, list) or not all(isinstance(a, str) for a in adapters):
+            raise ValueError(f"API keys file '{path}': tenant '{entry['name']}' adapters must be a list of names")
+        tenant = Tenant(str(entry["name"]), tuple(adapters), bool(entry.get("base", False)),
+                        bool(entry.get("admin", False)))
+        keys = [str(k) for k in entry["keys"]]
+        for key in keys:
+            try:
+                _digest(key)
+            except ValueError as exc:
+                raise ValueError(f"API keys file '{path}': tenant '{entry['name']}': {exc}") from None
+        out.append((tenant, keys))
+    return out
+
+
+class Authenticate:
+    """ASGI middleware: a valid Bearer key (unless the path is public) -> `scope['state']['tenant']`."""
+
+    def __init__(self, app, ring: KeyRing, public_paths: list[str]):
+        self.app = app
+        self.ring = ring
+        self.public = {p.rstrip("/") or "/" for p in public_paths}
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        scope.setdefault("state", {})
+        if not self.ring.enabled:
+            scope["state"]["tenant"] = OPEN
+            return await self.app(scope, receive, send)
+        path = scope.get("path", "").rstrip("/") or "/"
+        if path in self.public:
+            scope["state"]["tenant"] = PUBLIC
+            return await self.app(scope, receive, send)
+        header = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
+        scheme, _, token = header.partition(" ")
+        tenant = self.ring.authenticate(token.strip()) if scheme.lower() == "bearer" and token.strip() else None
+        if tenant is None:
+            error: APIError = Unauthorized(
+                "Incorrect or missing API key: send 'Authorization: Bearer <key>'" if header
+                else "Missing API key: send 'Authorization: Bearer <key>'")
+            error.headers = {"WWW-Authenticate": "Bearer"}
+            return await api_error_response(error)(scope, receive, send)
+        scope["state"]["tenant"] = tenant
+        return await self.app(scope, receive, send)
+
+
+def tenant_of(request) -> Tenant:
+    return getattr(request.state, "tenant", None) or OPEN
