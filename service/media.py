@@ -147,8 +147,9 @@ def decode_image(data: bytes, limits: MediaLimits) -> Image.Image:
             return image.convert("RGB")
     except (BadRequest, PayloadTooLarge):
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise PayloadTooLarge("image exceeds the decompression limit", param="image_url") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise PayloadTooLarge(f"image refused before decoding ({exc}); the limit is {limits.max_image_pixels} "
+                              "pixels", param="image_url") from None
     except UnidentifiedImageError:
         raise BadRequest("image data is not a decodable image", param="image_url") from None
     except (OSError, SyntaxError, ValueError) as exc:
