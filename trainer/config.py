@@ -46,6 +46,11 @@ class TrainConfig:
     dtype: str = _f("auto", "'auto' (bf16 on GPU, fp32 on CPU), 'bf16', 'fp32'.")
     gradient_checkpointing: bool = _f(True, "Recompute activations in the backward pass (less memory).")
     attn_implementation: str = _f("sdpa", "Attention kernel: 'sdpa' or 'eager'.")
+    kernels: str = _f("auto", "'auto' (Liger fused RMSNorm/RoPE/linear cross-entropy on CUDA when liger-kernel is "
+                      "installed), 'liger' (required), or 'none'.")
+    kbit_fp32_upcast: bool = _f(False, "QLoRA: upcast the frozen 16-bit weights (embeddings, lm_head, vision tower) "
+                                "to fp32 as peft's prepare_model_for_kbit_training does (memory heavy).")
+    quantize_vision: bool = _f(False, "QLoRA: quantise the vision tower to 4 bits too (less memory).")
     # Optimisation
     learning_rate: float = _f(2e-4, "Peak learning rate.")
     per_device_batch_size: int = _f(2, "Samples per device per step.")
@@ -78,6 +83,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         problems = []
+        if self.kernels not in ("auto", "liger", "none"):
+            problems.append(f"kernels must be auto, liger or none, not {self.kernels!r}")
         if self.quantization not in ("none", "4bit"):
             problems.append(f"quantization must be 'none' or '4bit', not {self.quantization!r}")
         if self.dtype not in ("auto", "bf16", "fp32"):

@@ -53,8 +53,8 @@ def load_base(config: TrainConfig, dtype=None):
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16,
-            # The vision tower stays in 16 bits: it is small and quantising it costs accuracy.
-            llm_int8_skip_modules=["visual", "lm_head"],
+            # By default the vision tower stays in 16 bits (small; quantising it costs accuracy).
+            llm_int8_skip_modules=["lm_head"] if config.quantize_vision else ["visual", "lm_head"],
         )
         kwargs["dtype"] = torch.bfloat16
     if has_cuda():
@@ -79,11 +79,31 @@ def serving_warnings(groups: dict[str, list[str]]) -> list[str]:
     return notes
 
 
+def apply_kernels(model, config: TrainConfig) -> bool:
+    """Liger's fused kernels for Qwen3-VL (RMSNorm, RoPE, linear cross-entropy that never materialises the
+    full-vocabulary logits); returns whether they were applied."""
+    if config.kernels == "none" or (config.kernels == "auto" and not has_cuda()):
+        return False
+    try:
+        from liger_kernel.transformers import apply_liger_kernel_to_qwen3_vl
+    except ImportError:
+        if config.kernels == "liger":
+            raise ImportError("kernels: liger needs the liger-kernel package (pip install liger-kernel)") from None
+        return False
+    if type(model).__name__ != "Qwen3VLForConditionalGeneration":
+        return False
+    apply_liger_kernel_to_qwen3_vl(rope=True, rms_norm=True, fused_linear_cross_entropy=True, swiglu=False,
+                                   model=model)
+    print("kernels: Liger RMSNorm, RoPE and fused linear cross-entropy applied")
+    return True
+
+
 def wrap_lora(model, config: TrainConfig):
     """Apply LoRA; returns (peft model, adapted module names grouped by language/vision/merger)."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-    if config.quantization == "4bit":
+    apply_kernels(model, config)
+    if config.quantization == "4bit" and config.kbit_fp32_upcast:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
     elif config.gradient_checkpointing:

@@ -1,0 +1,288 @@
+"""Training benchmark at Qwen3-VL-8B scale: the common recipe vs the trainer's bf16 LoRA and QLoRA recipes.
+
+    python bench/train_gpu.py --out bench/results/train-gpu            # on one GPU
+    python bench/train_gpu.py --shape tiny --configs baseline,ours     # the same code path on a CPU
+
+A model of the published Qwen3-VL-8B shape with random weights is written once (speed and memory do not
+depend on weight values). Workload: per-device batch 2, each sample one 448x448 image (196 image tokens
+after the 2x2 merge) plus 512 text tokens, LoRA r=16 on the language model's attention and MLP; 5
+warm-up steps, then 20 timed steps, same data, seed and learning-rate schedule for every configuration.
+Each configuration runs in its own process (clean peak-memory counters) through Hugging Face's Trainer.
+
+    baseline   the common recipe: Trainer + peft, bf16, gradient checkpointing, SDPA, torch AdamW,
+               LoRA r=16/alpha=32 on q,k,v,o,gate,up,down (QLoRA variant: peft's
+               prepare_model_for_kbit_training)
+    ours       trainer/configs/qwen3-vl-8b-lora.yaml through trainer.model (load_base, wrap_lora)
+    qlora      trainer/configs/qwen3-vl-8b-qlora.yaml likewise (bitsandbytes nf4, double quant)
+    ...        plus single-lever variants (see VARIANTS) to show what each lever is worth
+
+Prints one table last: tokens/s, s/step, peak allocated/reserved GiB, trainable parameters, the speedup
+over the baseline, and the largest loss difference from the baseline over the first 20 steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+IMAGE_TOKENS, TEXT_TOKENS, BATCH, WARMUP, TIMED = 196, 512, 2, 5, 20
+IDS = {"image": 151655, "video": 151656, "vision_start": 151652, "vision_end": 151653, "pad": 151643}
+
+SHAPES = {
+    "8b": dict(
+        text=dict(vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                  num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=262144,
+                  rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 5_000_000.0,
+                                                      "mrope_section": [24, 20, 20], "mrope_interleaved": True}),
+        vision=dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, patch_size=16,
+                    spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=4096, num_position_embeddings=2304,
+                    deepstack_visual_indexes=[8, 16, 24]),
+    ),
+    "tiny": dict(
+        text=dict(vocab_size=151936, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                  num_attention_heads=2, num_key_value_heads=1, head_dim=64, max_position_embeddings=4096,
+                  rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 5_000_000.0,
+                                                      "mrope_section": [12, 10, 10], "mrope_interleaved": True}),
+        vision=dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, patch_size=16, spatial_merge_size=2,
+                    temporal_patch_size=2, out_hidden_size=128, num_position_embeddings=2304,
+                    deepstack_visual_indexes=[0]),
+    ),
+}
+
+# name -> (recipe file or None for the common recipe, TrainConfig overrides)
+VARIANTS = {
+    "baseline": (None, {}),
+    "ours": ("qwen3-vl-8b-lora.yaml", {}),
+    "ours-no-liger": ("qwen3-vl-8b-lora.yaml", {"kernels": "none"}),
+    "ours-ckpt": ("qwen3-vl-8b-lora.yaml", {"gradient_checkpointing": True}),
+    "baseline-qlora": (None, {"quantization": "4bit"}),
+    "qlora": ("qwen3-vl-8b-qlora.yaml", {}),
+    "qlora-no-liger": ("qwen3-vl-8b-qlora.yaml", {"kernels": "none"}),
+    "qlora-vision-16bit": ("qwen3-vl-8b-qlora.yaml", {"quantize_vision": False}),
+}
+
+
+def make_model(shape: str, path: Path) -> None:
+    import torch
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    if (path / "config.json").is_file():
+        return
+    spec = SHAPES[shape]
+    config = Qwen3VLConfig(text_config={**spec["text"], "pad_token_id": IDS["pad"]}, vision_config=spec["vision"],
+                           image_token_id=IDS["image"], video_token_id=IDS["video"],
+                           vision_start_token_id=IDS["vision_start"], vision_end_token_id=IDS["vision_end"],
+                           tie_word_embeddings=False)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Qwen3VLForConditionalGeneration._from_config(config, dtype=torch.bfloat16)
+    tmp = path.with_name(path.name + ".partial")
+    model.save_pretrained(tmp, safe_serialization=True)
+    os.replace(tmp, path)
+    n = sum(p.numel() for p in model.parameters())
+    print(f"random {shape} model: {n / 1e9:.2f} B parameters -> {path}", flush=True)
+
+
+def samples(n: int, seed: int = 0) -> list[dict]:
+    """`n` samples: [text | vision_start image_pad*196 vision_end | text], 710 tokens, loss on the text
+    after the image."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    grid = 448 // 16  # 28 x 28 patches, merged 2 x 2 -> 196 tokens
+    out = []
+    for _ in range(n):
+        before = torch.randint(0, 150000, (16,), generator=gen)
+        after = torch.randint(0, 150000, (TEXT_TOKENS - 16,), generator=gen)
+        image = torch.full((IMAGE_TOKENS,), IDS["image"])
+        ids = torch.cat([before, torch.tensor([IDS["vision_start"]]), image, torch.tensor([IDS["vision_end"]]), after])
+        labels = ids.clone()
+        labels[: 16 + IMAGE_TOKENS + 2] = -100
+        out.append({
+            "input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids),
+            "mm_token_type_ids": (ids == IDS["image"]).long(),
+            "pixel_values": torch.randn(grid * grid, 3 * 2 * 16 * 16, generator=gen),
+            "image_grid_thw": torch.tensor([[1, grid, grid]]),
+        })
+    return out
+
+
+def collate(batch: list[dict]) -> dict:
+    import torch
+
+    out = {k: torch.stack([b[k] for b in batch]) for k in ("input_ids", "labels", "attention_mask", "mm_token_type_ids")}
+    out["pixel_values"] = torch.cat([b["pixel_values"] for b in batch])
+    out["image_grid_thw"] = torch.cat([b["image_grid_thw"] for b in batch])
+    return out
+
+
+def build(variant: str, model_dir: Path):
+    """(peft model, optimizer name, TrainConfig or None) for one variant."""
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForImageTextToText, BitsAndBytesConfig
+
+    from trainer.config import TARGET_PRESETS, TrainConfig
+    from trainer.model import load_base, wrap_lora
+
+    recipe, overrides = VARIANTS[variant]
+    cuda = torch.cuda.is_available()
+    if recipe is None:  # the common recipe, written the way its tutorials write it
+        kwargs: dict = {"dtype": torch.bfloat16, "attn_implementation": "sdpa"}
+        if overrides.get("quantization") == "4bit":
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=torch.bfloat16)
+        if cuda:
+            kwargs["device_map"] = {"": 0}
+        model = AutoModelForImageTextToText.from_pretrained(model_dir, **kwargs)
+        if "quantization_config" in kwargs:
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
+                                                    gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+        lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGET_PRESETS["llm"], bias="none")
+        return get_peft_model(model, lora), "adamw_torch", None
+    config = TrainConfig.load(ROOT / "trainer" / "configs" / recipe, {**overrides, "base_model": str(model_dir)})
+    model, _ = wrap_lora(load_base(config), config)
+    optim = config.optim if config.optim != "auto" else ("adamw_bnb_8bit" if cuda else "adamw_torch")
+    return model, optim, config
+
+
+def worker(variant: str, model_dir: Path, result_file: Path) -> None:
+    import torch
+    from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
+
+    set_seed(0)
+    cuda = torch.cuda.is_available()
+    model, optim, config = build(variant, model_dir)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    steps = WARMUP + TIMED
+    data = samples(steps * BATCH)
+
+    class Clock(TrainerCallback):
+        def __init__(self):
+            self.times: list[float] = []
+            self.started = 0.0
+
+        def on_step_begin(self, args, state, control, **kw):
+            if cuda:
+                torch.cuda.synchronize()
+            self.started = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            if cuda:
+                torch.cuda.synchronize()
+            self.times.append(time.perf_counter() - self.started)
+
+    clock = Clock()
+    args = TrainingArguments(
+        output_dir=str(result_file.parent / f"tmp-{variant}"), per_device_train_batch_size=BATCH, max_steps=steps,
+        learning_rate=2e-4, lr_scheduler_type="constant", warmup_steps=0, logging_steps=1, optim=optim,
+        bf16=cuda, save_strategy="no", report_to=[], seed=0, data_seed=0, remove_unused_columns=False,
+        dataloader_pin_memory=cuda, gradient_checkpointing=False, disable_tqdm=True,
+        max_grad_norm=1.0, weight_decay=0.0,
+    )
+
+    class Data(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(data)
+
+        def __getitem__(self, i):
+            return data[i]
+
+    trainer = Trainer(model=model, args=args, train_dataset=Data(), data_collator=collate, callbacks=[clock])
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    timed = clock.times[WARMUP:]
+    tokens = BATCH * (TEXT_TOKENS + IMAGE_TOKENS + 2)
+    result = {
+        "variant": variant, "trainable_params": trainable, "optim": optim,
+        "seconds_per_step": sum(timed) / len(timed), "tokens_per_s": tokens * len(timed) / sum(timed),
+        "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+        "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if cuda else None,
+        "losses": losses[:TIMED], "recipe": config.to_dict() if config else "common recipe",
+        "device": torch.cuda.get_device_name(0) if cuda else "cpu",
+    }
+    result_file.write_text(json.dumps(result, indent=2))
+
+
+def table(results: list[dict]) -> str:
+    base = next((r for r in results if r["variant"] == "baseline"), None)
+    qbase = next((r for r in results if r["variant"] == "baseline-qlora"), None)
+    head = (f"{'config':<20}{'tok/s':>9}{'s/step':>9}{'alloc GiB':>11}{'rsvd GiB':>10}{'trainable':>12}"
+            f"{'speedup':>9}{'max |dloss|':>13}")
+    lines = [f"device: {results[0]['device']}; batch {BATCH} x ({IMAGE_TOKENS} image + {TEXT_TOKENS} text tokens); "
+             f"{WARMUP} warm-up + {TIMED} timed steps", head, "-" * len(head)]
+    for r in results:
+        ref = qbase if "qlora" in r["variant"] and qbase else base
+        speed = f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}x" if ref else "-"
+        dloss = (max(abs(a - b) for a, b in zip(r["losses"], ref["losses"], strict=False))
+                 if ref and r["losses"] and ref["losses"] else float("nan"))
+        alloc = f"{r['peak_allocated_gib']:.2f}" if r["peak_allocated_gib"] is not None else "-"
+        rsvd = f"{r['peak_reserved_gib']:.2f}" if r["peak_reserved_gib"] is not None else "-"
+        lines.append(f"{r['variant']:<20}{r['tokens_per_s']:>9.0f}{r['seconds_per_step']:>9.3f}{alloc:>11}{rsvd:>10}"
+                     f"{r['trainable_params']:>12,}{speed:>9}{dloss:>13.4f}")
+    lines.append("speedup and loss difference: QLoRA variants against baseline-qlora, the others against baseline")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shape", choices=sorted(SHAPES), default="8b")
+    p.add_argument("--configs", default="baseline,ours,ours-no-liger,ours-ckpt,baseline-qlora,qlora,qlora-no-liger")
+    p.add_argument("--model-dir", type=Path, default=None, help="where the random model is written (default /tmp)")
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "train-gpu")
+    p.add_argument("--tabulate", nargs="+", type=Path, help="print the table of result JSON files and exit")
+    p.add_argument("--variant-timeout", type=float, default=300, help="seconds one configuration may take")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--result", type=Path, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    model_dir = args.model_dir or Path("/tmp") / f"qwen3-vl-{args.shape}-random"
+    if args.tabulate:
+        order = list(VARIANTS)
+        results = sorted((json.loads(f.read_text()) for f in args.tabulate), key=lambda r: order.index(r["variant"]))
+        print(table(results))
+        return
+    if args.worker:
+        worker(args.worker, model_dir, args.result)
+        return
+    args.out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    make_model(args.shape, model_dir)
+    print(f"model ready in {time.time() - started:.0f}s", flush=True)
+    results = []
+    for variant in args.configs.split(","):
+        result_file = args.out / f"{variant}.json"
+        t0 = time.time()
+        try:
+            proc = subprocess.run([sys.executable, __file__, "--shape", args.shape, "--model-dir", str(model_dir),
+                                   "--worker", variant, "--result", str(result_file)], capture_output=True, text=True,
+                                  timeout=args.variant_timeout)
+        except subprocess.TimeoutExpired:
+            print(f"{variant}: TIMED OUT after {args.variant_timeout:.0f}s", flush=True)
+            continue
+        if proc.returncode != 0 or not result_file.is_file():
+            (args.out / f"{variant}.log").write_text(proc.stdout[-20000:] + "\n--- stderr ---\n" + proc.stderr[-20000:])
+            print(f"{variant}: FAILED ({proc.returncode})\n{proc.stdout[-1500:]}\n{proc.stderr[-3000:]}", flush=True)
+            continue
+        results.append(json.loads(result_file.read_text()))
+        print(f"{variant}: {results[-1]['tokens_per_s']:.0f} tok/s in {time.time() - t0:.0f}s", flush=True)
+    if results:
+        text = table(results)
+        (args.out / "table.txt").write_text(text + "\n")
+        print(text)
+
+
+if __name__ == "__main__":
+    main()
