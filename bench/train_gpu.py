@@ -63,6 +63,7 @@ VARIANTS = {
     "ours": ("qwen3-vl-8b-lora.yaml", {}),
     "ours-no-liger": ("qwen3-vl-8b-lora.yaml", {"kernels": "none"}),
     "ours-ckpt": ("qwen3-vl-8b-lora.yaml", {"gradient_checkpointing": True}),
+    "ours-compile": ("qwen3-vl-8b-lora.yaml", {"torch_compile": True}),
     "baseline-qlora": (None, {"quantization": "4bit"}),
     "qlora": ("qwen3-vl-8b-qlora.yaml", {}),
     "qlora-no-liger": ("qwen3-vl-8b-qlora.yaml", {"kernels": "none"}),
@@ -191,7 +192,7 @@ def worker(variant: str, model_dir: Path, result_file: Path) -> None:
         learning_rate=2e-4, lr_scheduler_type="constant", warmup_steps=0, logging_steps=1, optim=optim,
         bf16=cuda, save_strategy="no", report_to=[], seed=0, data_seed=0, remove_unused_columns=False,
         dataloader_pin_memory=cuda, gradient_checkpointing=False, disable_tqdm=True,
-        max_grad_norm=1.0, weight_decay=0.0,
+        max_grad_norm=1.0, weight_decay=0.0, torch_compile=bool(config and config.torch_compile),
     )
 
     class Data(torch.utils.data.Dataset):

@@ -50,6 +50,7 @@ class TrainConfig:
                       "installed), 'liger' (required), or 'none'.")
     kbit_fp32_upcast: bool = _f(False, "QLoRA: upcast the frozen 16-bit weights (embeddings, lm_head, vision tower) "
                                 "to fp32 as peft's prepare_model_for_kbit_training does (memory heavy).")
+    torch_compile: bool = _f(False, "Compile the model with torch.compile (first steps are slower).")
     quantize_vision: bool = _f(False, "QLoRA: quantise the vision tower to 4 bits too (less memory).")
     # Optimisation
     learning_rate: float = _f(2e-4, "Peak learning rate.")

@@ -114,6 +114,7 @@ def training_arguments(config: TrainConfig, work: Path, has_eval: bool):
         seed=config.seed,
         data_seed=config.seed,
         bf16=bf16,
+        torch_compile=config.torch_compile,
         remove_unused_columns=False,
         report_to=[],
         dataloader_num_workers=config.num_workers,
