@@ -64,6 +64,7 @@ VARIANTS = {
     "ours-no-liger": ("qwen3-vl-8b-lora.yaml", {"kernels": "none"}),
     "ours-ckpt": ("qwen3-vl-8b-lora.yaml", {"gradient_checkpointing": True}),
     "ours-compile": ("qwen3-vl-8b-lora.yaml", {"torch_compile": True}),
+    "ours-compile-no-liger": ("qwen3-vl-8b-lora.yaml", {"torch_compile": True, "kernels": "none"}),
     "baseline-qlora": (None, {"quantization": "4bit"}),
     "qlora": ("qwen3-vl-8b-qlora.yaml", {}),
     "qlora-no-liger": ("qwen3-vl-8b-qlora.yaml", {"kernels": "none"}),
