@@ -124,6 +124,8 @@ def collate(batch: list[dict]) -> dict:
     out = {k: torch.stack([b[k] for b in batch]) for k in ("input_ids", "labels", "attention_mask", "mm_token_type_ids")}
     out["pixel_values"] = torch.cat([b["pixel_values"] for b in batch])
     out["image_grid_thw"] = torch.cat([b["image_grid_thw"] for b in batch])
+    if os.environ.get("VLORA_BENCH_TRACE"):
+        print(f"rank {os.environ.get('RANK', '0')} batch {[int(b['input_ids'][0]) for b in batch]}", flush=True)
     return out
 
 
@@ -161,16 +163,18 @@ def build(variant: str, model_dir: Path):
     return model, optim, config
 
 
-def worker(variant: str, model_dir: Path, result_file: Path) -> None:
+def worker(variant: str, model_dir: Path, result_file: Path, grad_accum: int = 1, sequential: bool = False) -> None:
     import torch
     from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
     set_seed(0)
     cuda = torch.cuda.is_available()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
     model, optim, config = build(variant, model_dir)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     steps = WARMUP + TIMED
-    data = samples(steps * BATCH)
+    data = samples(steps * BATCH * grad_accum * world)
 
     class Clock(TrainerCallback):
         def __init__(self):
@@ -190,6 +194,7 @@ def worker(variant: str, model_dir: Path, result_file: Path) -> None:
     clock = Clock()
     args = TrainingArguments(
         output_dir=str(result_file.parent / f"tmp-{variant}"), per_device_train_batch_size=BATCH, max_steps=steps,
+        gradient_accumulation_steps=grad_accum, ddp_find_unused_parameters=False,
         learning_rate=2e-4, lr_scheduler_type="constant", warmup_steps=0, logging_steps=1, optim=optim,
         bf16=cuda, save_strategy="no", report_to=[], seed=0, data_seed=0, remove_unused_columns=False,
         dataloader_pin_memory=cuda, gradient_checkpointing=False, disable_tqdm=True,
@@ -203,13 +208,23 @@ def worker(variant: str, model_dir: Path, result_file: Path) -> None:
         def __getitem__(self, i):
             return data[i]
 
-    trainer = Trainer(model=model, args=args, train_dataset=Data(), data_collator=collate, callbacks=[clock])
+    class SequentialTrainer(Trainer):
+        """Samples in order: one GPU with accumulation and several GPUs see the same global batches."""
+
+        def _get_train_sampler(self, *args, **kwargs):
+            return torch.utils.data.SequentialSampler(self.train_dataset)
+
+    cls = SequentialTrainer if sequential else Trainer
+    trainer = cls(model=model, args=args, train_dataset=Data(), data_collator=collate, callbacks=[clock])
     trainer.train()
+    if rank != 0:
+        return
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     timed = clock.times[WARMUP:]
-    tokens = BATCH * (TEXT_TOKENS + IMAGE_TOKENS + 2)
+    tokens = BATCH * (TEXT_TOKENS + IMAGE_TOKENS + 2) * grad_accum * world
     result = {
-        "variant": variant, "trainable_params": trainable, "optim": optim,
+        "variant": variant, "trainable_params": trainable, "optim": optim, "gpus": world, "grad_accum": grad_accum,
+        "global_batch": BATCH * grad_accum * world,
         "seconds_per_step": sum(timed) / len(timed), "tokens_per_s": tokens * len(timed) / sum(timed),
         "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
         "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if cuda else None,
@@ -217,6 +232,47 @@ def worker(variant: str, model_dir: Path, result_file: Path) -> None:
         "device": torch.cuda.get_device_name(0) if cuda else "cpu",
     }
     result_file.write_text(json.dumps(result, indent=2))
+
+
+def _gib(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def multi_gpu_check(n: int, shape: str, model_dir: Path, out: Path, timeout: float) -> str:
+    """`ours` on one GPU (N-step accumulation) and DDP on N GPUs (torchrun), same global batches."""
+    common = [__file__, "--shape", shape, "--model-dir", str(model_dir), "--worker", "ours", "--sequential"]
+    runs = {
+        "1gpu": [sys.executable, *common, "--grad-accum", str(n), "--result", str(out / "multi-1gpu.json")],
+        f"{n}gpu": [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", *common,
+                    "--grad-accum", "1", "--result", str(out / f"multi-{n}gpu.json")],
+    }
+    results = {}
+    for name, cmd in runs.items():
+        started = time.time()
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        result_file = out / f"multi-{name}.json"
+        if proc.returncode != 0 or not result_file.is_file():
+            (out / f"multi-{name}.log").write_text(proc.stdout[-20000:] + "\n--- stderr ---\n" + proc.stderr[-20000:])
+            return f"{name}: FAILED ({proc.returncode}); see multi-{name}.log"
+        results[name] = json.loads(result_file.read_text())
+        print(f"{name}: {results[name]['tokens_per_s']:.0f} tok/s in {time.time() - started:.0f}s", flush=True)
+    one, many = results["1gpu"], results[f"{n}gpu"]
+    dloss = max(abs(a - b) for a, b in zip(one["losses"], many["losses"], strict=False))
+    single = json.loads((out / "ours.json").read_text())["tokens_per_s"] if (out / "ours.json").is_file() else None
+    lines = [f"multi-GPU check on {many['device']}: `ours`, global batch {many['global_batch']}, "
+             f"{WARMUP} warm-up + {TIMED} timed steps",
+             f"{'run':<28}{'tok/s':>9}{'s/step':>9}{'alloc GiB/GPU':>15}",
+             f"{'1 GPU, accumulation ' + str(n):<28}{one['tokens_per_s']:>9.0f}{one['seconds_per_step']:>9.3f}"
+             f"{_gib(one['peak_allocated_gib']):>15}",
+             f"{str(n) + ' GPUs, DDP (torchrun)':<28}{many['tokens_per_s']:>9.0f}{many['seconds_per_step']:>9.3f}"
+             f"{_gib(many['peak_allocated_gib']):>15}",
+             f"scaling {n} GPUs / 1 GPU: {many['tokens_per_s'] / one['tokens_per_s']:.2f}x (target >= {0.9 * n:.1f}x)",
+             f"max |loss difference| over {len(many['losses'])} steps: {dloss:.4f}"]
+    if single:
+        lines.append(f"(1 GPU without accumulation, from the benchmark table: {single:.0f} tok/s)")
+    text = "\n".join(lines)
+    (out / f"multi-gpu-{n}.txt").write_text(text + "\n")
+    return text
 
 
 def table(results: list[dict]) -> str:
@@ -247,7 +303,12 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "train-gpu")
     p.add_argument("--tabulate", nargs="+", type=Path, help="print the table of result JSON files and exit")
     p.add_argument("--variant-timeout", type=float, default=300, help="seconds one configuration may take")
+    p.add_argument("--multi-gpu", type=int, default=0, metavar="N",
+                   help="instead: the multi-GPU check of `ours` (DDP over N GPUs through torchrun vs one GPU with "
+                        "N-step accumulation, same global batch): loss curves and scaling")
     p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--grad-accum", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--sequential", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args()
     model_dir = args.model_dir or Path("/tmp") / f"qwen3-vl-{args.shape}-random"
@@ -257,7 +318,12 @@ def main() -> None:
         print(table(results))
         return
     if args.worker:
-        worker(args.worker, model_dir, args.result)
+        worker(args.worker, model_dir, args.result, args.grad_accum, args.sequential)
+        return
+    if args.multi_gpu:
+        args.out.mkdir(parents=True, exist_ok=True)
+        make_model(args.shape, model_dir)
+        print(multi_gpu_check(args.multi_gpu, args.shape, model_dir, args.out, args.variant_timeout))
         return
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.time()

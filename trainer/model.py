@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 import warnings
 
@@ -58,7 +59,10 @@ def load_base(config: TrainConfig, dtype=None):
         )
         kwargs["dtype"] = torch.bfloat16
     if has_cuda():
-        kwargs["device_map"] = {"": torch.cuda.current_device()}
+        # Under accelerate/torchrun each process loads onto its own GPU (LOCAL_RANK), not all onto GPU 0.
+        local_rank = int(os.environ.get("LOCAL_RANK", torch.cuda.current_device()))
+        torch.cuda.set_device(local_rank)
+        kwargs["device_map"] = {"": local_rank}
     return AutoModelForImageTextToText.from_pretrained(config.base_model, **kwargs)
 
 
