@@ -249,7 +249,9 @@ def multi_gpu_check(n: int, shape: str, model_dir: Path, out: Path, timeout: flo
     results = {}
     for name, cmd in runs.items():
         started = time.time()
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        # One process on a machine with several GPUs would otherwise get DataParallel from the Trainer.
+        env = {**os.environ, "CUDA_VISIBLE_DEVICES": "0"} if name == "1gpu" else None
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
         result_file = out / f"multi-{name}.json"
         if proc.returncode != 0 or not result_file.is_file():
             (out / f"multi-{name}.log").write_text(proc.stdout[-20000:] + "\n--- stderr ---\n" + proc.stderr[-20000:])
@@ -336,7 +338,8 @@ def main() -> None:
         try:
             proc = subprocess.run([sys.executable, __file__, "--shape", args.shape, "--model-dir", str(model_dir),
                                    "--worker", variant, "--result", str(result_file)], capture_output=True, text=True,
-                                  timeout=args.variant_timeout)
+                                  timeout=args.variant_timeout,
+                                  env={"CUDA_VISIBLE_DEVICES": "0", **os.environ})
         except subprocess.TimeoutExpired:
             print(f"{variant}: TIMED OUT after {args.variant_timeout:.0f}s", flush=True)
             continue
