@@ -10,7 +10,7 @@ MODELS ?= models
 STACK ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 SETUP_INPUTS := pyproject.toml tools/venv_fixes.py tools/vlora_torchvision_fix.py
 
-.PHONY: serve test test-slow test-all models demo-adapters lint clean help
+.PHONY: serve test test-slow test-all models demo-adapters lint deploy-check image-smoke clean help
 help:
 	@echo "make serve   - set up .venv, build the embedded model + demo adapters if absent, serve on $(HOST):$(PORT)"
 	@echo "make test    - set up .venv with dev tools and run the test suite"
@@ -50,6 +50,14 @@ test-all: $(VENV)/.dev-$(STACK)
 
 lint: $(VENV)/.dev-$(STACK)
 	$(BIN)/ruff check service trainer loadtests tests tools
+
+# Static checks of Dockerfile and deploy/ (hadolint, kustomize + kubernetes-validate, checkov, yamllint).
+deploy-check:
+	tools/deploy_check.sh
+
+# Build the CPU image with podman/buildah (no Docker engine, no registry), run it, check /health and a chat.
+image-smoke:
+	tools/image_smoke.sh
 
 clean:
 	rm -rf $(VENV) $(MODELS)

@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# Build the CPU image and run it, with no Docker engine and no registry (`make image-smoke`, as root):
+#   1. a Debian bookworm base made with debootstrap and `podman import` (nothing is pulled);
+#   2. `podman build --isolation chroot --target cpu`, with the host CA bundle (and, if present, the
+#      host's local wheel folder) mounted for pip;
+#   3. an init run that builds the tiny model and two random adapters into a volume, then the server
+#      (`--runtime runc`, lowered ulimits) on 127.0.0.1, checked with /health and one chat request.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ "$(id -u)" = 0 ] || { echo "image-smoke: run as root (podman/buildah with chroot isolation)"; exit 1; }
+started=$(date +%s)
+WORK=${VLORA_SMOKE_DIR:-/var/tmp/vlora-smoke}
+BASE=localhost/vlora-base:bookworm
+IMAGE=localhost/vlora:cpu-smoke
+PORT=${VLORA_SMOKE_PORT:-18080}
+MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
+mkdir -p "$WORK"
+
+need=()
+for tool in podman buildah debootstrap; do command -v "$tool" >/dev/null || need+=("$tool"); done
+if [ ${#need[@]} -gt 0 ]; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" uidmap >/dev/null
+fi
+PODMAN=(podman --cgroup-manager cgroupfs --events-backend file)
+
+if ! "${PODMAN[@]}" image exists "$BASE"; then
+  echo "== base image (debootstrap bookworm)"
+  rm -rf "$WORK/rootfs"
+  debootstrap --variant=minbase --include=python3,python3-venv,python3-pip,ca-certificates,libgomp1,tini \
+    bookworm "$WORK/rootfs" "$MIRROR" >"$WORK/debootstrap.log" 2>&1 || { tail -20 "$WORK/debootstrap.log"; exit 1; }
+  tar -C "$WORK/rootfs" -c . | "${PODMAN[@]}" import - "$BASE" >/dev/null
+  rm -rf "$WORK/rootfs"
+fi
+echo "base ready after $(( $(date +%s) - started ))s"
+
+echo "== build (target cpu)"
+mounts=(-v /etc/ssl/certs/ca-certificates.crt:/etc/ssl/certs/ca-certificates.crt:ro)
+pip_args="--extra-index-url https://download.pytorch.org/whl/cpu"
+if [ -d /opt/wheels ]; then
+  mounts+=(-v /opt/wheels:/opt/wheels:ro)
+  pip_args="--find-links /opt/wheels"
+fi
+buildah --storage-driver "$(podman info --format '{{.Store.GraphDriverName}}')" bud --isolation chroot \
+  --target cpu --build-arg "PYTHON_IMAGE=$BASE" --build-arg "PIP_ARGS=$pip_args" \
+  --env PIP_CERT=/etc/ssl/certs/ca-certificates.crt "${mounts[@]}" -t "$IMAGE" . >"$WORK/build.log" 2>&1 \
+  || { tail -40 "$WORK/build.log"; exit 1; }
+echo "image built after $(( $(date +%s) - started ))s"
+
+run=("${PODMAN[@]}" run --rm --runtime runc --network host --ulimit nofile=4096:4096 --ulimit nproc=4096:4096
+     -v vlora-smoke-models:/models -v vlora-smoke-adapters:/adapters)
+echo "== demo assets (tiny model, random adapters)"
+"${run[@]}" --entrypoint /bin/sh "$IMAGE" -c \
+  'test -f /models/tiny-qwen3-vl/config.json || vlora-train tiny-model --out /models/tiny-qwen3-vl;
+   test -f /adapters/demo-a/adapter_config.json || vlora-train random-adapter --base /models/tiny-qwen3-vl --out /adapters/demo-a --seed 1' \
+  >"$WORK/assets.log" 2>&1 || { tail -30 "$WORK/assets.log"; exit 1; }
+
+echo "== serve"
+"${run[@]}" -d --name vlora-smoke -e VLORA_HOST=127.0.0.1 -e "VLORA_PORT=$PORT" "$IMAGE" >/dev/null
+cleanup() { "${PODMAN[@]}" logs vlora-smoke >"$WORK/server.log" 2>&1 || true; "${PODMAN[@]}" rm -f vlora-smoke >/dev/null 2>&1 || true; }
+trap cleanup EXIT
+for _ in $(seq 1 120); do
+  curl -fsS "http://127.0.0.1:$PORT/ready" >/dev/null 2>&1 && break
+  sleep 2
+done
+curl -fsS "http://127.0.0.1:$PORT/health"
+echo
+# A 32x32 red PNG, made with the standard library only.
+body=$(python3 - <<'PY'
+import base64, json, struct, zlib
+def chunk(kind, data):
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+raw = b"".join(b"\x00" + b"\xff\x00\x00" * 32 for _ in range(32))
+png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 32, 32, 8, 2, 0, 0, 0)) + \
+    chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+url = "data:image/png;base64," + base64.b64encode(png).decode()
+print(json.dumps({"model": "demo-a", "max_tokens": 8, "messages": [{"role": "user", "content": [
+    {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "What color is the shape?"}]}]}))
+PY
+)
+curl -fsS "http://127.0.0.1:$PORT/v1/chat/completions" -H 'Content-Type: application/json' -d "$body" \
+  | python3 -c 'import json, sys; r = json.load(sys.stdin); print("chat ok:", r["usage"])'
+echo "image smoke passed in $(( $(date +%s) - started ))s"
