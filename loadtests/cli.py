@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import json
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -27,8 +28,29 @@ def _server_models(url: str, api_key: str | None) -> list[str]:
     return [m["id"] for m in data]
 
 
-def _progress(done: int, total: int) -> None:
-    print(f"\r{done}/{total} requests finished", end="", file=sys.stderr, flush=True)
+class Progress:
+    """One live status line on stderr: finished/planned, elapsed, errors, req/s, tok/s, recent TTFT p50."""
+
+    def __init__(self, stream=sys.stderr, every_s: float = 0.25):
+        self.stream, self.every_s = stream, every_s
+        self.started = time.monotonic()
+        self.shown = 0.0
+
+    def __call__(self, records: list, total: int) -> None:
+        now = time.monotonic()
+        if now - self.shown < self.every_s and len(records) < total:
+            return
+        self.shown = now
+        elapsed = max(now - self.started, 1e-9)
+        errors = sum(1 for r in records if r.error)
+        ttfts = sorted(r.ttft for r in records[-50:] if r.ttft is not None)
+        ttft = f"{ttfts[len(ttfts) // 2] * 1000:.0f} ms" if ttfts else "-"
+        tokens = sum(r.output_tokens or 0 for r in records)
+        width = 24
+        filled = int(width * len(records) / max(total, 1))
+        print(f"\r[{'#' * filled}{'.' * (width - filled)}] {len(records)}/{total} {elapsed:5.1f}s "
+              f"err {errors} {len(records) / elapsed:5.2f} req/s {tokens / elapsed:7.1f} tok/s TTFT p50 {ttft}   ",
+              end="", file=self.stream, flush=True)
 
 
 def cmd_run(args) -> None:
@@ -42,7 +64,7 @@ def cmd_run(args) -> None:
     adapters = scenario.adapters or [m for m in _server_models(url, args.api_key) if m not in scenario.cold_adapters]
     planned = plan(scenario, adapters)
     try:
-        records, wall = asyncio.run(run(url, scenario, planned, args.api_key, _progress))
+        records, wall = asyncio.run(run(url, scenario, planned, args.api_key, Progress()))
     except KeyboardInterrupt:  # a second Ctrl-C during cleanup
         sys.exit(130)
     print(file=sys.stderr)

@@ -98,7 +98,8 @@ async def send_one(client: httpx.AsyncClient, url: str, s: Scenario, p: PlannedR
 
 
 async def run(url: str, s: Scenario, planned: list[PlannedRequest], api_key: str | None = None,
-              progress: Callable[[int, int], None] | None = None) -> tuple[list[RequestRecord], float]:
+              progress: Callable[[list[RequestRecord], int], None] | None = None
+              ) -> tuple[list[RequestRecord], float]:
     """Run the plan; returns the records of every request that finished, and the wall time."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     records: list[RequestRecord] = []
@@ -109,7 +110,7 @@ async def run(url: str, s: Scenario, planned: list[PlannedRequest], api_key: str
     def done(rec: RequestRecord) -> None:
         records.append(rec)
         if progress:
-            progress(len(records), len(planned))
+            progress(records, len(planned))
 
     async with httpx.AsyncClient(limits=limits, trust_env=False) as client:
         tasks: list[asyncio.Task] = []

@@ -108,3 +108,18 @@ def test_compare_ratios():
     b = {"requests_per_s": 3.0, "ttft": {"p50": 0.2, "n": 5}, "per_adapter": {"x": {"requests_per_s": 0.5}}}
     rows = {name: ratio for name, _, _, ratio in compare(a, b)}
     assert rows == {"requests_per_s": 1.5, "ttft.p50": 2.0, "x/requests_per_s": 0.5}
+
+
+def test_progress_line_reports_counts_errors_and_ttft():
+    import io
+
+    from loadtests.cli import Progress
+
+    out = io.StringIO()
+    progress = Progress(stream=out, every_s=0.0)
+    records = [RequestRecord(index=i, model="a", cold=False, start=0.0, status=200, ttft=0.1 * (i + 1),
+                             output_tokens=10) for i in range(3)]
+    records.append(RequestRecord(index=3, model="a", cold=False, start=0.0, status=429, error="overloaded"))
+    progress(records, 8)
+    line = out.getvalue()
+    assert "4/8" in line and "err 1" in line and "TTFT p50 200 ms" in line and "[############............]" in line
