@@ -7,9 +7,10 @@ Each user sends streaming image+text chat completions; the adapter of each reque
 distribution over the adapter names (skewed, like real adapter traffic). Three request types show in
 locust's statistics, each named by adapter:
 
-    chat   the whole streamed request (response time = end to end)
+    POST   locust's own measure of the streamed request (time to the response; failures counted here)
     TTFT   time to the first content token
     TPOT   mean time per output token after the first
+    E2E    the whole request, to the last token
 
 Settings by environment variable: VLORA_ADAPTERS (comma-separated; default: every adapter /v1/models
 lists), VLORA_ZIPF_S (default 1.1), VLORA_API_KEY, VLORA_IMAGE_SIZE (default 256), VLORA_MAX_TOKENS
@@ -85,7 +86,7 @@ class AdapterChatUser(HttpUser):
         first = None
         tokens = 0
         with self.client.post("/v1/chat/completions", json=body, headers=self.headers, stream=True,
-                              catch_response=True, name=model, request_type="chat") as response:
+                              catch_response=True, name=model) as response:
             if response.status_code != 200:
                 response.failure(f"HTTP {response.status_code}: {response.text[:200]}")
                 return
@@ -106,5 +107,6 @@ class AdapterChatUser(HttpUser):
             response.success()
         total = time.perf_counter() - started
         self._report("TTFT", model, first)
+        self._report("E2E", model, total)
         if tokens > 1:
             self._report("TPOT", model, (total - first) / (tokens - 1))
