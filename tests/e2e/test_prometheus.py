@@ -92,6 +92,10 @@ def test_prometheus_scrapes_per_adapter_ttft(service, prometheus):
     targets = httpx.get(f"{prometheus}/api/v1/targets", timeout=10).json()["data"]["activeTargets"]
     assert targets[0]["health"] == "up"
     deadline = time.monotonic() + 75  # the recording group evaluates every 30 s
-    while time.monotonic() < deadline and not _query(prometheus, "adapter:vlora_requests:rate5m"):
+    # A series needs two scrapes before rate() sees it; an evaluation can come between the first scrapes of
+    # the two adapters' series, so wait for one that has both.
+    recorded: set[str] = set()
+    while time.monotonic() < deadline and not recorded >= {"demo-a", "demo-b"}:
+        recorded = {r["metric"]["adapter"] for r in _query(prometheus, "adapter:vlora_requests:rate5m")}
         time.sleep(1)
-    assert {r["metric"]["adapter"] for r in _query(prometheus, "adapter:vlora_requests:rate5m")} >= {"demo-a", "demo-b"}
+    assert recorded >= {"demo-a", "demo-b"}
