@@ -14,7 +14,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from service.adapters.registry import AdapterRegistry
+from service.adapters.registry import AdapterRegistry, parse_adapter_pairs
 from service.adapters.store import AdapterStore
 from service.auth import Authenticate, KeyRing
 from service.engine.base import Engine
@@ -77,10 +77,6 @@ async def watch_engine(app: FastAPI, interval_s: float) -> None:
             return
 
 
-def configured_adapters(settings: ServiceSettings) -> dict[str, str]:
-    return {name.strip(): path.strip() for name, _, path in (p.partition("=") for p in settings.adapters)}
-
-
 def served_base_fingerprint(model: str) -> dict | None:
     """The served base's fingerprint (as the trainer's manifest records it), for local model folders."""
     from trainer.manifest import base_fingerprint
@@ -135,7 +131,7 @@ def create_app(settings: ServiceSettings, engine: Engine, renderer: ChatRenderer
         allowlist=tuple(settings.image_url_allowlist),
     )
     registry = AdapterRegistry(
-        settings.base_name, engine, store=AdapterStore(settings.adapter_dir), configured=configured_adapters(settings),
+        settings.base_name, engine, store=AdapterStore(settings.adapter_dir), configured=parse_adapter_pairs(settings.adapters),
         tower_lora=settings.enable_tower_lora, base_fingerprint=served_base_fingerprint(settings.model),
         preload=settings.preload)
     app.state.registry = registry

@@ -37,6 +37,20 @@ from service.errors import ModelNotFound
 logger = logging.getLogger("vlora.adapters")
 
 
+def parse_adapter_pairs(pairs: list[str]) -> dict[str, str]:
+    """`--adapter NAME=PATH` pairs -> {name: path}; refuses unsafe names and folders without an adapter."""
+    found: dict[str, str] = {}
+    for pair in pairs:
+        name, _, path = pair.partition("=")
+        name, path = name.strip(), path.strip()
+        if not NAME_RE.match(name):
+            raise ValueError(f"adapter name '{name}' must match {NAME_RE.pattern}")
+        if not is_adapter_dir(Path(path)):
+            raise ValueError(f"adapter '{name}': '{path}' holds no adapter_config.json")
+        found[name] = path
+    return found
+
+
 def collect_adapters(pairs: list[str], adapter_dir: Path | None) -> dict[str, str]:
     """`--adapter NAME=PATH` pairs (validated) plus, for the rank estimate, the newest revision of every
     adapter under `adapter_dir`."""
@@ -47,14 +61,7 @@ def collect_adapters(pairs: list[str], adapter_dir: Path | None) -> dict[str, st
         store = AdapterStore(adapter_dir)
         for name in store.names():
             found[name] = str(store.find(name)[1])
-    for pair in pairs:
-        name, _, path = pair.partition("=")
-        name, path = name.strip(), path.strip()
-        if not NAME_RE.match(name):
-            raise ValueError(f"adapter name '{name}' must match {NAME_RE.pattern}")
-        if not is_adapter_dir(Path(path)):
-            raise ValueError(f"adapter '{name}': '{path}' holds no adapter_config.json")
-        found[name] = path
+    found.update(parse_adapter_pairs(pairs))
     return found
 
 
@@ -109,7 +116,7 @@ class AdapterRegistry:
 
     def known(self, model: str) -> bool:
         name = model.partition("@")[0]
-        return name in self.active or name in self.configured or bool(self.store.revisions(name))
+        return name in self.active or name in self.configured or self.store.exists(name)
 
     # start --------------------------------------------------------------------------------------
 

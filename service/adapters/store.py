@@ -80,21 +80,31 @@ class AdapterStore:
             return None
         return resolved
 
-    def revisions(self, name: str) -> dict[str, Path]:
-        """Revision id -> folder for `name` (empty when absent or unsafe)."""
+    def _folders(self, name: str) -> tuple[Path | None, dict[str, Path]]:
+        """(the flat adapter folder, or None; revision id -> folder of the nested layout), unhashed."""
         if self.root is None or not NAME_RE.match(name):
-            return {}
+            return None, {}
         folder = self._inside(self.root / name)
         if folder is None or not folder.is_dir():
-            return {}
+            return None, {}
         if is_adapter_dir(folder):
-            return {files_fingerprint(folder): folder}
+            return folder, {}
         out = {}
         for sub in folder.iterdir():
             inside = self._inside(sub)
             if inside is not None and REV_RE.match(sub.name) and inside.is_dir() and is_adapter_dir(inside):
                 out[sub.name] = inside
-        return out
+        return None, out
+
+    def exists(self, name: str) -> bool:
+        """Whether `name` has a servable adapter under the root (no file is read)."""
+        flat, nested = self._folders(name)
+        return flat is not None or bool(nested)
+
+    def revisions(self, name: str) -> dict[str, Path]:
+        """Revision id -> folder for `name` (empty when absent or unsafe); a flat folder's id hashes its files."""
+        flat, nested = self._folders(name)
+        return {files_fingerprint(flat): flat} if flat is not None else nested
 
     def find(self, name: str, rev: str | None = None) -> tuple[str, Path]:
         revs = self.revisions(name)
@@ -109,7 +119,7 @@ class AdapterStore:
     def names(self) -> list[str]:
         if self.root is None or not self.root.is_dir():
             return []
-        return sorted(p.name for p in self.root.iterdir() if NAME_RE.match(p.name) and self.revisions(p.name))
+        return sorted(p.name for p in self.root.iterdir() if self.exists(p.name))
 
 
 # -- load-time checks (no engine needed) ---------------------------------------------------------------

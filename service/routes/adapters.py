@@ -31,7 +31,7 @@ def _require_admin(request: Request) -> None:
         raise Forbidden("this key may not use the admin API")
 
 
-async def _card(request: Request, revision, resident_ids: set[int]) -> dict:
+def _card(request: Request, revision, resident_ids: set[int]) -> dict:
     state = request.app.state
     info = next((a for a in state.engine.adapters() if a.name == revision.key), None)
     meta = revision.meta
@@ -56,7 +56,7 @@ async def list_adapters(request: Request) -> dict:
     _require_admin(request)
     registry = request.app.state.registry
     resident = await request.app.state.engine.resident_ids()
-    data = [await _card(request, r, resident) for r in sorted(registry.resident.values(), key=lambda r: r.key)]
+    data = [_card(request, r, resident) for r in sorted(registry.resident.values(), key=lambda r: r.key)]
     return {"object": "list", "data": data, "available": registry.available()}
 
 
@@ -65,7 +65,7 @@ async def load_adapter(body: LoadAdapter, request: Request) -> dict:
     _require_admin(request)
     registry = request.app.state.registry
     revision = await registry.load(body.name, body.revision)
-    return await _card(request, revision, await request.app.state.engine.resident_ids())
+    return _card(request, revision, await request.app.state.engine.resident_ids())
 
 
 @router.delete("/v1/adapters/{name}")
