@@ -23,6 +23,7 @@ over the baseline, and the largest loss difference from the baseline over the fi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -62,8 +63,12 @@ VARIANTS = {
     "baseline": (None, {}),
     "ours": ("qwen3-vl-8b-lora.yaml", {}),
     "ours-no-liger": ("qwen3-vl-8b-lora.yaml", {"kernels": "none"}),
+    "ours-input-cast": ("qwen3-vl-8b-lora.yaml", {"lora_input_cast": True}),
+    "ours-auto-gc": ("qwen3-vl-8b-lora.yaml", {"gc_every": 0}),
+    "ours-no-swiglu": ("qwen3-vl-8b-lora.yaml", {"kernels": "rms_norm,rope,fused_linear_cross_entropy"}),
     "ours-ckpt": ("qwen3-vl-8b-lora.yaml", {"gradient_checkpointing": True}),
     "ours-compile": ("qwen3-vl-8b-lora.yaml", {"torch_compile": True}),
+    "ours-compile-cudagraphs": ("qwen3-vl-8b-lora.yaml", {"torch_compile": True, "compile_mode": "reduce-overhead"}),
     "ours-compile-no-liger": ("qwen3-vl-8b-lora.yaml", {"torch_compile": True, "kernels": "none"}),
     "baseline-qlora": (None, {"quantization": "4bit"}),
     "qlora": ("qwen3-vl-8b-qlora.yaml", {}),
@@ -167,6 +172,8 @@ def worker(variant: str, model_dir: Path, result_file: Path, grad_accum: int = 1
     import torch
     from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
+    from trainer.model import gc_callback, training_speedups
+
     set_seed(0)
     cuda = torch.cuda.is_available()
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -191,6 +198,38 @@ def worker(variant: str, model_dir: Path, result_file: Path, grad_accum: int = 1
                 torch.cuda.synchronize()
             self.times.append(time.perf_counter() - self.started)
 
+    class Profile(TrainerCallback):
+        """torch.profiler over 3 steps after the warm-up (VLORA_BENCH_PROFILE=DIR): where the time goes."""
+
+        def __init__(self, out: Path):
+            self.out, self.prof, self.wall = out, None, 0.0
+
+        def on_step_begin(self, args, state, control, **kw):
+            if state.global_step == WARMUP and self.prof is None:
+                from torch.profiler import ProfilerActivity, profile
+
+                torch.cuda.synchronize()
+                self.prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+                self.prof.__enter__()
+                self.wall = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            if self.prof is not None and state.global_step == WARMUP + 3:
+                torch.cuda.synchronize()
+                wall = time.perf_counter() - self.wall
+                self.prof.__exit__(None, None, None)
+                events = self.prof.key_averages()
+                on_gpu = [e for e in events if e.device_type.name == "CUDA"]
+                gpu = sum(e.self_device_time_total for e in on_gpu) / 1e6
+                kernels = sum(e.count for e in on_gpu)
+                self.out.mkdir(parents=True, exist_ok=True)
+                (self.out / f"{variant}.txt").write_text(
+                    f"{variant}: 3 steps, wall {wall:.3f} s, GPU busy {gpu:.3f} s ({100 * gpu / wall:.0f} %), "
+                    f"{kernels} kernel launches\n\n"
+                    + events.table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=60) + "\n"
+                    + events.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60))
+                self.prof = None
+
     clock = Clock()
     args = TrainingArguments(
         output_dir=str(result_file.parent / f"tmp-{variant}"), per_device_train_batch_size=BATCH, max_steps=steps,
@@ -198,7 +237,7 @@ def worker(variant: str, model_dir: Path, result_file: Path, grad_accum: int = 1
         learning_rate=2e-4, lr_scheduler_type="constant", warmup_steps=0, logging_steps=1, optim=optim,
         bf16=cuda, save_strategy="no", report_to=[], seed=0, data_seed=0, remove_unused_columns=False,
         dataloader_pin_memory=cuda, gradient_checkpointing=False, disable_tqdm=True,
-        max_grad_norm=1.0, weight_decay=0.0, torch_compile=bool(config and config.torch_compile),
+        max_grad_norm=1.0, weight_decay=0.0,
     )
 
     class Data(torch.utils.data.Dataset):
@@ -215,8 +254,14 @@ def worker(variant: str, model_dir: Path, result_file: Path, grad_accum: int = 1
             return torch.utils.data.SequentialSampler(self.train_dataset)
 
     cls = SequentialTrainer if sequential else Trainer
-    trainer = cls(model=model, args=args, train_dataset=Data(), data_collator=collate, callbacks=[clock])
-    trainer.train()
+    callbacks = [clock]
+    if config and gc_callback(config) is not None:
+        callbacks.append(gc_callback(config))
+    if os.environ.get("VLORA_BENCH_PROFILE") and cuda:
+        callbacks.append(Profile(Path(os.environ["VLORA_BENCH_PROFILE"])))
+    trainer = cls(model=model, args=args, train_dataset=Data(), data_collator=collate, callbacks=callbacks)
+    with training_speedups(model, config, autocast=args.bf16) if config else contextlib.nullcontext():
+        trainer.train()
     if rank != 0:
         return
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
@@ -226,6 +271,7 @@ def worker(variant: str, model_dir: Path, result_file: Path, grad_accum: int = 1
         "variant": variant, "trainable_params": trainable, "optim": optim, "gpus": world, "grad_accum": grad_accum,
         "global_batch": BATCH * grad_accum * world,
         "seconds_per_step": sum(timed) / len(timed), "tokens_per_s": tokens * len(timed) / sum(timed),
+        "step_seconds": timed,
         "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
         "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if cuda else None,
         "losses": losses[:TIMED], "recipe": config.to_dict() if config else "common recipe",
@@ -281,7 +327,7 @@ def table(results: list[dict]) -> str:
     base = next((r for r in results if r["variant"] == "baseline"), None)
     qbase = next((r for r in results if r["variant"] == "baseline-qlora"), None)
     head = (f"{'config':<20}{'tok/s':>9}{'s/step':>9}{'alloc GiB':>11}{'rsvd GiB':>10}{'trainable':>12}"
-            f"{'speedup':>9}{'max |dloss|':>13}")
+            f"{'speedup':>9}{'max |dloss|':>13}{'step min-max s':>16}")
     lines = [f"device: {results[0]['device']}; batch {BATCH} x ({IMAGE_TOKENS} image + {TEXT_TOKENS} text tokens); "
              f"{WARMUP} warm-up + {TIMED} timed steps", head, "-" * len(head)]
     for r in results:
@@ -291,8 +337,10 @@ def table(results: list[dict]) -> str:
                  if ref and r["losses"] and ref["losses"] else float("nan"))
         alloc = f"{r['peak_allocated_gib']:.2f}" if r["peak_allocated_gib"] is not None else "-"
         rsvd = f"{r['peak_reserved_gib']:.2f}" if r["peak_reserved_gib"] is not None else "-"
+        steps = r.get("step_seconds") or []
+        spread = f"{min(steps):.3f}-{max(steps):.3f}" if steps else "-"
         lines.append(f"{r['variant']:<20}{r['tokens_per_s']:>9.0f}{r['seconds_per_step']:>9.3f}{alloc:>11}{rsvd:>10}"
-                     f"{r['trainable_params']:>12,}{speed:>9}{dloss:>13.4f}")
+                     f"{r['trainable_params']:>12,}{speed:>9}{dloss:>13.4f}{spread:>16}")
     lines.append("speedup and loss difference: QLoRA variants against baseline-qlora, the others against baseline")
     return "\n".join(lines)
 

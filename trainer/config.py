@@ -21,6 +21,8 @@ TARGET_PRESETS = {
                   r"|visual\.(merger|deepstack_merger_list\.\d+)\.(linear_fc1|linear_fc2))",
 }
 
+LIGER_PARTS = ("rms_norm", "rope", "swiglu", "fused_linear_cross_entropy")
+
 
 def _f(default: Any, help: str, **kw):  # noqa: A002 - dataclass field with help text
     if isinstance(default, list | dict):
@@ -46,11 +48,20 @@ class TrainConfig:
     dtype: str = _f("auto", "'auto' (bf16 on GPU, fp32 on CPU), 'bf16', 'fp32'.")
     gradient_checkpointing: bool = _f(True, "Recompute activations in the backward pass (less memory).")
     attn_implementation: str = _f("sdpa", "Attention kernel: 'sdpa' or 'eager'.")
-    kernels: str = _f("auto", "'auto' (Liger fused RMSNorm/RoPE/linear cross-entropy on CUDA when liger-kernel is "
-                      "installed), 'liger' (required), or 'none'.")
+    kernels: str = _f("auto", "'auto' (Liger fused RMSNorm/RoPE/SwiGLU/linear cross-entropy on CUDA when liger-kernel "
+                      "is installed), 'liger' (required), 'none', or a comma list of Liger parts "
+                      f"({', '.join(LIGER_PARTS)}).")
     kbit_fp32_upcast: bool = _f(False, "QLoRA: upcast the frozen 16-bit weights (embeddings, lm_head, vision tower) "
                                 "to fp32 as peft's prepare_model_for_kbit_training does (memory heavy).")
-    torch_compile: bool = _f(False, "Compile the model with torch.compile (first steps are slower).")
+    torch_compile: bool = _f(False, "Compile each decoder layer with torch.compile (regional compilation; the first "
+                             "steps are slower). Liger then keeps only its fused linear cross-entropy.")
+    compile_mode: str = _f("default", "torch.compile mode with torch_compile: 'default', 'reduce-overhead' (CUDA "
+                           "graphs: fewer kernel launches from the CPU) or 'max-autotune-no-cudagraphs'.")
+    lora_input_cast: bool = _f(False, "Let peft cast each adapted layer's input to the adapter's fp32 dtype during "
+                               "mixed-precision training (autocast casts it back to bf16 for the matmul: two copies "
+                               "per layer and step for the same result).")
+    gc_every: int = _f(50, "During training, run Python's garbage collector every N steps instead of automatically "
+                       "(pauses land between steps, not inside them; 0: automatic).")
     quantize_vision: bool = _f(False, "QLoRA: quantise the vision tower to 4 bits too (less memory).")
     # Optimisation
     learning_rate: float = _f(2e-4, "Peak learning rate.")
@@ -84,8 +95,9 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         problems = []
-        if self.kernels not in ("auto", "liger", "none"):
-            problems.append(f"kernels must be auto, liger or none, not {self.kernels!r}")
+        if self.kernels not in ("auto", "liger", "none") and not set(self.liger_parts) <= set(LIGER_PARTS):
+            problems.append(f"kernels must be auto, liger, none or a comma list of {', '.join(LIGER_PARTS)}, "
+                            f"not {self.kernels!r}")
         if self.quantization not in ("none", "4bit"):
             problems.append(f"quantization must be 'none' or '4bit', not {self.quantization!r}")
         if self.dtype not in ("auto", "bf16", "fp32"):
@@ -101,10 +113,24 @@ class TrainConfig:
             problems.append("val_fraction must be in [0, 1)")
         if self.per_device_batch_size < 1 or self.grad_accum < 1:
             problems.append("per_device_batch_size and grad_accum must be >= 1")
+        if self.compile_mode not in ("default", "reduce-overhead", "max-autotune-no-cudagraphs"):
+            problems.append(f"compile_mode must be default, reduce-overhead or max-autotune-no-cudagraphs, "
+                            f"not {self.compile_mode!r}")
+        if self.gc_every < 0:
+            problems.append("gc_every must be >= 0")
         if self.learning_rate <= 0:
             problems.append("learning_rate must be positive")
         if problems:
             raise ValueError("invalid training config: " + "; ".join(problems))
+
+    @property
+    def liger_parts(self) -> tuple[str, ...]:
+        """The Liger kernels asked for (before CUDA/compile/installation decide what is applied)."""
+        if self.kernels == "none":
+            return ()
+        if self.kernels in ("auto", "liger"):
+            return LIGER_PARTS
+        return tuple(p.strip() for p in self.kernels.split(",") if p.strip())
 
     @property
     def target_regex(self) -> str:

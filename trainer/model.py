@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import re
 import warnings
+from contextlib import contextmanager
 
 from trainer.config import TrainConfig
 
@@ -83,23 +85,53 @@ def serving_warnings(groups: dict[str, list[str]]) -> list[str]:
     return notes
 
 
-def apply_kernels(model, config: TrainConfig) -> bool:
-    """Liger's fused kernels for Qwen3-VL (RMSNorm, RoPE, linear cross-entropy that never materialises the
-    full-vocabulary logits); returns whether they were applied."""
-    if config.kernels == "none" or (config.kernels == "auto" and not has_cuda()):
-        return False
+def apply_kernels(model, config: TrainConfig) -> tuple[str, ...]:
+    """Liger's fused kernels for Qwen3-VL's language model (RMSNorm, RoPE, SwiGLU, and the linear
+    cross-entropy that never materialises the full-vocabulary logits); returns the parts applied. With
+    `torch_compile` only the fused cross-entropy is kept: it sits outside the compiled decoder layers, and
+    inductor fuses the norms, RoPE and SwiGLU inside them itself (dynamo cannot trace Liger's RMSNorm)."""
+    parts = config.liger_parts
+    if not parts or (config.kernels == "auto" and not has_cuda()):
+        return ()
     try:
         from liger_kernel.transformers import apply_liger_kernel_to_qwen3_vl
     except ImportError:
-        if config.kernels == "liger":
-            raise ImportError("kernels: liger needs the liger-kernel package (pip install liger-kernel)") from None
-        return False
+        if config.kernels != "auto":
+            raise ImportError(f"kernels: {config.kernels} needs the liger-kernel package (pip install liger-kernel)") \
+                from None
+        return ()
     if type(model).__name__ != "Qwen3VLForConditionalGeneration":
-        return False
-    apply_liger_kernel_to_qwen3_vl(rope=True, rms_norm=True, fused_linear_cross_entropy=True, swiglu=False,
-                                   model=model)
-    print("kernels: Liger RMSNorm, RoPE and fused linear cross-entropy applied")
-    return True
+        return ()
+    if config.torch_compile:
+        parts = tuple(p for p in parts if p == "fused_linear_cross_entropy")
+    apply_liger_kernel_to_qwen3_vl(rope="rope" in parts, rms_norm="rms_norm" in parts,
+                                   fused_linear_cross_entropy="fused_linear_cross_entropy" in parts, model=model)
+    if "swiglu" in parts:
+        # Liger's Qwen3-VL patch ignores swiglu; bind its fused SiLU*mul forward to each loaded MLP (the
+        # gate/up/down projections stay the model's own modules, so LoRA still wraps them).
+        from types import MethodType
+
+        from liger_kernel.transformers.swiglu import LigerSwiGLUMLP
+
+        for layer in model.model.language_model.layers:
+            if getattr(layer.mlp.config, "hidden_act", None) in ("silu", "swish"):
+                layer.mlp.forward = MethodType(LigerSwiGLUMLP.forward, layer.mlp)
+    if parts:
+        print(f"kernels: Liger {', '.join(parts)} applied")
+    return parts
+
+
+def compile_layers(model, mode: str = "default") -> int:
+    """Regional torch.compile: each language decoder layer and vision block is compiled in place (identical
+    layers share one graph, so compiling is quick and the loss and lm_head stay eager); returns the count."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = getattr(base, "model", base)
+    layers = list(getattr(getattr(inner, "language_model", None), "layers", []))
+    layers += list(getattr(getattr(inner, "visual", None), "blocks", []))
+    for layer in layers:
+        layer.compile(mode=mode)
+    print(f"torch.compile ({mode}): {len(layers)} layers compiled regionally")
+    return len(layers)
 
 
 def wrap_lora(model, config: TrainConfig):
@@ -131,4 +163,43 @@ def wrap_lora(model, config: TrainConfig):
     for note in serving_warnings(groups):
         logger.warning(note)
         print(f"WARNING: {note}")
+    if config.torch_compile:
+        compile_layers(peft_model, config.compile_mode)
     return peft_model, groups
+
+
+@contextmanager
+def training_speedups(model, config: TrainConfig, autocast: bool):
+    """Settings that hold while the Trainer runs. Under autocast (bf16 mixed precision) peft's cast of each
+    adapted layer's bf16 input to the fp32 adapter dtype is skipped: autocast casts it back to bf16 for the
+    matmul anyway, so the result is the same and two copies per layer and step go (outside training, e.g.
+    in the generation eval, the casts come back). Python's automatic garbage collection is replaced by a
+    collection every `gc_every` steps (see GcEverySteps)."""
+    from peft.helpers import disable_input_dtype_casting
+
+    with disable_input_dtype_casting(model, active=autocast and not config.lora_input_cast):
+        yield
+
+
+def gc_callback(config: TrainConfig):
+    """A TrainerCallback collecting garbage every `gc_every` steps with automatic collection off (a full
+    collection over the autograd graph's many objects otherwise lands inside a step); None when 0."""
+    if not config.gc_every:
+        return None
+    from transformers import TrainerCallback
+
+    every = config.gc_every
+
+    class GcEverySteps(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):
+            gc.collect()
+            gc.disable()
+
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step % every == 0:
+                gc.collect(1)
+
+        def on_train_end(self, args, state, control, **kw):
+            gc.enable()
+
+    return GcEverySteps()

@@ -114,7 +114,6 @@ def training_arguments(config: TrainConfig, work: Path, has_eval: bool):
         seed=config.seed,
         data_seed=config.seed,
         bf16=bf16,
-        torch_compile=config.torch_compile,
         remove_unused_columns=False,
         report_to=[],
         dataloader_num_workers=config.num_workers,
@@ -132,7 +131,7 @@ def train(config: TrainConfig) -> Path:
     from trainer.data import Augment, ChatCollator
     from trainer.evaluate import evaluate_records
     from trainer.manifest import write_manifest
-    from trainer.model import load_base, load_processor, wrap_lora
+    from trainer.model import gc_callback, load_base, load_processor, training_speedups, wrap_lora
 
     out = Path(config.output_dir)
     if not config.output_dir or not config.train_data:
@@ -154,11 +153,12 @@ def train(config: TrainConfig) -> Path:
     print(f"data: {len(train_records)} training and {len(val_records)} validation records")
     model, groups = wrap_lora(load_base(config), config)
     collator = ChatCollator(processor, config.max_length, Augment(enabled=config.augment, seed=config.seed))
-    callbacks = []
+    callbacks = [c for c in (gc_callback(config),) if c is not None]
     if config.early_stopping_patience and val_records:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=config.early_stopping_patience))
+    args = training_arguments(config, work, bool(val_records))
     trainer = Trainer(
-        model=model, args=training_arguments(config, work, bool(val_records)),
+        model=model, args=args,
         train_dataset=ListDataset(train_records), eval_dataset=ListDataset(val_records) if val_records else None,
         data_collator=collator, callbacks=callbacks,
     )
@@ -166,7 +166,8 @@ def train(config: TrainConfig) -> Path:
         print(f"resuming from {resume_from}")
     started = time.time()
     try:
-        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        with training_speedups(model, config, autocast=args.bf16 or args.fp16):
+            trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     except torch.cuda.OutOfMemoryError:
         raise MemoryError(
             "CUDA out of memory. Lower per_device_batch_size (and raise grad_accum to keep the global batch), "

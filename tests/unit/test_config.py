@@ -41,7 +41,10 @@ def test_unknown_key_names_the_fix(tmp_path):
 
 @pytest.mark.parametrize("kw,needle", [({"targets": "everything"}, "unknown target preset"),
                                        ({"quantization": "8bit"}, "quantization"),
-                                       ({"lora_dropout": 1.5}, "lora_dropout")])
+                                       ({"lora_dropout": 1.5}, "lora_dropout"),
+                                       ({"kernels": "rms_norm,flash"}, "kernels must be"),
+                                       ({"compile_mode": "fast"}, "compile_mode"),
+                                       ({"gc_every": -1}, "gc_every")])
 def test_invalid_values(kw, needle):
     with pytest.raises(ValueError, match=needle):
         TrainConfig(**kw)
@@ -56,3 +59,63 @@ def test_presets_are_regexes():
     assert hits["llm"] == names[:1]
     assert hits["llm+vision"] == names[:2]
     assert hits["llm+merger"] == [names[0], names[2], names[3]]
+
+
+def test_liger_parts():
+    assert TrainConfig(kernels="none").liger_parts == ()
+    assert TrainConfig(kernels="auto").liger_parts == TrainConfig(kernels="liger").liger_parts
+    assert "swiglu" in TrainConfig(kernels="liger").liger_parts
+    assert TrainConfig(kernels="rope, fused_linear_cross_entropy").liger_parts == ("rope", "fused_linear_cross_entropy")
+
+
+def _lora_mlp():
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.SiLU(), torch.nn.Linear(32, 8)).to(torch.bfloat16)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["0", "2"], init_lora_weights=False))
+    assert model.base_model.model[0].lora_A["default"].weight.dtype == torch.float32  # peft keeps adapters fp32
+    return model
+
+
+def test_training_speedups_skip_input_casts_with_the_same_result():
+    import torch
+
+    from trainer.model import training_speedups
+
+    model = _lora_mlp()
+    layers = [m for m in model.modules() if hasattr(m, "cast_input_dtype_enabled")]
+    x = torch.randn(4, 16, dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        casting = model(x)
+        with training_speedups(model, TrainConfig(), autocast=True):
+            assert layers and not any(m.cast_input_dtype_enabled for m in layers)
+            lean = model(x)
+    assert all(m.cast_input_dtype_enabled for m in layers)  # restored for generation outside training
+    assert torch.equal(casting, lean)
+    with training_speedups(model, TrainConfig(lora_input_cast=True), autocast=True):
+        assert all(m.cast_input_dtype_enabled for m in layers)
+    with training_speedups(model, TrainConfig(), autocast=False):  # fp32 training: nothing to skip
+        assert all(m.cast_input_dtype_enabled for m in layers)
+
+
+def test_gc_every_steps(monkeypatch):
+    import gc
+    from types import SimpleNamespace
+
+    from trainer.model import gc_callback
+
+    assert gc_callback(TrainConfig(gc_every=0)) is None
+    collected = []
+    monkeypatch.setattr(gc, "collect", lambda generation=2: collected.append(generation) or 0)
+    callback = gc_callback(TrainConfig(gc_every=3))
+    try:
+        callback.on_train_begin(None, SimpleNamespace(global_step=0), None)
+        assert not gc.isenabled()
+        for step in range(1, 8):
+            callback.on_step_end(None, SimpleNamespace(global_step=step), None)
+    finally:
+        callback.on_train_end(None, SimpleNamespace(global_step=7), None)
+    assert gc.isenabled()
+    assert collected == [2, 1, 1]  # a full collection at the start, then one at steps 3 and 6
