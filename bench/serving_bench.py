@@ -2,12 +2,14 @@
 
     .venv/bin/python bench/serving_bench.py [--requests 96] [--out bench/results/serving]
 
-On this machine (127.0.0.1 only, bounded in time), one after the other:
+On this machine (127.0.0.1 only, bounded in time):
   (a) `python -m vllm.entrypoints.openai.api_server` with the tiny model and 4 LoRA adapters,
   (b) `vlora-serve` with the same model, adapters and engine settings,
-each measured with the same `vlora-load` scenario (closed loop, concurrency 8, images, 4 adapters) and
-with vLLM's own benchmark client (`vllm.benchmarks.serve`, random prompts, LoRA names spread uniformly).
-Prints (and writes) the ratio table vlora / vLLM. Targets: output tokens/s >= 1.00x, TTFT p50 <= 1.05x.
+both started, warmed up, then measured in alternating rounds (a b, b a, a b, ...) with the same `vlora-load`
+scenario (closed loop, concurrency 8, images, 4 adapters) and with vLLM's own benchmark client
+(`vllm.benchmarks.serve`, random prompts, LoRA names spread uniformly). Prints (and writes) the ratio table
+vlora / vLLM of the per-figure medians over rounds, and each round's ratios. Targets: output tokens/s
+>= 1.00x, TTFT p50 <= 1.05x.
 """
 
 from __future__ import annotations
@@ -112,9 +114,36 @@ def vllm_bench_client(url: str, model: str, tokenizer: Path, adapters: list[str]
     return None
 
 
+def median_summary(summaries: list[dict]) -> dict:
+    """Per-figure median over rounds (a summary of the same shape as one round's)."""
+    import statistics
+
+    def merge(values: list):
+        if all(isinstance(v, dict) for v in values):
+            keys = [k for k in values[0] if all(k in v for v in values)]
+            return {k: merge([v[k] for v in values]) for k in keys}
+        if all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
+            return statistics.median(values)
+        return values[0]
+
+    return merge(summaries)
+
+
+def load_run(url: str, scenario: Path, adapters: list[str], requests: int, out: Path, *extra: str) -> dict:
+    subprocess.run([sys.executable, "-m", "loadtests", "run", "--url", url, "--scenario", str(scenario),
+                    "--max-requests", str(requests), "--adapters", ",".join(adapters), "--out", str(out), *extra],
+                   check=True, timeout=600, capture_output=True)
+    return json.loads((out / "summary.json").read_text())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--requests", type=int, default=96)
+    parser.add_argument("--requests", type=int, default=160, help="requests per server and round")
+    parser.add_argument("--single-requests", type=int, default=40,
+                        help="requests one at a time per server in the first two rounds (no queueing: the "
+                             "per-request cost of each server's API path)")
+    parser.add_argument("--rounds", type=int, default=7, help="measured rounds (server order alternates)")
+    parser.add_argument("--warmup", type=int, default=24, help="unrecorded requests per server first")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "serving")
     args = parser.parse_args()
     from trainer.cli import ensure_demo_assets, ensure_random_adapters
@@ -124,42 +153,68 @@ def main() -> None:
     model = models / "tiny-qwen3-vl"
     adapters = {"colors": models / "adapters" / "colors", "shapes": models / "adapters" / "shapes",
                 **ensure_random_adapters(models / "test-adapters", model)}
+    names = list(adapters)
     args.out.mkdir(parents=True, exist_ok=True)
     scenario = ROOT / "loadtests" / "scenarios" / "closed-c8.yaml"
-    results: dict[str, dict] = {}
     started = time.monotonic()
-    for kind in ("vllm", "vlora"):
-        proc, url = start(kind, model, adapters, args.out)
-        try:
-            run_dir = args.out / f"{kind}-load"
-            subprocess.run([sys.executable, "-m", "loadtests", "run", "--url", url, "--scenario", str(scenario),
-                            "--max-requests", str(args.requests), "--adapters", ",".join(adapters),
-                            "--out", str(run_dir)], check=True, timeout=600, capture_output=True)
-            results[kind] = {"load": json.loads((run_dir / "summary.json").read_text()),
-                             "vllm_bench": vllm_bench_client(url, model.name, model, list(adapters), args.requests,
-                                                             args.out)}
-        finally:
+    # Both servers are up at once (an idle one uses no CPU) so that rounds can alternate: drift over the
+    # run (other load, caches, thermal) then hits both alike, and the first-served has no edge.
+    servers: dict[str, tuple[subprocess.Popen, str]] = {}
+    loads: dict[str, list[dict]] = {"vllm": [], "vlora": []}
+    bench: dict[str, list[dict]] = {"vllm": [], "vlora": []}
+    single: dict[str, list[dict]] = {"vllm": [], "vlora": []}
+    try:
+        for kind in ("vllm", "vlora"):
+            servers[kind] = start(kind, model, adapters, args.out)
+        for kind, (_, url) in servers.items():  # warm-up: every adapter loaded, first-call costs paid
+            load_run(url, scenario, names, args.warmup, args.out / f"{kind}-warmup")
+        for round_ in range(args.rounds):
+            order = ("vllm", "vlora") if round_ % 2 == 0 else ("vlora", "vllm")
+            for kind in order:
+                url = servers[kind][1]
+                loads[kind].append(load_run(url, scenario, names, args.requests, args.out / f"{kind}-load-{round_}"))
+                if round_ < 2 and args.single_requests:
+                    single[kind].append(load_run(url, scenario, names, args.single_requests,
+                                                 args.out / f"{kind}-single-{round_}", "--concurrency", "1"))
+                result = vllm_bench_client(url, model.name, model, names, args.requests, args.out)
+                if result:
+                    bench[kind].append(result)
+                print(f"round {round_ + 1}/{args.rounds} {kind}: "
+                      f"{loads[kind][-1]['output_tokens_per_s']:.0f} tok/s, "
+                      f"TTFT p50 {loads[kind][-1]['ttft']['p50'] * 1000:.1f} ms", flush=True)
+    finally:
+        for proc, _ in servers.values():
             stop(proc)
-    rows = compare(results["vllm"]["load"], results["vlora"]["load"])
-    text = ["vlora-load, closed loop c=8, images, 4 adapters (A = vLLM's server, B = vlora):",
+    load_a, load_b = median_summary(loads["vllm"]), median_summary(loads["vlora"])
+    rows = compare(load_a, load_b)
+    text = [f"vlora-load, closed loop c=8, images, 4 adapters; median of {args.rounds} alternating rounds of "
+            f"{args.requests} requests after {args.warmup} warm-up (A = vLLM's server, B = vlora):",
             compare_table([r for r in rows if "/" not in r[0]])]
-    a, b = results["vllm"]["vllm_bench"], results["vlora"]["vllm_bench"]
-    if a and b:
+    if bench["vllm"] and bench["vlora"]:
+        a, b = median_summary(bench["vllm"]), median_summary(bench["vlora"])
         keys = [k for k in ("output_throughput", "request_throughput", "median_ttft_ms", "p99_ttft_ms",
                             "median_tpot_ms", "median_itl_ms") if k in a and k in b]
-        text += ["", "vllm bench serve client (text only, random 64/64, c=8, LoRA uniform):",
+        text += ["", f"vllm bench serve client (text only, random 64/64, c=8, LoRA uniform; median of "
+                     f"{len(bench['vllm'])}/{len(bench['vlora'])} rounds):",
                  compare_table([(k, a[k], b[k], b[k] / a[k] if a[k] else None) for k in keys])]
     else:
         text += ["", "vllm bench serve client: no result (see vllm-bench-*.log)"]
-    load_a, load_b = results["vllm"]["load"], results["vlora"]["load"]
+    if single["vllm"] and single["vlora"]:
+        a, b = median_summary(single["vllm"]), median_summary(single["vlora"])
+        text += ["", f"one request at a time (no queueing; median of {len(single['vllm'])} rounds of "
+                     f"{args.single_requests}):",
+                 compare_table([r for r in compare(a, b) if r[0] in ("ttft.p50", "ttft.mean", "e2e.p50", "tpot.p50")])]
+    per_round = [(b["output_tokens_per_s"] / a["output_tokens_per_s"], b["ttft"]["p50"] / a["ttft"]["p50"])
+                 for a, b in zip(loads["vllm"], loads["vlora"], strict=True)]
+    text += ["", "per round (vlora / vLLM): " + "; ".join(f"tok/s {t:.3f}, TTFT p50 {f:.3f}" for t, f in per_round)]
     tput = load_b["output_tokens_per_s"] / load_a["output_tokens_per_s"]
     ttft = load_b["ttft"]["p50"] / load_a["ttft"]["p50"]
-    text += ["", f"targets: output tok/s ratio {tput:.3f} (>= 1.00: {'met' if tput >= 1.0 else 'NOT met'}), "
+    text += [f"targets: output tok/s ratio {tput:.3f} (>= 1.00: {'met' if tput >= 1.0 else 'NOT met'}), "
              f"TTFT p50 ratio {ttft:.3f} (<= 1.05: {'met' if ttft <= 1.05 else 'NOT met'}); "
              f"took {time.monotonic() - started:.0f} s"]
     report = "\n".join(text)
     (args.out / "comparison.txt").write_text(report + "\n")
-    (args.out / "results.json").write_text(json.dumps(results, indent=2))
+    (args.out / "results.json").write_text(json.dumps({"load": loads, "vllm_bench": bench, "single": single}, indent=2))
     print(report)
 
 

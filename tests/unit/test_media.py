@@ -122,3 +122,27 @@ def test_requests_are_pinned_to_the_checked_address():
     assert headers["Host"] == "images.example" and ext == {"sni_hostname": "images.example"}
     url, headers, ext = pin_to_address("http://img.example:8080/x", "img.example", 8080, "2606:4700::1")
     assert url == "http://[2606:4700::1]:8080/x" and headers["Host"] == "img.example:8080" and ext == {}
+
+
+def test_small_images_decode_inline_big_ones_in_a_thread(monkeypatch):
+    import asyncio
+
+    import service.media as media
+
+    threaded = []
+    real_to_thread = asyncio.to_thread
+
+    async def spy(fn, *args):
+        threaded.append(fn.__name__)
+        return await real_to_thread(fn, *args)
+
+    monkeypatch.setattr(media.asyncio, "to_thread", spy)
+    small, big = encode(shape_image("red", (256, 256))), encode(shape_image("red", (1000, 600)))
+    assert media.header_pixels(small) == 256 * 256 and media.header_pixels(b"not an image") is None
+    assert asyncio.run(media.load_image(data_uri(small), LIMITS)).size == (256, 256)
+    assert threaded == []
+    assert asyncio.run(media.load_image(data_uri(big), LIMITS)).size == (1000, 600)
+    assert threaded == ["decode_image"]
+    for bad in (b"not an image", encode(shape_image("white", (2048, 2048)))):  # refusals as before
+        with pytest.raises((BadRequest, PayloadTooLarge)):
+            asyncio.run(media.load_image(data_uri(bad, "image/png"), LIMITS))
