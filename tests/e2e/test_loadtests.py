@@ -8,15 +8,10 @@ import sys
 
 import pytest
 
-from tests.e2e.server import start_server
-
 
 @pytest.fixture(scope="module")
-def server(demo_assets, tmp_path_factory):
-    srv = start_server(["--model", str(demo_assets["model"]), "--adapter-dir", str(demo_assets["adapter_dir"])],
-                       tmp_path_factory.mktemp("load") / "server.log")
-    yield srv
-    srv.stop()
+def server(demo_server):
+    return demo_server
 
 
 def test_short_run_writes_every_output(server, tmp_path):

@@ -12,7 +12,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.e2e.server import free_port, start_server
+from tests.e2e.server import free_port
 from tests.images import data_uri, encode, image_message, shape_image
 
 PROMETHEUS = shutil.which("prometheus")
@@ -21,11 +21,8 @@ pytestmark = pytest.mark.skipif(PROMETHEUS is None, reason="prometheus missing (
 
 
 @pytest.fixture(scope="module")
-def service(demo_assets, tmp_path_factory):
-    srv = start_server(["--model", str(demo_assets["model"]), "--adapter-dir", str(demo_assets["adapter_dir"])],
-                       tmp_path_factory.mktemp("svc") / "server.log")
-    yield srv
-    srv.stop()
+def service(demo_server):
+    return demo_server
 
 
 @pytest.fixture(scope="module")
