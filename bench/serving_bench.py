@@ -1,6 +1,6 @@
 """Serving benchmark: vLLM's own OpenAI server vs vlora, same model, adapters, engine settings and traffic.
 
-    .venv/bin/python bench/serving_bench.py [--requests 96] [--out bench/results/serving]
+    .venv/bin/python bench/serving_bench.py [--rounds 7] [--requests 160] [--out bench/results/serving]
 
 On this machine (127.0.0.1 only, bounded in time):
   (a) `python -m vllm.entrypoints.openai.api_server` with the tiny model and 4 LoRA adapters,

@@ -255,8 +255,8 @@ def worker(variant: str, model_dir: Path, result_file: Path, grad_accum: int = 1
 
     cls = SequentialTrainer if sequential else Trainer
     callbacks = [clock]
-    if config and gc_callback(config) is not None:
-        callbacks.append(gc_callback(config))
+    if config and (collector := gc_callback(config)) is not None:
+        callbacks.append(collector)
     if os.environ.get("VLORA_BENCH_PROFILE") and cuda:
         callbacks.append(Profile(Path(os.environ["VLORA_BENCH_PROFILE"])))
     trainer = cls(model=model, args=args, train_dataset=Data(), data_collator=collate, callbacks=callbacks)

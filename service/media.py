@@ -255,7 +255,7 @@ async def load_image(url: str, limits: MediaLimits) -> Image.Image:
         data = decode_data_uri(url, limits)
     else:
         data = await fetch_url(url, limits)
-    pixels = header_pixels(data) if len(data) <= limits.max_image_bytes else None
+    pixels = header_pixels(data)  # a header only; decode_image checks bytes and pixels again, either way
     if pixels is not None and pixels <= INLINE_DECODE_PIXELS:
         return decode_image(data, limits)
     return await asyncio.to_thread(decode_image, data, limits)

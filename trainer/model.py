@@ -170,11 +170,10 @@ def wrap_lora(model, config: TrainConfig):
 
 @contextmanager
 def training_speedups(model, config: TrainConfig, autocast: bool):
-    """Settings that hold while the Trainer runs. Under autocast (bf16 mixed precision) peft's cast of each
-    adapted layer's bf16 input to the fp32 adapter dtype is skipped: autocast casts it back to bf16 for the
-    matmul anyway, so the result is the same and two copies per layer and step go (outside training, e.g.
-    in the generation eval, the casts come back). Python's automatic garbage collection is replaced by a
-    collection every `gc_every` steps (see GcEverySteps)."""
+    """While the Trainer runs under autocast (bf16 mixed precision), peft's cast of each adapted layer's bf16
+    input to the fp32 adapter dtype is skipped: autocast casts it back to bf16 for the matmul anyway, so the
+    result is the same and two copies per layer and step go. Outside training (e.g. the generation eval) the
+    casts come back. (Garbage collection between steps is gc_callback's, a Trainer callback.)"""
     from peft.helpers import disable_input_dtype_casting
 
     with disable_input_dtype_casting(model, active=autocast and not config.lora_input_cast):
