@@ -69,10 +69,12 @@ VARIANTS = {
     "ours-ckpt": ("qwen3-vl-8b-lora.yaml", {"gradient_checkpointing": True}),
     "ours-compile": ("qwen3-vl-8b-lora.yaml", {"torch_compile": True}),
     "ours-compile-cudagraphs": ("qwen3-vl-8b-lora.yaml", {"torch_compile": True, "compile_mode": "reduce-overhead"}),
+    "ours-graphs": ("qwen3-vl-8b-lora.yaml", {"cuda_graphs": True}),
     "ours-compile-no-liger": ("qwen3-vl-8b-lora.yaml", {"torch_compile": True, "kernels": "none"}),
     "baseline-qlora": (None, {"quantization": "4bit"}),
     "qlora": ("qwen3-vl-8b-qlora.yaml", {}),
     "qlora-no-liger": ("qwen3-vl-8b-qlora.yaml", {"kernels": "none"}),
+    "qlora-graphs": ("qwen3-vl-8b-qlora.yaml", {"cuda_graphs": True, "gradient_checkpointing": False}),
     "qlora-vision-16bit": ("qwen3-vl-8b-qlora.yaml", {"quantize_vision": False}),
 }
 
@@ -277,6 +279,8 @@ def worker(variant: str, model_dir: Path, result_file: Path, grad_accum: int = 1
         "losses": losses[:TIMED], "recipe": config.to_dict() if config else "common recipe",
         "device": torch.cuda.get_device_name(0) if cuda else "cpu",
     }
+    if (graphs := getattr(model, "vlora_graphs", None)) is not None:
+        result["cuda_graphs"] = graphs.stats()
     result_file.write_text(json.dumps(result, indent=2))
 
 

@@ -62,6 +62,12 @@ class TrainConfig:
                                "per layer and step for the same result).")
     gc_every: int = _f(50, "During training, run Python's garbage collector every N steps instead of automatically "
                        "(pauses land between steps, not inside them; 0: automatic).")
+    cuda_graphs: bool = _f(False, "Capture each language decoder layer's forward and backward as CUDA graphs once per "
+                           "batch shape and replay them (one launch per layer instead of hundreds: for steps the CPU "
+                           "cannot launch fast enough). Needs CUDA, fixed batch shapes (see pad_to_multiple_of) and "
+                           "keeps one step's activations per shape; not with gradient_checkpointing or torch_compile.")
+    cuda_graph_shapes: int = _f(4, "With cuda_graphs: how many batch shapes are captured; batches of other shapes run "
+                                "eagerly.")
     quantize_vision: bool = _f(False, "QLoRA: quantise the vision tower to 4 bits too (less memory).")
     # Optimisation
     learning_rate: float = _f(2e-4, "Peak learning rate.")
@@ -85,6 +91,8 @@ class TrainConfig:
     min_pixels: int | None = _f(None, "Processor min_pixels override.")
     max_pixels: int | None = _f(None, "Processor max_pixels override.")
     max_length: int | None = _f(None, "Refuse batches longer than this many tokens.")
+    pad_to_multiple_of: int | None = _f(None, "Pad each batch to a multiple of this many tokens (few distinct batch "
+                                        "shapes, e.g. for cuda_graphs).")
     augment: bool = _f(False, "Random resized crop + colour jitter (no flips).")
     num_workers: int = _f(0, "DataLoader worker processes.")
     golden_samples: int = _f(4, "Validation samples stored in the manifest for load-time checks.")
@@ -116,6 +124,14 @@ class TrainConfig:
         if self.compile_mode not in ("default", "reduce-overhead", "max-autotune-no-cudagraphs"):
             problems.append(f"compile_mode must be default, reduce-overhead or max-autotune-no-cudagraphs, "
                             f"not {self.compile_mode!r}")
+        if self.cuda_graphs and self.gradient_checkpointing:
+            problems.append("cuda_graphs cannot be combined with gradient_checkpointing (set one of them false)")
+        if self.cuda_graphs and self.torch_compile:
+            problems.append("cuda_graphs cannot be combined with torch_compile (set one of them false)")
+        if self.cuda_graph_shapes < 1:
+            problems.append("cuda_graph_shapes must be >= 1")
+        if self.pad_to_multiple_of is not None and self.pad_to_multiple_of < 1:
+            problems.append("pad_to_multiple_of must be >= 1")
         if self.gc_every < 0:
             problems.append("gc_every must be >= 0")
         if self.learning_rate <= 0:

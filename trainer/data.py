@@ -262,8 +262,9 @@ class ChatCollator:
     """Renders chats with the model's template, runs the processor, and masks labels to assistant turns."""
 
     def __init__(self, processor: Any, max_length: int | None = None, augment: Augment | None = None,
-                 padding_side: str = "right"):
+                 padding_side: str = "right", pad_to_multiple_of: int | None = None):
         self.processor = processor
+        self.pad_to_multiple_of = pad_to_multiple_of
         self.tokenizer = processor.tokenizer
         self.max_length = max_length
         self.augment = augment or Augment()
@@ -281,7 +282,8 @@ class ChatCollator:
                                                             add_generation_prompt=False))
             images.extend(self.augment(open_image(ref)) for ref in record_images(record))
         self.tokenizer.padding_side = self.padding_side
-        batch = self.processor(text=texts, images=images or None, return_tensors="pt", padding=True)
+        batch = self.processor(text=texts, images=images or None, return_tensors="pt", padding=True,
+                               pad_to_multiple_of=self.pad_to_multiple_of)
         labels = torch.full_like(batch["input_ids"], IGNORE_INDEX)
         for row, ids in enumerate(batch["input_ids"].tolist()):
             for start, end in assistant_spans(ids, self.header, self.end_id):

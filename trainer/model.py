@@ -165,6 +165,10 @@ def wrap_lora(model, config: TrainConfig):
         print(f"WARNING: {note}")
     if config.torch_compile:
         compile_layers(peft_model, config.compile_mode)
+    if config.cuda_graphs:
+        from trainer.graphs import graph_layers
+
+        graph_layers(peft_model, config.cuda_graph_shapes)
     return peft_model, groups
 
 

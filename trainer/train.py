@@ -152,7 +152,8 @@ def train(config: TrainConfig) -> Path:
     train_records, val_records = load_splits(config, processor)
     print(f"data: {len(train_records)} training and {len(val_records)} validation records")
     model, groups = wrap_lora(load_base(config), config)
-    collator = ChatCollator(processor, config.max_length, Augment(enabled=config.augment, seed=config.seed))
+    collator = ChatCollator(processor, config.max_length, Augment(enabled=config.augment, seed=config.seed),
+                            pad_to_multiple_of=config.pad_to_multiple_of)
     callbacks = [c for c in (gc_callback(config),) if c is not None]
     if config.early_stopping_patience and val_records:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=config.early_stopping_patience))

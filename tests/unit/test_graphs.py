@@ -1,0 +1,139 @@
+"""CUDA graphs for the decoder layers (trainer/graphs.py): when a layer may replay a capture, and that a
+graphed training step equals the eager one (on CUDA; the CPU checks cover the dispatcher's fallbacks)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from trainer.config import TrainConfig
+
+
+@pytest.mark.parametrize("kw,needle", [({"cuda_graphs": True, "gradient_checkpointing": True}, "gradient_checkpointing"),
+                                       ({"cuda_graphs": True, "gradient_checkpointing": False, "torch_compile": True},
+                                        "torch_compile"),
+                                       ({"cuda_graph_shapes": 0}, "cuda_graph_shapes"),
+                                       ({"pad_to_multiple_of": 0}, "pad_to_multiple_of")])
+def test_invalid_combinations(kw, needle):
+    with pytest.raises(ValueError, match=needle):
+        TrainConfig(**kw)
+
+
+def test_what_runs_eagerly():
+    import torch
+
+    from trainer.graphs import LayerGraphs
+
+    layer = SimpleNamespace(training=True)
+    cuda = SimpleNamespace(is_cuda=True)
+    pe = (object(), object())
+    why = LayerGraphs._ineligible
+    assert why(layer, cuda, pe, None, {"num_items_in_batch": 7}) == ""
+    assert why(SimpleNamespace(training=False), cuda, pe, None, {}) == "not training"
+    with torch.no_grad():
+        assert why(layer, cuda, pe, None, {}) == "not training"
+    assert why(layer, SimpleNamespace(is_cuda=False), pe, None, {}) == "not on a CUDA device"
+    assert "KV cache" in why(layer, cuda, pe, object(), {})
+    assert "position embeddings" in why(layer, cuda, None, None, {})
+    # flash-attention's packed-sequence lengths change what the layer computes: never baked into a graph
+    assert "cu_seq_lens_q" in why(layer, cuda, pe, None, {"cu_seq_lens_q": object(), "num_items_in_batch": 1})
+
+
+def _batch(processor, n: int = 2, pad_to: int | None = None):
+    from tests.images import shape_image
+    from trainer.data import ChatCollator
+
+    records = []
+    for i in range(n):
+        color = ("red", "blue", "green")[i % 3]
+        records.append({"messages": [
+            {"role": "user", "content": [{"type": "image", "image": "x.png"}, {"type": "text", "text": "Color?" * (i + 1)}]},
+            {"role": "assistant", "content": [{"type": "text", "text": f"a {color} circle"}]}]})
+    images = iter([shape_image(("red", "blue", "green")[i % 3], (64, 64)) for i in range(n)])
+    collator = ChatCollator(processor, pad_to_multiple_of=pad_to)
+    import trainer.data as data
+
+    original = data.open_image
+    data.open_image = lambda ref: next(images)
+    try:
+        return collator(records)
+    finally:
+        data.open_image = original
+
+
+def test_pad_to_multiple_of(tiny_processor):
+    plain = _batch(tiny_processor)
+    padded = _batch(tiny_processor, pad_to=64)
+    assert padded["input_ids"].shape[1] % 64 == 0 and padded["input_ids"].shape[1] >= plain["input_ids"].shape[1]
+    # padding adds no supervised tokens
+    assert (padded["labels"] != -100).sum() == (plain["labels"] != -100).sum()
+
+
+def _model(demo_assets, cuda_graphs: bool, device: str):
+    import torch
+
+    from trainer.model import load_base, wrap_lora
+
+    config = TrainConfig(base_model=str(demo_assets["model"]), gradient_checkpointing=False, lora_dropout=0.0,
+                         cuda_graphs=cuda_graphs, kernels="auto")
+    torch.manual_seed(0)
+    model, _ = wrap_lora(load_base(config), config)
+    with torch.no_grad():  # non-zero B, so that the adapters change the loss and get input gradients
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.02)
+    return model.to(device).train()
+
+
+def test_cpu_runs_every_layer_eagerly_with_the_same_loss(demo_assets, tiny_processor):
+    import torch
+
+    from trainer.graphs import LayerGraphs, decoder_layers
+
+    eager = _model(demo_assets, False, "cpu")
+    graphed = _model(demo_assets, True, "cpu")  # no CUDA: wrap_lora leaves the layers alone
+    assert getattr(graphed, "vlora_graphs", None) is None
+    graphs = LayerGraphs(decoder_layers(graphed))  # installed anyway: every call must fall back
+    batch = _batch(tiny_processor)
+    a, b = eager(**batch).loss, graphed(**batch).loss
+    assert torch.equal(a, b)
+    n = len(decoder_layers(graphed))
+    assert graphs.stats() == {"shapes": 0, "replays": 0, "eager_calls": n, "capture_seconds": 0.0}
+    assert graphs._told == {"not on a CUDA device"}
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_graphed_steps_equal_eager_steps(demo_assets, tiny_processor):
+    import torch
+
+    eager = _model(demo_assets, False, "cuda")
+    graphed = _model(demo_assets, True, "cuda")
+    graphs = graphed.vlora_graphs
+    layers = len(graphs.layers)
+    results = {}
+    for name, model in (("eager", eager), ("graphed", graphed)):
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-3)
+        losses, grads = [], None
+        for step in range(4):
+            batch = {k: v.to("cuda") for k, v in _batch(tiny_processor, n=2 + step % 2).items()}
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = model(**batch).loss
+            loss.backward()
+            grads = [p.grad.detach().clone() for p in params]
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+        results[name] = (losses, grads)
+        model.eval()
+        with torch.no_grad():  # evaluation runs eagerly
+            model(**{k: v.to("cuda") for k, v in _batch(tiny_processor).items()})
+    (el, eg), (gl, gg) = results["eager"], results["graphed"]
+    print(f"eager losses {el}\ngraphed losses {gl}\nbitwise equal: losses {el == gl}, gradients "
+          f"{all(torch.equal(a, b) for a, b in zip(eg, gg, strict=True))}")
+    assert gl == pytest.approx(el, rel=1e-3)
+    assert all(torch.allclose(a, b, rtol=1e-2, atol=1e-6) for a, b in zip(eg, gg, strict=True))
+    stats = graphs.stats()
+    # two batch shapes (2 and 3 samples) captured, each replayed on the steps that had it; eval was eager
+    assert stats["shapes"] == 2 and stats["replays"] == 4 * layers and stats["eager_calls"] == layers
