@@ -3,7 +3,7 @@
 A LoRA step on a 7-9B model launches thousands of small kernels (each adapted projection adds two matmuls and
 their backward, plus norms, RoPE, casts); on a fast GPU the CPU cannot issue them as fast as the GPU runs them,
 and the GPU idles most of the step. Here every decoder layer's forward and backward is captured once per batch
-shape with `torch.cuda.make_graphed_callables` and then replayed: one launch per layer and direction instead of
+shape (after `torch.cuda.make_graphed_callables`) and then replayed: one launch per layer and direction instead of
 hundreds. The layers run the same kernels on the same inputs, so the loss and the gradients are those of the
 eager step.
 
@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import logging
 import time
-from types import MethodType
+from contextlib import contextmanager
+from types import MethodType, SimpleNamespace
 
 logger = logging.getLogger("vlora.trainer")
 
@@ -32,23 +33,113 @@ def _sig(t):
     return None if t is None else (tuple(t.shape), t.dtype, t.device)
 
 
-def _layer_call(layer, has_mask: bool, has_pos: bool):
-    """A Module calling one decoder layer with positional tensors only (what make_graphed_callables takes);
-    the layer is its submodule so that the capture sees the layer's parameters. It is not attached to the
-    model, so the model's parameter names (and the saved adapter) are unchanged."""
-    import torch
+@contextmanager
+def _swapped(layer, tensors: dict):
+    """Temporarily let `layer` compute with `tensors` in place of its parameters of those names."""
+    saved = []
+    for name, tensor in tensors.items():
+        owner, _, leaf = name.rpartition(".")
+        module = layer.get_submodule(owner) if owner else layer
+        saved.append((module, leaf, module._parameters[leaf]))
+        module._parameters[leaf] = tensor
+    try:
+        yield
+    finally:
+        for module, leaf, param in saved:
+            module._parameters[leaf] = param
 
-    class LayerCall(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.layer = layer
 
-        def forward(self, hidden, cos, sin, *extra):
-            mask = extra[0] if has_mask else None
-            pos = extra[-1] if has_pos else None
+class _Captured:
+    """One layer's forward and backward graphs and their static tensors."""
+
+    def __init__(self, layer, has_mask: bool, has_pos: bool):
+        self.layer, self.has_mask, self.has_pos = layer, has_mask, has_pos
+        named = [(n, p) for n, p in layer.named_parameters() if p.requires_grad]
+        self.params = [p for _, p in named]
+        # Capture-time stand-ins sharing each trainable parameter's storage: the graphs read the live values
+        # (optimizers update parameters in place), while the parameters' own gradient accumulators, which
+        # DDP holds and hooks, are never touched inside a capture (a capture stream may not wait on them).
+        self.proxies = {n: p.detach().requires_grad_(True) for n, p in named}
+        self.fwd = self.bwd = None
+        self.args = self.out = self.grad_out = None
+        self.grads: list = []
+
+    def run(self, hidden, cos, sin, *extra):
+        mask = extra[0] if self.has_mask else None
+        pos = extra[-1] if self.has_pos else None
+        with _swapped(self.layer, self.proxies):
             return type(self.layer).forward(self.layer, hidden, (cos, sin), attention_mask=mask, position_ids=pos)
 
-    return LayerCall()
+    def grad_inputs(self) -> list:
+        return [a for a in self.args if a.requires_grad] + list(self.proxies.values())
+
+
+def _capture_layers(captured: list[_Captured], samples: list[tuple], warmup: int = 2) -> None:
+    """Capture every layer's forward in order, then every backward in reverse order, into one memory pool
+    (the order a training step runs them, so no replay overwrites memory another still needs). After
+    torch.cuda.make_graphed_callables, with the stand-in parameters described in _Captured."""
+    import torch
+
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # lazy initialisation (cuBLAS handles, Triton compiles) outside the captures
+        for c, args in zip(captured, samples, strict=True):
+            c.args = args
+            for _ in range(warmup):
+                out = c.run(*args)
+                if out.requires_grad:
+                    torch.autograd.grad(out, c.grad_inputs(), torch.empty_like(out), allow_unused=True)
+            del out
+    torch.cuda.synchronize()
+    pool = torch.cuda.graph_pool_handle()
+    for c in captured:
+        c.fwd = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(c.fwd, pool=pool):
+            c.out = c.run(*c.args)
+    for c in reversed(captured):
+        if not c.out.requires_grad:
+            continue
+        c.grad_out = torch.empty_like(c.out)
+        inputs = c.grad_inputs()
+        c.bwd = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(c.bwd, pool=pool):
+            grads = torch.autograd.grad(c.out, inputs, c.grad_out, allow_unused=True)
+        it = iter(grads)
+        # one slot per user argument (None where it needs no gradient), then one per trainable parameter
+        c.grads = [next(it) if a.requires_grad else None for a in c.args] + [next(it) for _ in c.proxies]
+
+
+def _replay_function():
+    import torch
+
+    class Replay(torch.autograd.Function):
+        """Forward: copy the inputs into the captured ones, replay. Backward: copy the output gradient in,
+        replay, hand out the captured gradients (to the inputs and the real trainable parameters)."""
+
+        @staticmethod
+        def forward(ctx, c, *inputs):
+            ctx.c = c
+            for static, live in zip(c.args, inputs[: len(c.args)], strict=True):
+                if static.data_ptr() != live.data_ptr():
+                    static.copy_(live)
+            c.fwd.replay()
+            return c.out.detach()
+
+        @staticmethod
+        @torch.autograd.function.once_differentiable
+        def backward(ctx, grad):
+            c = ctx.c
+            if c.grad_out.data_ptr() != grad.data_ptr():
+                c.grad_out.copy_(grad)
+            c.bwd.replay()
+            n = len(c.args)
+            # Parameter gradients are cloned: handed out as they are, a gradient accumulator could keep the
+            # captured buffer itself as `.grad`, and the next replay (gradient accumulation) would overwrite it.
+            return (None, *(g.detach() if g is not None else None for g in c.grads[:n]),
+                    *(g.clone() if g is not None else None for g in c.grads[n:]))
+
+    return Replay
 
 
 class LayerGraphs:
@@ -62,6 +153,7 @@ class LayerGraphs:
         self.eager = 0
         self.capture_seconds = 0.0
         self._told: set[str] = set()
+        self._replay = _replay_function()
         for i, layer in enumerate(self.layers):
             layer.forward = MethodType(self._dispatcher(i), layer)
 
@@ -118,7 +210,10 @@ class LayerGraphs:
                 return eager()
             extra = tuple(t for t in (attention_mask, position_ids) if t is not None)
             graphs.replays += 1
-            return entry["calls"][index](hidden_states, cos, sin, *extra)
+            c = entry["calls"][index]
+            if c.bwd is None:  # nothing in or before this layer is trained: forward only
+                return graphs._replay.forward(SimpleNamespace(), c, hidden_states, cos, sin, *extra)
+            return graphs._replay.apply(c, hidden_states, cos, sin, *extra, *c.params)
 
         return forward
 
@@ -148,21 +243,19 @@ class LayerGraphs:
         for layer in self.layers[:-1]:
             grad.append(grad[-1] or any(p.requires_grad for p in layer.parameters()))
         statics = tuple(t.detach() for t in (cos, sin, mask, pos) if t is not None)
-        calls, samples = [], []
-        for layer, needs_grad in zip(self.layers, grad, strict=True):
-            calls.append(_layer_call(layer, mask is not None, pos is not None))
-            samples.append((hidden.detach().clone().requires_grad_(needs_grad), *statics))
+        calls = [_Captured(layer, mask is not None, pos is not None) for layer in self.layers]
+        samples = [(hidden.detach().clone().requires_grad_(g), *statics) for g in grad]
         enabled, dtype = key[-1]
-        # make_graphed_callables refuses autocast's weight cache; the captured kernels are the same without it.
+        # Autocast's weight cache would keep capture-time casts; the captured kernels are the same without it.
         try:
             with torch.autocast("cuda", dtype=dtype, enabled=enabled, cache_enabled=False):
-                graphed = torch.cuda.make_graphed_callables(tuple(calls), tuple(samples), allow_unused_input=True)
+                _capture_layers(calls, samples)
         except RuntimeError as exc:  # something in the layer cannot be captured: train on, eagerly
             self.max_shapes = 0
             logger.warning("cuda graphs: capture failed, decoder layers run eagerly: %s", exc)
             print(f"cuda graphs: capture failed, decoder layers run eagerly: {exc}", flush=True)
             return None
-        entry = {"calls": list(graphed), "grad": grad}
+        entry = {"calls": calls, "grad": grad}
         self.sets[key] = entry
         seconds = time.perf_counter() - started
         self.capture_seconds += seconds
