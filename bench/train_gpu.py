@@ -12,7 +12,7 @@ Each configuration runs in its own process (clean peak-memory counters) through 
     baseline   the common recipe: Trainer + peft, bf16, gradient checkpointing, SDPA, torch AdamW,
                LoRA r=16/alpha=32 on q,k,v,o,gate,up,down (QLoRA variant: peft's
                prepare_model_for_kbit_training)
-    ours       trainer/configs/qwen3-vl-8b-lora.yaml through trainer.model (load_base, wrap_lora)
+    ours       trainer/configs/qwen3-vl-8b-lora.yaml through trainer.model (load_base, wrap_lora; CUDA graphs)
     qlora      trainer/configs/qwen3-vl-8b-qlora.yaml likewise (bitsandbytes nf4, double quant)
     ...        plus single-lever variants (see VARIANTS) to show what each lever is worth
 
