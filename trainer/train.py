@@ -173,8 +173,12 @@ def train(config: TrainConfig) -> Path:
         raise MemoryError(
             "CUDA out of memory. Lower per_device_batch_size (and raise grad_accum to keep the global batch), "
             "keep gradient_checkpointing on, lower max_pixels, or train 4-bit with quantization: 4bit"
+            + (" (cuda_graphs keeps one step's activations per captured shape: lower cuda_graph_shapes or "
+               "turn it off)" if config.cuda_graphs else "")
         ) from None
     train_seconds = time.time() - started
+    if (graphs := getattr(model, "vlora_graphs", None)) is not None:
+        print(f"cuda graphs: {graphs.stats()}")
 
     final = work / "final"
     shutil.rmtree(final, ignore_errors=True)
