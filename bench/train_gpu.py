@@ -63,6 +63,7 @@ VARIANTS = {
     "baseline": (None, {}),
     "ours": ("qwen3-vl-8b-lora.yaml", {}),
     "ours-no-graphs": ("qwen3-vl-8b-lora.yaml", {"cuda_graphs": False}),
+    "ours-fsdp": ("qwen3-vl-8b-lora.yaml", {"cuda_graphs": False, "fsdp": True}),
     "ours-no-liger": ("qwen3-vl-8b-lora.yaml", {"kernels": "none"}),
     "ours-input-cast": ("qwen3-vl-8b-lora.yaml", {"lora_input_cast": True}),
     "ours-auto-gc": ("qwen3-vl-8b-lora.yaml", {"gc_every": 0}),
@@ -174,7 +175,7 @@ def worker(variant: str, model_dir: Path, result_file: Path, grad_accum: int = 1
     import torch
     from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
-    from trainer.model import gc_callback, training_speedups
+    from trainer.model import fsdp_arguments, gc_callback, training_speedups
 
     set_seed(0)
     cuda = torch.cuda.is_available()
@@ -239,7 +240,7 @@ def worker(variant: str, model_dir: Path, result_file: Path, grad_accum: int = 1
         learning_rate=2e-4, lr_scheduler_type="constant", warmup_steps=0, logging_steps=1, optim=optim,
         bf16=cuda, save_strategy="no", report_to=[], seed=0, data_seed=0, remove_unused_columns=False,
         dataloader_pin_memory=cuda, gradient_checkpointing=False, disable_tqdm=True,
-        max_grad_norm=1.0, weight_decay=0.0,
+        max_grad_norm=1.0, weight_decay=0.0, **(fsdp_arguments(model, config) if config else {}),
     )
 
     class Data(torch.utils.data.Dataset):
@@ -288,42 +289,48 @@ def _gib(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
-def multi_gpu_check(n: int, shape: str, model_dir: Path, out: Path, timeout: float) -> str:
-    """`ours` on one GPU (N-step accumulation) and DDP on N GPUs (torchrun), same global batches."""
-    common = [__file__, "--shape", shape, "--model-dir", str(model_dir), "--worker", "ours", "--sequential"]
+def multi_gpu_check(n: int, shape: str, model_dir: Path, out: Path, timeout: float, fsdp: bool = False) -> str:
+    """`ours` on one GPU (N-step accumulation) and DDP on N GPUs (torchrun), same global batches; with
+    `fsdp`, `ours-no-graphs` on one GPU against `ours-fsdp` (FSDP2, full shard) on N GPUs."""
+    one_variant, many_variant, how, tag = (("ours-no-graphs", "ours-fsdp", "FSDP2", "-fsdp") if fsdp
+                                           else ("ours", "ours", "DDP", ""))
+    common = [__file__, "--shape", shape, "--model-dir", str(model_dir), "--sequential"]
     runs = {
-        "1gpu": [sys.executable, *common, "--grad-accum", str(n), "--result", str(out / "multi-1gpu.json")],
+        "1gpu": [sys.executable, *common, "--worker", one_variant, "--grad-accum", str(n)],
         f"{n}gpu": [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", *common,
-                    "--grad-accum", "1", "--result", str(out / f"multi-{n}gpu.json")],
+                    "--worker", many_variant, "--grad-accum", "1"],
     }
     results = {}
     for name, cmd in runs.items():
         started = time.time()
+        result_file = out / f"multi{tag}-{name}.json"
         # One process on a machine with several GPUs would otherwise get DataParallel from the Trainer.
         env = {**os.environ, "CUDA_VISIBLE_DEVICES": "0"} if name == "1gpu" else None
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-        result_file = out / f"multi-{name}.json"
+        proc = subprocess.run([*cmd, "--result", str(result_file)], capture_output=True, text=True, timeout=timeout,
+                              env=env)
         if proc.returncode != 0 or not result_file.is_file():
-            (out / f"multi-{name}.log").write_text(proc.stdout[-20000:] + "\n--- stderr ---\n" + proc.stderr[-20000:])
-            return f"{name}: FAILED ({proc.returncode}); see multi-{name}.log"
+            log = out / f"multi{tag}-{name}.log"
+            log.write_text(proc.stdout[-20000:] + "\n--- stderr ---\n" + proc.stderr[-20000:])
+            return f"{name}: FAILED ({proc.returncode}); see {log.name}"
         results[name] = json.loads(result_file.read_text())
         print(f"{name}: {results[name]['tokens_per_s']:.0f} tok/s in {time.time() - started:.0f}s", flush=True)
     one, many = results["1gpu"], results[f"{n}gpu"]
     dloss = max(abs(a - b) for a, b in zip(one["losses"], many["losses"], strict=False))
-    single = json.loads((out / "ours.json").read_text())["tokens_per_s"] if (out / "ours.json").is_file() else None
-    lines = [f"multi-GPU check on {many['device']}: `ours`, global batch {many['global_batch']}, "
-             f"{WARMUP} warm-up + {TIMED} timed steps",
+    single = (json.loads((out / f"{one_variant}.json").read_text())["tokens_per_s"]
+              if (out / f"{one_variant}.json").is_file() else None)
+    lines = [f"multi-GPU check on {many['device']}: `{one_variant}` on 1 GPU vs `{many_variant}` on {n}, global batch "
+             f"{many['global_batch']}, {WARMUP} warm-up + {TIMED} timed steps",
              f"{'run':<28}{'tok/s':>9}{'s/step':>9}{'alloc GiB/GPU':>15}",
              f"{'1 GPU, accumulation ' + str(n):<28}{one['tokens_per_s']:>9.0f}{one['seconds_per_step']:>9.3f}"
              f"{_gib(one['peak_allocated_gib']):>15}",
-             f"{str(n) + ' GPUs, DDP (torchrun)':<28}{many['tokens_per_s']:>9.0f}{many['seconds_per_step']:>9.3f}"
+             f"{f'{n} GPUs, {how} (torchrun)':<28}{many['tokens_per_s']:>9.0f}{many['seconds_per_step']:>9.3f}"
              f"{_gib(many['peak_allocated_gib']):>15}",
              f"scaling {n} GPUs / 1 GPU: {many['tokens_per_s'] / one['tokens_per_s']:.2f}x (target >= {0.9 * n:.1f}x)",
              f"max |loss difference| over {len(many['losses'])} steps: {dloss:.4f}"]
     if single:
         lines.append(f"(1 GPU without accumulation, from the benchmark table: {single:.0f} tok/s)")
     text = "\n".join(lines)
-    (out / f"multi-gpu-{n}.txt").write_text(text + "\n")
+    (out / f"multi-gpu-{n}{tag}.txt").write_text(text + "\n")
     return text
 
 
@@ -360,6 +367,7 @@ def main() -> None:
     p.add_argument("--multi-gpu", type=int, default=0, metavar="N",
                    help="instead: the multi-GPU check of `ours` (DDP over N GPUs through torchrun vs one GPU with "
                         "N-step accumulation, same global batch): loss curves and scaling")
+    p.add_argument("--fsdp", action="store_true", help="with --multi-gpu: FSDP2 (full shard) instead of DDP")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--grad-accum", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--sequential", action="store_true", help=argparse.SUPPRESS)
@@ -377,7 +385,7 @@ def main() -> None:
     if args.multi_gpu:
         args.out.mkdir(parents=True, exist_ok=True)
         make_model(args.shape, model_dir)
-        print(multi_gpu_check(args.multi_gpu, args.shape, model_dir, args.out, args.variant_timeout))
+        print(multi_gpu_check(args.multi_gpu, args.shape, model_dir, args.out, args.variant_timeout, args.fsdp))
         return
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.time()

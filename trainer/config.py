@@ -66,6 +66,10 @@ class TrainConfig:
                            "batch shape and replay them (one launch per layer instead of hundreds: for steps the CPU "
                            "cannot launch fast enough). Needs CUDA, fixed batch shapes (see pad_to_multiple_of) and "
                            "keeps one step's activations per shape; not with gradient_checkpointing or torch_compile.")
+    fsdp: bool = _f(False, "Shard the model, gradients and optimizer state over the GPUs with FSDP2 (through accelerate; "
+                    "launch with accelerate launch or torchrun): for models that do not fit one card. Each process "
+                    "loads the model to CPU memory and keeps only its shard on the GPU. Not with cuda_graphs, "
+                    "torch_compile or 4-bit.")
     cuda_graph_shapes: int = _f(4, "With cuda_graphs: how many batch shapes are captured; batches of other shapes run "
                                 "eagerly.")
     quantize_vision: bool = _f(False, "QLoRA: quantise the vision tower to 4 bits too (less memory).")
@@ -128,6 +132,8 @@ class TrainConfig:
             problems.append("cuda_graphs cannot be combined with gradient_checkpointing (set one of them false)")
         if self.cuda_graphs and self.torch_compile:
             problems.append("cuda_graphs cannot be combined with torch_compile (set one of them false)")
+        if self.fsdp and (self.cuda_graphs or self.torch_compile or self.quantization == "4bit"):
+            problems.append("fsdp cannot be combined with cuda_graphs, torch_compile or quantization: 4bit")
         if self.cuda_graph_shapes < 1:
             problems.append("cuda_graph_shapes must be >= 1")
         if self.pad_to_multiple_of is not None and self.pad_to_multiple_of < 1:

@@ -60,7 +60,7 @@ def load_base(config: TrainConfig, dtype=None):
             llm_int8_skip_modules=["lm_head"] if config.quantize_vision else ["visual", "lm_head"],
         )
         kwargs["dtype"] = torch.bfloat16
-    if has_cuda():
+    if has_cuda() and not config.fsdp:  # FSDP moves each process's shard to its GPU when it wraps the model
         # Under accelerate/torchrun each process loads onto its own GPU (LOCAL_RANK), not all onto GPU 0.
         local_rank = int(os.environ.get("LOCAL_RANK", torch.cuda.current_device()))
         torch.cuda.set_device(local_rank)
@@ -104,6 +104,8 @@ def apply_kernels(model, config: TrainConfig) -> tuple[str, ...]:
         return ()
     if config.torch_compile:
         parts = tuple(p for p in parts if p == "fused_linear_cross_entropy")
+    if config.fsdp:  # the fused loss reads lm_head's weight without calling the module: FSDP would not gather it
+        parts = tuple(p for p in parts if p != "fused_linear_cross_entropy")
     apply_liger_kernel_to_qwen3_vl(rope="rope" in parts, rms_norm="rms_norm" in parts,
                                    fused_linear_cross_entropy="fused_linear_cross_entropy" in parts, model=model)
     if "swiglu" in parts:
@@ -142,7 +144,7 @@ def wrap_lora(model, config: TrainConfig):
     if config.quantization == "4bit" and config.kbit_fp32_upcast:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
-    elif config.gradient_checkpointing:
+    elif config.gradient_checkpointing and not config.fsdp:  # FSDP checkpoints its wrapped layers itself
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     regex = re.compile(config.target_regex)
@@ -170,6 +172,20 @@ def wrap_lora(model, config: TrainConfig):
 
         graph_layers(peft_model, config.cuda_graph_shapes)
     return peft_model, groups
+
+
+def fsdp_arguments(model, config: TrainConfig) -> dict:
+    """TrainingArguments for FSDP2 through accelerate: each decoder layer and vision block its own unit
+    (full shard), activation checkpointing there when gradient_checkpointing is on; {} without fsdp."""
+    if not config.fsdp:
+        return {}
+    names = sorted({type(m).__name__ for m in model.modules()
+                    if type(m).__name__.endswith(("DecoderLayer", "VisionBlock"))})
+    if not names:
+        raise ValueError("fsdp: no decoder layer or vision block class found to shard by")
+    return {"fsdp": "full_shard auto_wrap",
+            "fsdp_config": {"version": 2, "transformer_layer_cls_to_wrap": names,
+                            "activation_checkpointing": config.gradient_checkpointing}}
 
 
 @contextmanager

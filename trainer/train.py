@@ -78,11 +78,11 @@ def plot_loss(log_history: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def training_arguments(config: TrainConfig, work: Path, has_eval: bool):
+def training_arguments(config: TrainConfig, work: Path, has_eval: bool, model=None):
     import torch
     from transformers import TrainingArguments
 
-    from trainer.model import has_cuda, resolve_dtype
+    from trainer.model import fsdp_arguments, has_cuda, resolve_dtype
 
     optim = config.optim
     if optim == "auto":
@@ -120,6 +120,7 @@ def training_arguments(config: TrainConfig, work: Path, has_eval: bool):
         gradient_checkpointing=False,  # applied by wrap_lora with use_reentrant=False
         save_only_model=False,
         use_cpu=not has_cuda(),
+        **(fsdp_arguments(model, config) if model is not None else {}),
     )
 
 
@@ -157,7 +158,7 @@ def train(config: TrainConfig) -> Path:
     callbacks = [c for c in (gc_callback(config),) if c is not None]
     if config.early_stopping_patience and val_records:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=config.early_stopping_patience))
-    args = training_arguments(config, work, bool(val_records))
+    args = training_arguments(config, work, bool(val_records), model)
     trainer = Trainer(
         model=model, args=args,
         train_dataset=ListDataset(train_records), eval_dataset=ListDataset(val_records) if val_records else None,

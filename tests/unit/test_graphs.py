@@ -14,6 +14,8 @@ from trainer.config import TrainConfig
                                        ({"cuda_graphs": True, "gradient_checkpointing": False, "torch_compile": True},
                                         "torch_compile"),
                                        ({"cuda_graph_shapes": 0}, "cuda_graph_shapes"),
+                                       ({"fsdp": True, "cuda_graphs": True, "gradient_checkpointing": False}, "fsdp"),
+                                       ({"fsdp": True, "quantization": "4bit"}, "fsdp"),
                                        ({"pad_to_multiple_of": 0}, "pad_to_multiple_of")])
 def test_invalid_combinations(kw, needle):
     with pytest.raises(ValueError, match=needle):
@@ -161,3 +163,18 @@ def test_graphed_steps_equal_eager_steps(demo_assets, tiny_processor):
     stats = graphs.stats()
     # two batch shapes (2 and 3 samples) captured, each replayed on the steps that had it; eval was eager
     assert stats["shapes"] == 2 and stats["replays"] == 8 * layers and stats["eager_calls"] == layers
+
+
+def test_fsdp_arguments_shard_by_layer(demo_assets, monkeypatch):
+    import torch
+
+    from trainer.model import fsdp_arguments, load_base
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    config = TrainConfig(base_model=str(demo_assets["model"]), fsdp=True, gradient_checkpointing=True)
+    model = load_base(config)
+    assert fsdp_arguments(model, TrainConfig()) == {}
+    args = fsdp_arguments(model, config)
+    assert args["fsdp"] == "full_shard auto_wrap"
+    assert args["fsdp_config"] == {"version": 2, "activation_checkpointing": True,
+                                   "transformer_layer_cls_to_wrap": ["Qwen3VLTextDecoderLayer", "Qwen3VLVisionBlock"]}
