@@ -140,13 +140,19 @@ def train(config: TrainConfig) -> Path:
     if out.exists():
         raise FileExistsError(f"output directory '{out}' already exists; choose another or remove it")
     work = work_dir_for(out)
+    # Under torchrun/accelerate launch every process runs this; the first one owns the checks and the files
+    # (the others would otherwise find its fresh work directory and take it for an interrupted run).
+    main_process = int(os.environ.get("RANK", "0")) == 0
     resume_from = None
-    if work.exists():
+    if work.exists() and main_process:
         if not config.resume:
             raise FileExistsError(f"an interrupted run is in '{work}'; pass --resume to continue it or delete it")
         resume_from = newest_checkpoint(work)
-    work.mkdir(parents=True, exist_ok=True)
-    (work / "train_config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    elif config.resume and work.exists():
+        resume_from = newest_checkpoint(work)
+    if main_process:
+        work.mkdir(parents=True, exist_ok=True)
+        (work / "train_config.json").write_text(json.dumps(config.to_dict(), indent=2))
 
     set_seed(config.seed)
     processor = load_processor(config)
@@ -159,6 +165,8 @@ def train(config: TrainConfig) -> Path:
     if config.early_stopping_patience and val_records:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=config.early_stopping_patience))
     args = training_arguments(config, work, bool(val_records), model)
+    # DDP: only tower/connector adapters can go unused (text-only batches); otherwise skip the extra graph walk.
+    args.ddp_find_unused_parameters = bool(groups["vision"] or groups["merger"])
     trainer = Trainer(
         model=model, args=args,
         train_dataset=ListDataset(train_records), eval_dataset=ListDataset(val_records) if val_records else None,
@@ -182,16 +190,25 @@ def train(config: TrainConfig) -> Path:
         print(f"cuda graphs: {graphs.stats()}")
 
     final = work / "final"
-    shutil.rmtree(final, ignore_errors=True)
-    model.save_pretrained(final, safe_serialization=True)
+    if config.fsdp:  # the adapter's weights are sharded: gathered by every process, written by the first
+        trainer.save_model(str(final))
+    if not main_process:
+        return out
+    if not config.fsdp:
+        shutil.rmtree(final, ignore_errors=True)
+        model.save_pretrained(final, safe_serialization=True)
     processor.save_pretrained(final / "processor")
     shutil.copy(work / "train_config.json", final / "train_config.json")
     history = trainer.state.log_history
     (final / "log_history.json").write_text(json.dumps(history, indent=2))
     plot_loss(history, final / "loss_curve.png")
 
+    if config.fsdp and val_records:  # generating needs the whole model in one process
+        print(f"fsdp: no generation eval after training; run `vlora-train eval --adapter {out}` on a machine "
+              "that holds the model")
     eval_result = evaluate_records(model, processor, val_records[: config.eval_max_samples],
-                                   max_new_tokens=config.eval_max_new_tokens, batch_size=8) if val_records else {}
+                                   max_new_tokens=config.eval_max_new_tokens, batch_size=8) \
+        if val_records and not config.fsdp else {}
     if eval_result:
         eval_result["train_seconds"] = round(train_seconds, 1)
         (final / "eval.json").write_text(json.dumps(

@@ -164,3 +164,20 @@ def test_eval_cli_scores_adapter_and_base(trained, colors, tmp_path):
     for who in ("adapter", "base"):
         assert result[who]["n"] == 8 and {"exact_match", "bleu", "rouge_l"} <= set(result[who])
     assert len(result["samples"]) == 8 and "exact match" in proc.stdout
+
+
+def test_two_processes_through_torchrun(demo_assets, colors, tmp_path):
+    """The documented multi-GPU launch (torchrun, DDP through the Trainer), on two CPU processes (gloo):
+    one adapter directory, written once, with the steps of both processes' batches."""
+    out = tmp_path / "ddp"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "trainer", "train",
+         "--base-model", str(demo_assets["model"]), "--train-data", str(colors / "train.jsonl"),
+         "--eval-data", str(colors / "val.jsonl"), "--output-dir", str(out), "--max-steps", "4",
+         *SHORT], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("adapter written to") == 1  # the first process finishes the directory
+    assert (out / "adapter_model.safetensors").is_file() and (out / "manifest.json").is_file()
+    history = json.loads((out / "log_history.json").read_text())
+    assert [h["step"] for h in history if "loss" in h] == [2, 4]
+    assert not Path(str(out) + ".partial").exists()
