@@ -134,6 +134,9 @@ class TrainConfig:
             problems.append("cuda_graphs cannot be combined with torch_compile (set one of them false)")
         if self.fsdp and (self.cuda_graphs or self.torch_compile or self.quantization == "4bit"):
             problems.append("fsdp cannot be combined with cuda_graphs, torch_compile or quantization: 4bit")
+        if self.fsdp and "bnb" in self.optim:
+            problems.append(f"optim {self.optim} (bitsandbytes) cannot update FSDP's sharded parameters; use "
+                            "adamw_torch_fused or auto")
         if self.cuda_graph_shapes < 1:
             problems.append("cuda_graph_shapes must be >= 1")
         if self.pad_to_multiple_of is not None and self.pad_to_multiple_of < 1:

@@ -183,6 +183,7 @@ def fsdp_arguments(model, config: TrainConfig) -> dict:
                     if type(m).__name__.endswith(("DecoderLayer", "VisionBlock"))})
     if not names:
         raise ValueError("fsdp: no decoder layer or vision block class found to shard by")
+    # The string form is what transformers < 5.20 (pinned) documents; it is what the benchmark measured.
     return {"fsdp": "full_shard auto_wrap",
             "fsdp_config": {"version": 2, "transformer_layer_cls_to_wrap": names,
                             "activation_checkpointing": config.gradient_checkpointing}}

@@ -86,7 +86,8 @@ def training_arguments(config: TrainConfig, work: Path, has_eval: bool, model=No
 
     optim = config.optim
     if optim == "auto":
-        optim = "adamw_bnb_8bit" if has_cuda() else "adamw_torch"
+        # bitsandbytes' 8-bit AdamW cannot update FSDP's sharded (DTensor) parameters
+        optim = "adamw_torch_fused" if config.fsdp else "adamw_bnb_8bit" if has_cuda() else "adamw_torch"
     eval_every = config.eval_steps if has_eval and config.eval_steps > 0 else None
     bf16 = has_cuda() and (resolve_dtype(config) == torch.bfloat16 or config.quantization == "4bit")
     return TrainingArguments(

@@ -16,6 +16,7 @@ from trainer.config import TrainConfig
                                        ({"cuda_graph_shapes": 0}, "cuda_graph_shapes"),
                                        ({"fsdp": True, "cuda_graphs": True, "gradient_checkpointing": False}, "fsdp"),
                                        ({"fsdp": True, "quantization": "4bit"}, "fsdp"),
+                                       ({"fsdp": True, "optim": "adamw_bnb_8bit"}, "bitsandbytes"),
                                        ({"pad_to_multiple_of": 0}, "pad_to_multiple_of")])
 def test_invalid_combinations(kw, needle):
     with pytest.raises(ValueError, match=needle):
