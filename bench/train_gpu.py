@@ -144,7 +144,7 @@ def build(variant: str, model_dir: Path):
     from transformers import AutoModelForImageTextToText, BitsAndBytesConfig
 
     from trainer.config import TARGET_PRESETS, TrainConfig
-    from trainer.model import load_base, wrap_lora
+    from trainer.model import load_base, resolve_optim, wrap_lora
 
     recipe, overrides = VARIANTS[variant]
     cuda = torch.cuda.is_available()
@@ -167,8 +167,7 @@ def build(variant: str, model_dir: Path):
         return get_peft_model(model, lora), "adamw_torch", None
     config = TrainConfig.load(ROOT / "trainer" / "configs" / recipe, {**overrides, "base_model": str(model_dir)})
     model, _ = wrap_lora(load_base(config), config)
-    optim = config.optim if config.optim != "auto" else ("adamw_bnb_8bit" if cuda else "adamw_torch")
-    return model, optim, config
+    return model, resolve_optim(config), config
 
 
 def worker(variant: str, model_dir: Path, result_file: Path, grad_accum: int = 1, sequential: bool = False) -> None:

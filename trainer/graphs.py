@@ -264,17 +264,12 @@ class LayerGraphs:
         return entry
 
 
-def decoder_layers(model) -> list:
-    """The language model's decoder layers of a (peft-wrapped) Qwen3-VL-style model, or []."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    inner = getattr(base, "model", base)
-    return list(getattr(getattr(inner, "language_model", None), "layers", []))
-
-
 def graph_layers(model, max_shapes: int = 4) -> LayerGraphs | None:
     """Install the dispatcher on every decoder layer (CUDA only; None otherwise). The text model stops
     building a KV cache in training forwards (generation still asks for one explicitly)."""
     import torch
+
+    from trainer.model import base_of, decoder_layers
 
     layers = decoder_layers(model)
     if not layers:
@@ -282,8 +277,8 @@ def graph_layers(model, max_shapes: int = 4) -> LayerGraphs | None:
     if not torch.cuda.is_available():
         print("cuda graphs: no CUDA device; decoder layers run eagerly", flush=True)
         return None
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    for cfg in (getattr(base, "config", None), getattr(getattr(base, "config", None), "text_config", None)):
+    config = getattr(base_of(model), "config", None)
+    for cfg in (config, getattr(config, "text_config", None)):
         if cfg is not None and hasattr(cfg, "use_cache"):
             cfg.use_cache = False
     graphs = LayerGraphs(layers, max_shapes)

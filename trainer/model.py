@@ -33,6 +33,29 @@ def resolve_dtype(config: TrainConfig):
     return torch.float32
 
 
+def resolve_optim(config: TrainConfig) -> str:
+    """The optimizer name for `optim: auto`: bitsandbytes' 8-bit AdamW on CUDA, except under FSDP (it cannot
+    update sharded DTensor parameters: fused torch AdamW there), torch AdamW on CPU."""
+    if config.optim != "auto":
+        return config.optim
+    return "adamw_torch_fused" if config.fsdp else "adamw_bnb_8bit" if has_cuda() else "adamw_torch"
+
+
+def base_of(model):
+    """The transformers model inside a peft wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _inner(model):
+    base = base_of(model)
+    return getattr(base, "model", base)
+
+
+def decoder_layers(model) -> list:
+    """The language model's decoder layers of a (peft-wrapped) Qwen3-VL-style model, or []."""
+    return list(getattr(getattr(_inner(model), "language_model", None), "layers", []))
+
+
 def load_processor(config: TrainConfig):
     from transformers import AutoProcessor
 
@@ -126,10 +149,7 @@ def apply_kernels(model, config: TrainConfig) -> tuple[str, ...]:
 def compile_layers(model, mode: str = "default") -> int:
     """Regional torch.compile: each language decoder layer and vision block is compiled in place (identical
     layers share one graph, so compiling is quick and the loss and lm_head stay eager); returns the count."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    inner = getattr(base, "model", base)
-    layers = list(getattr(getattr(inner, "language_model", None), "layers", []))
-    layers += list(getattr(getattr(inner, "visual", None), "blocks", []))
+    layers = decoder_layers(model) + list(getattr(getattr(_inner(model), "visual", None), "blocks", []))
     for layer in layers:
         layer.compile(mode=mode)
     print(f"torch.compile ({mode}): {len(layers)} layers compiled regionally")

@@ -82,12 +82,8 @@ def training_arguments(config: TrainConfig, work: Path, has_eval: bool, model=No
     import torch
     from transformers import TrainingArguments
 
-    from trainer.model import fsdp_arguments, has_cuda, resolve_dtype
+    from trainer.model import fsdp_arguments, has_cuda, resolve_dtype, resolve_optim
 
-    optim = config.optim
-    if optim == "auto":
-        # bitsandbytes' 8-bit AdamW cannot update FSDP's sharded (DTensor) parameters
-        optim = "adamw_torch_fused" if config.fsdp else "adamw_bnb_8bit" if has_cuda() else "adamw_torch"
     eval_every = config.eval_steps if has_eval and config.eval_steps > 0 else None
     bf16 = has_cuda() and (resolve_dtype(config) == torch.bfloat16 or config.quantization == "4bit")
     return TrainingArguments(
@@ -101,7 +97,7 @@ def training_arguments(config: TrainConfig, work: Path, has_eval: bool, model=No
         warmup_steps=config.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
         lr_scheduler_type=config.lr_scheduler,
         weight_decay=config.weight_decay,
-        optim=optim,
+        optim=resolve_optim(config),
         max_grad_norm=config.max_grad_norm,
         eval_strategy="steps" if eval_every else "no",
         eval_steps=eval_every,
@@ -144,13 +140,9 @@ def train(config: TrainConfig) -> Path:
     # Under torchrun/accelerate launch every process runs this; the first one owns the checks and the files
     # (the others would otherwise find its fresh work directory and take it for an interrupted run).
     main_process = int(os.environ.get("RANK", "0")) == 0
-    resume_from = None
-    if work.exists() and main_process:
-        if not config.resume:
-            raise FileExistsError(f"an interrupted run is in '{work}'; pass --resume to continue it or delete it")
-        resume_from = newest_checkpoint(work)
-    elif config.resume and work.exists():
-        resume_from = newest_checkpoint(work)
+    if work.exists() and main_process and not config.resume:
+        raise FileExistsError(f"an interrupted run is in '{work}'; pass --resume to continue it or delete it")
+    resume_from = newest_checkpoint(work) if config.resume and work.exists() else None
     if main_process:
         work.mkdir(parents=True, exist_ok=True)
         (work / "train_config.json").write_text(json.dumps(config.to_dict(), indent=2))
@@ -191,13 +183,14 @@ def train(config: TrainConfig) -> Path:
         print(f"cuda graphs: {graphs.stats()}")
 
     final = work / "final"
+    if main_process:
+        shutil.rmtree(final, ignore_errors=True)
     if config.fsdp:  # the adapter's weights are sharded: gathered by every process, written by the first
         trainer.save_model(str(final))
+    elif main_process:
+        model.save_pretrained(final, safe_serialization=True)
     if not main_process:
         return out
-    if not config.fsdp:
-        shutil.rmtree(final, ignore_errors=True)
-        model.save_pretrained(final, safe_serialization=True)
     processor.save_pretrained(final / "processor")
     shutil.copy(work / "train_config.json", final / "train_config.json")
     history = trainer.state.log_history

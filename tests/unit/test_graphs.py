@@ -94,7 +94,8 @@ def test_cpu_runs_every_layer_eagerly_with_the_same_loss(demo_assets, tiny_proce
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # also where a GPU is present
 
-    from trainer.graphs import LayerGraphs, decoder_layers
+    from trainer.graphs import LayerGraphs
+    from trainer.model import decoder_layers
 
     eager = _model(demo_assets, False, "cpu")
     graphed = _model(demo_assets, True, "cpu")  # no CUDA: wrap_lora leaves the layers alone
@@ -111,7 +112,8 @@ def test_cpu_runs_every_layer_eagerly_with_the_same_loss(demo_assets, tiny_proce
 def test_stand_in_parameters_compute_the_same_and_take_the_gradients(demo_assets, tiny_processor, monkeypatch):
     import torch
 
-    from trainer.graphs import _Captured, decoder_layers
+    from trainer.graphs import _Captured
+    from trainer.model import decoder_layers
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     model = _model(demo_assets, False, "cpu")
