@@ -49,7 +49,7 @@ def percentile(values: list[float], q: float) -> float:
 def main() -> None:
     import subprocess
 
-    from trainer.cli import ensure_tiny_model
+    from trainer.demo import ensure_tiny_model
     from trainer.tiny import make_random_adapter
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

@@ -146,7 +146,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=24, help="unrecorded requests per server first")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "serving")
     args = parser.parse_args()
-    from trainer.cli import ensure_demo_assets, ensure_random_adapters
+    from trainer.demo import ensure_demo_assets, ensure_random_adapters
 
     models = ROOT / "models"
     ensure_demo_assets(models)

@@ -95,7 +95,9 @@ def make_model(shape: str, path: Path) -> None:
     torch.manual_seed(0)
     with torch.device(device):
         model = Qwen3VLForConditionalGeneration._from_config(config, dtype=torch.bfloat16)
-    tmp = path.with_name(path.name + ".partial")
+    from artifacts.atomic import partial_path
+
+    tmp = partial_path(path)
     model.save_pretrained(tmp, safe_serialization=True)
     os.replace(tmp, path)
     n = sum(p.numel() for p in model.parameters())
@@ -138,13 +140,14 @@ def collate(batch: list[dict]) -> dict:
 
 
 def build(variant: str, model_dir: Path):
-    """(peft model, optimizer name, TrainConfig or None) for one variant."""
+    """(peft model, optimizer name, TrainConfig or None, Speedups or None) for one variant."""
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForImageTextToText, BitsAndBytesConfig
 
     from trainer.config import TARGET_PRESETS, TrainConfig
-    from trainer.model import load_base, resolve_optim, wrap_lora
+    from trainer.model import resolve_optim
+    from trainer.train import prepare_model
 
     recipe, overrides = VARIANTS[variant]
     cuda = torch.cuda.is_available()
@@ -164,23 +167,24 @@ def build(variant: str, model_dir: Path):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()
         lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGET_PRESETS["llm"], bias="none")
-        return get_peft_model(model, lora), "adamw_torch", None
+        return get_peft_model(model, lora), "adamw_torch", None, None
     config = TrainConfig.load(ROOT / "trainer" / "configs" / recipe, {**overrides, "base_model": str(model_dir)})
-    model, _ = wrap_lora(load_base(config), config)
-    return model, resolve_optim(config), config
+    model, _, speedups = prepare_model(config)
+    return model, resolve_optim(config), config, speedups
 
 
 def worker(variant: str, model_dir: Path, result_file: Path, grad_accum: int = 1, sequential: bool = False) -> None:
     import torch
     from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
-    from trainer.model import fsdp_arguments, gc_callback, training_speedups
+    from trainer.model import fsdp_arguments
+    from trainer.speedups import gc_callback, training_speedups
 
     set_seed(0)
     cuda = torch.cuda.is_available()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    model, optim, config = build(variant, model_dir)
+    model, optim, config, speedups = build(variant, model_dir)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     steps = WARMUP + TIMED
     data = samples(steps * BATCH * grad_accum * world)
@@ -279,8 +283,8 @@ def worker(variant: str, model_dir: Path, result_file: Path, grad_accum: int = 1
         "losses": losses[:TIMED], "recipe": config.to_dict() if config else "common recipe",
         "device": torch.cuda.get_device_name(0) if cuda else "cpu",
     }
-    if (graphs := getattr(model, "vlora_graphs", None)) is not None:
-        result["cuda_graphs"] = graphs.stats()
+    if speedups is not None and speedups.graphs is not None:
+        result["cuda_graphs"] = speedups.graphs.stats()
     result_file.write_text(json.dumps(result, indent=2))
 
 

@@ -1,4 +1,6 @@
-"""The FastAPI application: `create_app(settings, engine)`; all state lives on `app.state`.
+"""The FastAPI application: `create_app(settings, engine, metrics=..., renderer=...)`; all state lives on
+`app.state`, and every part is built here in dependency order (nothing is patched in later; only the HTTP
+server, which wraps the app, is set afterwards as `app.state.server` by `vlora-serve`).
 
 The engine starts in the lifespan (uvicorn accepts connections once it is up), then the start adapters
 are loaded and the app turns ready. Two background tasks run beside it: a liveness watchdog (a dead
@@ -14,6 +16,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from artifacts.manifest import BaseFingerprint, base_fingerprint
 from service.adapters.registry import AdapterRegistry, parse_adapter_pairs
 from service.adapters.store import AdapterStore
 from service.auth import Authenticate, KeyRing
@@ -21,9 +24,10 @@ from service.engine.base import Engine
 from service.errors import PayloadTooLarge, api_error_response, install_error_handlers
 from service.lifecycle import Drain, RequestLifecycle
 from service.media import MediaLimits
-from service.metrics import EngineStats, Metrics
+from service.metrics import Metrics
 from service.routes import adapters, chat, models, ops
 from service.serving.chat import ChatService
+from service.serving.golden import GoldenCheck
 from service.serving.render import ChatRenderer
 from service.settings import ServiceSettings
 
@@ -77,29 +81,23 @@ async def watch_engine(app: FastAPI, interval_s: float) -> None:
             return
 
 
-def served_base_fingerprint(model: str) -> dict | None:
+def served_base_fingerprint(model: str) -> BaseFingerprint | None:
     """The served base's fingerprint (as the trainer's manifest records it), for local model folders."""
-    from trainer.manifest import base_fingerprint
-
     try:
         fingerprint = base_fingerprint(model)
     except OSError:
         return None
-    return fingerprint if fingerprint.get("config_sha256") else None
+    return fingerprint if fingerprint.config_sha256 else None
 
 
-def create_app(settings: ServiceSettings, engine: Engine, renderer: ChatRenderer | None = None,
+def create_app(settings: ServiceSettings, engine: Engine, *, metrics: Metrics, renderer: ChatRenderer,
                keyring: KeyRing | None = None) -> FastAPI:
+    """The app around an engine that is not started yet (the lifespan starts it). `metrics` is the events
+    sink the engine was built with."""
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        metrics = app.state.metrics
-        if hasattr(engine, "on_adapter_event"):
-            engine.on_adapter_event = metrics.observe_adapter_event
-        if hasattr(engine, "stat_logger_factories"):
-            engine.stat_logger_factories.append(EngineStats(metrics, engine.adapter_of_request).factory())
         await engine.start()
-        app.state.chat.renderer = renderer or await asyncio.to_thread(ChatRenderer.from_pretrained, settings.model)
-        registry.renderer = app.state.chat.renderer
         await registry.start()
         tasks = [asyncio.create_task(watch_engine(app, settings.health_check_interval_s))]
         server = getattr(app.state, "server", None)
@@ -122,7 +120,7 @@ def create_app(settings: ServiceSettings, engine: Engine, renderer: ChatRenderer
     app.state.ready = False
     app.state.engine_dead = False
     app.state.drain = Drain(settings.drain_grace_s)
-    app.state.metrics = Metrics(settings.metrics_max_adapter_labels, engine.unfinished_requests)
+    app.state.metrics = metrics
     limits = MediaLimits(
         max_image_bytes=settings.max_image_bytes,
         max_image_pixels=settings.max_image_pixels,
@@ -131,7 +129,8 @@ def create_app(settings: ServiceSettings, engine: Engine, renderer: ChatRenderer
         allowlist=tuple(settings.image_url_allowlist),
     )
     registry = AdapterRegistry(
-        settings.base_name, engine, store=AdapterStore(settings.adapter_dir), configured=parse_adapter_pairs(settings.adapters),
+        settings.base_name, engine, golden_check=GoldenCheck(engine, renderer), events=metrics,
+        store=AdapterStore(settings.adapter_dir), configured=parse_adapter_pairs(settings.adapters),
         tower_lora=settings.enable_tower_lora, base_fingerprint=served_base_fingerprint(settings.model),
         preload=settings.preload)
     app.state.registry = registry
@@ -139,7 +138,7 @@ def create_app(settings: ServiceSettings, engine: Engine, renderer: ChatRenderer
     if not ring.enabled:
         logger.warning("no API keys configured: every endpoint, the admin API included, is open")
     app.state.chat = ChatService(engine, registry, renderer, limits, settings.max_images_per_request,
-                                 app.state.metrics, settings.max_pending_requests, settings.retry_after_s)
+                                 metrics, settings.max_pending_requests, settings.retry_after_s)
     install_error_handlers(app)
     for router in (chat.router, models.router, adapters.router, ops.router):
         app.include_router(router)

@@ -44,11 +44,6 @@ class Tenant:
     def may_use_adapter(self, name: str) -> bool:
         return any(fnmatch.fnmatchcase(name, pattern) for pattern in self.adapters)
 
-    def may_use(self, model: str, base_name: str) -> bool:
-        if model == base_name:
-            return self.base
-        return self.may_use_adapter(model.partition("@")[0])
-
 
 OPEN = Tenant(OPEN_TENANT_NAME, admin=True)
 PUBLIC = Tenant("public", adapters=(), base=False)  # what a keyless call to a public path may use: nothing

@@ -63,6 +63,12 @@ class ModelNotFound(APIError):
     type = "invalid_request_error"
     code = "model_not_found"
 
+    @classmethod
+    def named(cls, model: str, param: str = "model") -> ModelNotFound:
+        """OpenAI's answer for a model that does not exist, or that the caller may not use (the same 404, so
+        that tenants learn nothing about each other)."""
+        return cls(f"The model '{model}' does not exist", param=param)
+
 
 class PayloadTooLarge(APIError):
     status = 413
@@ -92,6 +98,11 @@ def error_body(status: int, message: str, type_: str, param: str | None = None, 
     if len(message) > MAX_MESSAGE_CHARS:
         message = message[: MAX_MESSAGE_CHARS - 3] + "..."
     return ErrorResponse(error=ErrorInfo(message=message, type=type_, param=param, code=code)).model_dump()
+
+
+def internal_error_body() -> dict:
+    """What an unexpected exception becomes: a 500 without internals (they go to the log)."""
+    return error_body(500, "internal server error", "internal_error", None, "internal_error")
 
 
 def api_error_response(exc: APIError) -> JSONResponse:
@@ -142,4 +153,4 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
         logger.exception("unhandled error on %s %s", request.method, request.url.path)
-        return JSONResponse(error_body(500, "internal server error", "internal_error", None, "internal_error"), 500)
+        return JSONResponse(internal_error_body(), 500)

@@ -2,59 +2,32 @@
 
     vlora-serve                                   # the embedded tiny model + adapters under models/adapters
     vlora-serve --model Qwen/Qwen3-VL-8B-Instruct --adapter support=/adapters/support --port 8000
+    vlora-serve --help                            # every setting of service/settings.py, as a flag
 
-Flags override `VLORA_*` environment variables (see service/settings.py).
+Flags override `VLORA_*` environment variables. Everything is built here in dependency order and handed
+down: settings -> metrics -> engine (reporting to the metrics) -> chat renderer -> app.
 """
 
 from __future__ import annotations
 
-import argparse
 import signal
 import sys
 from pathlib import Path
+
+from pydantic import ValidationError
 
 from service.lifecycle import configure_logging
 from service.settings import DEFAULT_ADAPTER_DIR, DEFAULT_MODEL_DIR, ServiceSettings
 
 
-def parse_args(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(prog="vlora-serve", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help=f"model directory or hub id (default: {DEFAULT_MODEL_DIR})")
-    p.add_argument("--served-model-name", help="name clients use for the base model")
-    p.add_argument("--adapter", action="append", dest="adapters", metavar="NAME=PATH",
-                   help="serve a LoRA adapter under NAME (repeatable)")
-    p.add_argument("--adapter-dir", type=Path, help=f"adapter root: NAME/ or NAME/REV/ folders, served by name "
-                   f"(default with the embedded model: {DEFAULT_ADAPTER_DIR})")
-    p.add_argument("--preload", choices=["all", "none"],
-                   help="load every root adapter at start (all, default) or each on its first request (none)")
-    p.add_argument("--enable-tower-lora", action="store_true", default=None,
-                   help="apply vision-tower/merger LoRA weights")
-    p.add_argument("--max-cpu-loras", type=int, help="adapters the engine keeps in host memory")
-    p.add_argument("--api-keys-file", type=Path, help="YAML/JSON tenants file: keys, adapter allowlists, admin")
-    p.add_argument("--host")
-    p.add_argument("--port", type=int)
-    p.add_argument("--dtype")
-    p.add_argument("--max-model-len", type=int)
-    p.add_argument("--max-num-seqs", type=int)
-    p.add_argument("--max-loras", type=int)
-    p.add_argument("--max-lora-rank", type=int)
-    p.add_argument("--quantization", help="vLLM quantization method (e.g. bitsandbytes, awq, fp8)")
-    p.add_argument("--tensor-parallel-size", type=int)
-    p.add_argument("--gpu-memory-utilization", type=float)
-    p.add_argument("--image-url-allowlist", action="append", metavar="HOST_OR_CIDR[:PORT]",
-                   help="allow image URLs on this non-public host or network, optionally one port (repeatable)")
-    p.add_argument("--max-pending-requests", type=int, help="bound on running + waiting requests (then 429)")
-    p.add_argument("--drain-grace-s", type=float, help="on SIGTERM, how long requests in flight may finish")
-    p.add_argument("--log-level")
-    p.add_argument("--log-format", choices=["json", "text"])
-    args = vars(p.parse_args(argv))
-    return {k: v for k, v in args.items() if v is not None}
-
-
 def build_settings(argv: list[str] | None = None) -> ServiceSettings:
-    overrides = parse_args(argv)
-    settings = ServiceSettings(**overrides)
+    """Settings from the environment and the command line (`argv`, default sys.argv[1:])."""
+    try:
+        settings = ServiceSettings(_cli_parse_args=sys.argv[1:] if argv is None else argv)
+    except ValidationError as exc:
+        problems = "; ".join(f"--{'-'.join(str(p) for p in e['loc']).replace('_', '-')}: {e['msg']}"
+                             for e in exc.errors())
+        sys.exit(f"vlora-serve: {problems}")
     embedded = Path(settings.model) == DEFAULT_MODEL_DIR
     if settings.adapter_dir is None and embedded and DEFAULT_ADAPTER_DIR.is_dir():
         settings.adapter_dir = DEFAULT_ADAPTER_DIR
@@ -90,6 +63,8 @@ def main(argv: list[str] | None = None) -> None:
     from service.adapters.registry import collect_adapters
     from service.app import create_app
     from service.engine.vllm_engine import VLLMEngine
+    from service.metrics import Metrics
+    from service.serving.render import ChatRenderer
 
     try:
         adapters = collect_adapters(settings.adapters, settings.adapter_dir)
@@ -97,13 +72,19 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"vlora-serve: {exc}")
     if settings.base_name in adapters:
         sys.exit(f"vlora-serve: adapter name '{settings.base_name}' collides with the base model's name")
-    engine = VLLMEngine(settings, adapters, enable_lora=bool(adapters) or settings.adapter_dir is not None)
+    metrics = Metrics(settings.metrics_max_adapter_labels)
+    engine = VLLMEngine(settings, adapters, enable_lora=bool(adapters) or settings.adapter_dir is not None,
+                        events=metrics)
     try:
-        app = create_app(settings, engine)
+        renderer = ChatRenderer.from_pretrained(settings.model)
+    except (OSError, ValueError) as exc:
+        sys.exit(f"vlora-serve: the model's processor could not be loaded from '{settings.model}': {exc}")
+    try:
+        app = create_app(settings, engine, metrics=metrics, renderer=renderer)
     except ValueError as exc:
         sys.exit(f"vlora-serve: {exc}")
     server = DrainingServer(uvicorn.Config(app, host=settings.host, port=settings.port, access_log=False,
-                                           log_level=settings.log_level.lower(), log_config=None,
+                                           log_level=settings.log_level, log_config=None,
                                            timeout_graceful_shutdown=5),
                             app.state.drain)
     app.state.server = server

@@ -4,13 +4,12 @@ Every series carries the `vlora_` prefix and base units. Per-adapter series use 
 the base is `base`, the first `max_adapter_labels` adapters keep their names, later ones share `other`,
 and names that do not exist are `unknown`, so a client cannot blow up the series count.
 
-Engine-side figures (requests waiting, KV-cache usage, queue wait, requests running per adapter) come
-from vLLM's stat-logger interface (`EngineStats`), fed in the server process.
+Engine-side figures (requests waiting, KV-cache usage, queue wait, requests running per adapter) arrive
+through the engine protocol's events sink (`Metrics` implements `EngineEvents`); the engine's count of
+unfinished requests is read at each scrape.
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 from prometheus_client import (
     CollectorRegistry,
@@ -21,6 +20,8 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from service.engine.base import AdapterEvent, adapter_of
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 10.0, 20.0, 40.0)
 TOKEN_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
@@ -51,7 +52,7 @@ class AdapterLabels:
 
 
 class Metrics:
-    def __init__(self, max_adapter_labels: int = 20, unfinished_engine_requests: Callable[[], int] | None = None):
+    def __init__(self, max_adapter_labels: int = 20):
         disable_created_metrics()  # `_created` series only add noise to dashboards and alerts
         self.labels = AdapterLabels(max_adapter_labels)
         self.registry = CollectorRegistry(auto_describe=True)
@@ -84,8 +85,6 @@ class Metrics:
                                     registry=r)
         self.engine_unfinished = Gauge("vlora_engine_requests_unfinished",
                                        "Requests the engine holds (running or waiting).", registry=r)
-        if unfinished_engine_requests is not None:
-            self.engine_unfinished.set_function(unfinished_engine_requests)
         self.adapters_loaded = Gauge("vlora_adapters_loaded", "Adapters loaded in the engine.", registry=r)
         self.adapter_loads = Counter("vlora_adapter_loads", "Adapter loads.", ["adapter"], registry=r)
         self.adapter_unloads = Counter("vlora_adapter_unloads", "Adapter unloads.", ["adapter"], registry=r)
@@ -110,8 +109,10 @@ class Metrics:
     def count_refusal(self, adapter: str, status: int) -> None:
         self.requests.labels(adapter, f"{status // 100}xx", "none").inc()
 
-    def observe_adapter_event(self, event: str, name: str, seconds: float | None) -> None:
-        """Engine callback for adapter lifecycle events: load, load_failed, unload."""
+    # EngineEvents: what the engine reports (adapters as engine names NAME@REV, labelled by NAME) ----------
+
+    def adapter_event(self, event: AdapterEvent, adapter: str, seconds: float | None) -> None:
+        name = adapter_of(adapter)
         if event == "load":
             label = self.labels.register(name)
             self.adapter_loads.labels(label).inc()
@@ -123,49 +124,22 @@ class Metrics:
         else:
             self.adapter_load_failures.labels(self.labels(name)).inc()
 
-    def exposition(self) -> bytes:
+    def scheduler_state(self, running: int, waiting: int, kv_cache_usage: float,
+                        running_by_adapter: dict[str, int]) -> None:
+        self.engine_running.set(running)
+        self.engine_waiting.set(waiting)
+        self.kv_cache_usage.set(kv_cache_usage)
+        per_label: dict[str, int] = {}
+        for adapter, count in running_by_adapter.items():
+            label = self.labels(adapter_of(adapter))
+            per_label[label] = per_label.get(label, 0) + count
+        self.engine_adapter_running.clear()
+        for label, count in per_label.items():
+            self.engine_adapter_running.labels(label).set(count)
+
+    def request_queued(self, adapter: str | None, seconds: float) -> None:
+        self.queue.labels(self.labels(adapter_of(adapter) if adapter else None)).observe(seconds)
+
+    def exposition(self, engine_unfinished: int) -> bytes:
+        self.engine_unfinished.set(engine_unfinished)
         return generate_latest(self.registry)
-
-
-class EngineStats:
-    """Receives vLLM's scheduler and iteration stats (in the server process) and updates `Metrics`."""
-
-    def __init__(self, metrics: Metrics, adapter_of_request: Callable[[str], str | None]):
-        self.metrics = metrics
-        self.adapter_of_request = adapter_of_request
-
-    def factory(self):
-        """A vLLM `PerEngineStatLoggerFactory` bound to these metrics."""
-        from vllm.v1.metrics.loggers import StatLoggerBase
-
-        owner = self
-
-        class _Logger(StatLoggerBase):
-            def __init__(self, vllm_config, engine_index: int = 0):
-                pass
-
-            def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0):
-                owner.record(scheduler_stats, iteration_stats)
-
-            def log_engine_initialized(self):
-                pass
-
-        return _Logger
-
-    def record(self, scheduler_stats, iteration_stats) -> None:
-        m = self.metrics
-        if scheduler_stats is not None:
-            m.engine_running.set(scheduler_stats.num_running_reqs)
-            m.engine_waiting.set(scheduler_stats.num_waiting_reqs)
-            m.kv_cache_usage.set(scheduler_stats.kv_cache_usage)
-            running: dict[str, int] = {}
-            for name, count in (scheduler_stats.running_lora_adapters or {}).items():
-                label = m.labels(name)
-                running[label] = running.get(label, 0) + count
-            m.engine_adapter_running.clear()
-            for label, count in running.items():
-                m.engine_adapter_running.labels(label).set(count)
-        if iteration_stats is not None:
-            for finished in iteration_stats.finished_requests:
-                adapter = self.adapter_of_request(finished.request_id or "")
-                m.queue.labels(m.labels(adapter)).observe(finished.queued_time)

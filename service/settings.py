@@ -1,13 +1,16 @@
 """Service settings: one pydantic-settings model, built once in `main()` and passed down.
 
 Every field can be set by environment variable (`VLORA_` prefix, e.g. `VLORA_MODEL`, `VLORA_PORT`,
-`VLORA_ADAPTERS='["a=/adapters/a"]'`) or by the matching `vlora-serve` flag; flags win.
+`VLORA_ADAPTERS='["a=/adapters/a"]'`) or by the matching `vlora-serve` flag, which pydantic-settings'
+CLI source generates from the field (`max_model_len` -> `--max-model-len`; lists repeat the flag; booleans
+have `--x/--no-x`); flags win. A new setting is one field here.
 """
 
 from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -17,15 +20,21 @@ DEFAULT_ADAPTER_DIR = Path("models/adapters")
 
 
 class ServiceSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="VLORA_", extra="ignore")
+    model_config = SettingsConfigDict(
+        env_prefix="VLORA_", extra="ignore",
+        # the `vlora-serve` command line (used when built with `_cli_parse_args`, see service/main.py)
+        cli_prog_name="vlora-serve", cli_kebab_case=True, cli_implicit_flags=True, cli_avoid_json=True,
+        cli_hide_none_type=True, cli_shortcuts={"adapters": "adapter"},
+    )
 
     # What is served
     model: str = Field(str(DEFAULT_MODEL_DIR), description="Model directory or hub id (merged models too).")
     served_model_name: str | None = Field(None, description="Name clients use for the base; default: model dir name.")
-    adapters: list[str] = Field(default_factory=list, description="Adapters as NAME=PATH, loaded at start.")
+    adapters: list[str] = Field(default_factory=list,
+                                description="Adapters as NAME=PATH, loaded at start (--adapter, repeatable).")
     adapter_dir: Path | None = Field(None, description="Adapter root: NAME/ or NAME/REV/ folders (see service.adapters.store).")
-    preload: str = Field("all", pattern="^(all|none)$",
-                         description="Load every adapter of the root at start (all), or each on its first request (none).")
+    preload: Literal["all", "none"] = Field(
+        "all", description="Load every adapter of the root at start (all), or each on its first request (none).")
     enable_tower_lora: bool = Field(False, description="Apply vision-tower/merger LoRA weights (vLLM tower LoRA).")
 
     # Access control
@@ -36,10 +45,10 @@ class ServiceSettings(BaseSettings):
                                     description="Paths answered without a key when keys are configured.")
 
     # HTTP
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535)
-    log_level: str = "info"
-    log_format: str = Field("json", pattern="^(json|text)$", description="json lines or plain text logs.")
+    host: str = Field("127.0.0.1", description="Address to listen on.")
+    port: int = Field(8000, ge=0, le=65535, description="Port to listen on.")
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = Field("info", description="Log level.")
+    log_format: Literal["json", "text"] = Field("json", description="json lines or plain text logs.")
 
     # Operations
     max_pending_requests: int = Field(64, ge=1, description="Bound on running + waiting requests; beyond: 429.")
@@ -49,34 +58,40 @@ class ServiceSettings(BaseSettings):
     health_check_interval_s: float = Field(2.0, gt=0, description="Engine liveness check period.")
 
     # Engine (vLLM)
-    dtype: str = "auto"
-    max_model_len: int | None = Field(4096, ge=64)
-    max_num_seqs: int = Field(16, ge=1)
-    max_num_batched_tokens: int | None = None
+    dtype: str = Field("auto", description="Weights dtype (auto, bfloat16, float16, float32).")
+    max_model_len: int | None = Field(4096, ge=64, description="Context length (prompt, images and completion).")
+    max_num_seqs: int = Field(16, ge=1, description="Requests the engine runs in one batch.")
+    max_num_batched_tokens: int | None = Field(None, description="Tokens per engine step (default: engine's).")
     max_loras: int = Field(4, ge=1, description="Adapters resident in one batch.")
     max_cpu_loras: int | None = Field(None, description="Adapters cached in host memory (default: engine's).")
     max_lora_rank: int | None = Field(None, description="Default: the largest rank among the start adapters.")
     quantization: str | None = Field(None, description="vLLM quantization method, e.g. 'bitsandbytes', 'awq', 'fp8'.")
-    tensor_parallel_size: int = Field(1, ge=1)
-    gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0)
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs one model is split over.")
+    gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0, description="Fraction of GPU memory vLLM may use.")
     cpu_kvcache_space_gib: int = Field(1, ge=1, description="KV cache of the CPU backend (VLLM_CPU_KVCACHE_SPACE).")
-    enable_prefix_caching: bool = True
-    enforce_eager: bool = False
-    seed: int = 0
+    enable_prefix_caching: bool = Field(True, description="Reuse the KV cache of shared prompt prefixes.")
+    enforce_eager: bool = Field(False, description="No CUDA graphs in the engine (slower; starts faster).")
+    seed: int = Field(0, description="Engine seed (requests may pass their own).")
 
     # Request limits
-    max_images_per_request: int = Field(4, ge=0)
-    max_image_bytes: int = Field(20 * 1024 * 1024, ge=1024)
-    max_image_pixels: int = Field(4096 * 4096, ge=64 * 64)
-    max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    max_images_per_request: int = Field(4, ge=0, description="Images one request may carry.")
+    max_image_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="Bytes of one image (encoded).")
+    max_image_pixels: int = Field(4096 * 4096, ge=64 * 64, description="Pixels of one image (decoded).")
+    max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="Bytes of one request body; beyond: 413.")
 
     # Image URLs
-    image_fetch_timeout_s: float = Field(10.0, gt=0)
-    image_fetch_max_redirects: int = Field(3, ge=0)
+    image_fetch_timeout_s: float = Field(10.0, gt=0, description="Time to fetch one image URL.")
+    image_fetch_max_redirects: int = Field(3, ge=0, description="Redirects followed per image URL.")
     image_url_allowlist: list[str] = Field(
         default_factory=list,
-        description="Hosts or CIDRs that may be fetched although not public (e.g. '127.0.0.1/32' for tests).",
+        description="Hosts or CIDRs[:PORT] that may be fetched although not public (e.g. '127.0.0.1/32' for "
+                    "tests; repeatable).",
     )
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _level(cls, v):
+        return v.lower() if isinstance(v, str) else v
 
     @field_validator("adapters")
     @classmethod

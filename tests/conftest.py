@@ -17,7 +17,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 @pytest.fixture(scope="session")
 def demo_assets() -> dict[str, Path]:
     """The tiny model and two random (untrained) adapters, demo-a and demo-b."""
-    from trainer.cli import ensure_random_adapters, ensure_tiny_model
+    from trainer.demo import ensure_random_adapters, ensure_tiny_model
 
     model = ensure_tiny_model(MODELS)
     adapters = ensure_random_adapters(MODELS / "test-adapters", model)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from trainer.atomic import atomic_dir
+from artifacts.atomic import atomic_dir
 
 COLORS = {
     "red": (220, 30, 30), "green": (30, 170, 50), "blue": (30, 60, 220), "yellow": (240, 220, 20),

@@ -22,6 +22,8 @@ import time
 from contextlib import contextmanager
 from types import MethodType, SimpleNamespace
 
+from trainer.layers import base_of, decoder_layers
+
 logger = logging.getLogger("vlora.trainer")
 
 # Keyword arguments a decoder layer is handed that the SDPA/eager attention ignores (the Trainer's loss
@@ -269,8 +271,6 @@ def graph_layers(model, max_shapes: int = 4) -> LayerGraphs | None:
     building a KV cache in training forwards (generation still asks for one explicitly)."""
     import torch
 
-    from trainer.model import base_of, decoder_layers
-
     layers = decoder_layers(model)
     if not layers:
         raise ValueError("cuda_graphs: the model has no language_model.layers to capture")
@@ -282,6 +282,5 @@ def graph_layers(model, max_shapes: int = 4) -> LayerGraphs | None:
         if cfg is not None and hasattr(cfg, "use_cache"):
             cfg.use_cache = False
     graphs = LayerGraphs(layers, max_shapes)
-    model.vlora_graphs = graphs
     print(f"cuda graphs: {len(layers)} decoder layers will be captured per batch shape", flush=True)
     return graphs

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from trainer.atomic import atomic_dir
+from artifacts.atomic import atomic_dir
 
 
 def _is_quantized(model_dir: str) -> bool:

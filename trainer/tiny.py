@@ -15,7 +15,9 @@ What is built:
   `image_url` parts;
 - fp32 safetensors weights from `torch.manual_seed(seed)`: the same seed gives byte-identical files.
   `lm_head` is initialised with a larger std (like a confident pretrained head) so that LoRA adapters on
-  the language model can actually teach the model (see DESIGN.md).
+  the language model can actually teach the model: with the default std 0.02 the frozen head only emits weak
+  logits (|logit| < 3) and a language-only LoRA plateaus near 80 % on the shapes task; with 0.2 it reaches
+  over 90 % in minutes.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from trainer.atomic import atomic_dir
+from artifacts.atomic import atomic_dir
 
 SPECIAL_TOKENS = [
     "<|endoftext|>",
@@ -200,13 +202,13 @@ def build_model(config, seed: int):
     torch.manual_seed(seed)
     model = Qwen3VLForConditionalGeneration(config).to(torch.float32).eval()
     with torch.no_grad():
-        # A confident output head, so that language-model LoRA can move the argmax (DESIGN.md §3).
+        # A confident output head, so that language-model LoRA can move the argmax (see the docstring).
         model.lm_head.weight.normal_(mean=0.0, std=0.2)
     return model
 
 
 def make_tiny_model(out: str | Path, seed: int = 0, overwrite: bool = False) -> Path:
-    """Build and save the tiny model, tokenizer and processor to `out`; atomic (temp dir, then rename)."""
+    """Build and save the tiny model, tokenizer and processor to `out`; atomic (built in `out.partial`, then renamed)."""
     from transformers import GenerationConfig
 
     with atomic_dir(out, overwrite) as tmp:

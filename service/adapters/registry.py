@@ -17,11 +17,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from service.adapters import golden
+from artifacts.manifest import BaseFingerprint, Manifest
 from service.adapters.store import (
     NAME_RE,
     AdapterMeta,
@@ -30,9 +30,14 @@ from service.adapters.store import (
     files_fingerprint,
     inspect_adapter,
     is_adapter_dir,
+    safe_name,
     split_model,
 )
+from service.engine.base import Engine, EngineEvents, engine_adapter_name
 from service.errors import ModelNotFound
+
+# (engine adapter name, adapter folder, its manifest) -> problems found replaying its golden samples
+GoldenCheck = Callable[[str, Path, Manifest], Awaitable[list[str]]]
 
 logger = logging.getLogger("vlora.adapters")
 
@@ -43,8 +48,8 @@ def parse_adapter_pairs(pairs: list[str]) -> dict[str, str]:
     for pair in pairs:
         name, _, path = pair.partition("=")
         name, path = name.strip(), path.strip()
-        if not NAME_RE.match(name):
-            raise ValueError(f"adapter name '{name}' must match {NAME_RE.pattern}")
+        if not safe_name(name):
+            raise ValueError(f"adapter name '{name}' must match {NAME_RE.pattern} (and not end in .partial)")
         if not is_adapter_dir(Path(path)):
             raise ValueError(f"adapter '{name}': '{path}' holds no adapter_config.json")
         found[name] = path
@@ -81,21 +86,22 @@ class Revision:
     @property
     def key(self) -> str:
         """The engine's adapter name: one per revision."""
-        return f"{self.name}@{self.rev}"
+        return engine_adapter_name(self.name, self.rev)
 
 
 class AdapterRegistry:
-    def __init__(self, base_name: str, engine, *, store: AdapterStore | None = None,
-                 configured: dict[str, str] | None = None, tower_lora: bool = False,
-                 base_fingerprint: dict | None = None, preload: str = "all"):
+    def __init__(self, base_name: str, engine: Engine, *, golden_check: GoldenCheck, events: EngineEvents,
+                 store: AdapterStore | None = None, configured: dict[str, str] | None = None,
+                 tower_lora: bool = False, base_fingerprint: BaseFingerprint | None = None, preload: str = "all"):
         self.base_name = base_name
         self.engine = engine
+        self.golden_check = golden_check
+        self.events = events
         self.store = store or AdapterStore(None)
         self.configured = dict(configured or {})
         self.tower_lora = tower_lora
         self.base_fingerprint = base_fingerprint
         self.preload = preload
-        self.renderer = None  # set once the chat renderer exists (golden samples need it)
         self.active: dict[str, Revision] = {}  # name -> the revision new requests get
         self.resident: dict[str, Revision] = {}  # engine key -> every loaded revision
         self._loading: dict[str, asyncio.Future] = {}
@@ -139,14 +145,14 @@ class AdapterRegistry:
             return None
         name, rev = split_model(model)
         if allowed is not None and not allowed(name):
-            raise ModelNotFound(f"The model '{model}' does not exist", param="model")
+            raise ModelNotFound.named(model)
         current = self.active.get(name)
         if current is not None and (rev is None or rev == current.rev):
             return current
-        if rev is not None and f"{name}@{rev}" in self.resident:
-            return self.resident[f"{name}@{rev}"]
+        if rev is not None and engine_adapter_name(name, rev) in self.resident:
+            return self.resident[engine_adapter_name(name, rev)]
         if name in self.configured:
-            raise ModelNotFound(f"The model '{model}' does not exist", param="model")
+            raise ModelNotFound.named(model)
         found_rev, path = self.store.find(name, rev)
         return await self._load(name, found_rev, path, "root", activate=rev is None or name not in self.active)
 
@@ -165,8 +171,8 @@ class AdapterRegistry:
 
     async def load(self, name: str, rev: str | None = None) -> Revision:
         """Admin load: the newest (or the given) revision from the root becomes the active one."""
-        if not NAME_RE.match(name):
-            raise ModelNotFound(f"The model '{name}' does not exist", param="name")
+        if not safe_name(name):
+            raise ModelNotFound.named(name, param="name")
         found_rev, path = self.store.find(name, rev)
         return await self._load(name, found_rev, path, "root", activate=True)
 
@@ -183,7 +189,7 @@ class AdapterRegistry:
 
     async def _load(self, name: str, rev: str, path: Path, source: str, *, activate: bool,
                     refuse_on_golden: bool = True) -> Revision:
-        key = f"{name}@{rev}"
+        key = engine_adapter_name(name, rev)
         pending = self._loading.get(key)
         if pending is not None:  # a concurrent first request: wait for the same load
             revision = await asyncio.shield(pending)
@@ -212,7 +218,7 @@ class AdapterRegistry:
         return revision
 
     async def _load_once(self, name: str, rev: str, path: Path, source: str, refuse_on_golden: bool) -> Revision:
-        key = f"{name}@{rev}"
+        key = engine_adapter_name(name, rev)
         if key in self.resident:
             return self.resident[key]
         started = time.perf_counter()
@@ -222,14 +228,15 @@ class AdapterRegistry:
                 inspect_adapter, name, path, max_rank=self.engine.max_lora_rank, tower_lora=self.tower_lora,
                 base_fingerprint=self.base_fingerprint)
         except AdapterRefused:
-            self.engine.report_adapter_event("load_failed", name, None)
+            self.events.adapter_event("load_failed", key, None)
             raise
         await self.engine.load_adapter(key, str(path))
-        if revision.meta.manifest and revision.meta.manifest.get("golden_samples") and self.renderer is not None:
-            problems = await golden.check_adapter(self.engine, self.renderer, key, path)
+        manifest = revision.meta.manifest
+        if manifest is not None and manifest.golden_samples:
+            problems = await self.golden_check(key, Path(path), manifest)
             if problems and refuse_on_golden:
                 await self.engine.unload_adapter(key)
-                self.engine.report_adapter_event("load_failed", name, None)
+                self.events.adapter_event("load_failed", key, None)
                 raise AdapterRefused(name, [f"golden samples failed: {p}" for p in problems])
             revision.golden_problems = problems
         revision.loaded_at = time.time()

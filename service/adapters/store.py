@@ -7,7 +7,8 @@ Layout under the configured root (`--adapter-dir`, `/adapters` in the container)
 
 Revisions sort naturally (`v2` < `v10`, `2026-01-02` < `2026-01-10`); write a new revision into a new
 folder (atomically: write `REV.partial`, then rename) and load it: requests switch to it, the old one is
-unloaded once its requests are done.
+unloaded once its requests are done. A folder still named `*.partial` (see `artifacts.atomic`) is never
+served or listed, as a name or as a revision.
 
 Clients only ever send a name: names are restricted to a safe character set, and every path is resolved
 and must stay inside the root, so `..`, absolute paths and symlinks out of the root are refused.
@@ -26,6 +27,9 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from artifacts.atomic import is_partial
+from artifacts.manifest import BaseFingerprint, Manifest, ManifestError
+from artifacts.modules import GROUPS, module_group
 from service.errors import BadRequest, ModelNotFound
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -46,11 +50,20 @@ def natural_key(text: str) -> list:
     return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", text) if part]
 
 
+def safe_name(name: str) -> bool:
+    """An adapter name a client may send: a safe character set, and not an output still being written."""
+    return bool(NAME_RE.match(name)) and not is_partial(name)
+
+
+def safe_rev(rev: str) -> bool:
+    return bool(REV_RE.match(rev)) and not is_partial(rev)
+
+
 def split_model(model: str) -> tuple[str, str | None]:
     """`name` or `name@rev` -> (name, rev or None); refuses anything that is not a safe name."""
     name, sep, rev = model.partition("@")
-    if not NAME_RE.match(name) or (sep and not REV_RE.match(rev)):
-        raise ModelNotFound(f"The model '{model}' does not exist", param="model")
+    if not safe_name(name) or (sep and not safe_rev(rev)):
+        raise ModelNotFound.named(model)
     return name, (rev if sep else None)
 
 
@@ -82,7 +95,7 @@ class AdapterStore:
 
     def _folders(self, name: str) -> tuple[Path | None, dict[str, Path]]:
         """(the flat adapter folder, or None; revision id -> folder of the nested layout), unhashed."""
-        if self.root is None or not NAME_RE.match(name):
+        if self.root is None or not safe_name(name):
             return None, {}
         folder = self._inside(self.root / name)
         if folder is None or not folder.is_dir():
@@ -92,7 +105,7 @@ class AdapterStore:
         out = {}
         for sub in folder.iterdir():
             inside = self._inside(sub)
-            if inside is not None and REV_RE.match(sub.name) and inside.is_dir() and is_adapter_dir(inside):
+            if inside is not None and safe_rev(sub.name) and inside.is_dir() and is_adapter_dir(inside):
                 out[sub.name] = inside
         return None, out
 
@@ -109,11 +122,11 @@ class AdapterStore:
     def find(self, name: str, rev: str | None = None) -> tuple[str, Path]:
         revs = self.revisions(name)
         if not revs:
-            raise ModelNotFound(f"The model '{name}' does not exist", param="model")
+            raise ModelNotFound.named(name)
         if rev is None:
             rev = max(revs, key=natural_key)
         elif rev not in revs:
-            raise ModelNotFound(f"The model '{name}@{rev}' does not exist", param="model")
+            raise ModelNotFound.named(f"{name}@{rev}")
         return rev, revs[rev]
 
     def names(self) -> list[str]:
@@ -128,7 +141,7 @@ class AdapterStore:
 class AdapterMeta:
     rank: int
     targets: dict[str, list[str]] = field(default_factory=dict)  # language / vision / merger -> modules
-    manifest: dict | None = None
+    manifest: Manifest | None = None
 
 
 def _module_of(key: str) -> str:
@@ -140,14 +153,8 @@ def _module_of(key: str) -> str:
     return parts[-2] if len(parts) > 1 else key
 
 
-def _group_of(key: str) -> str:
-    if ".visual." not in f".{key}":
-        return "language"
-    return "merger" if "merger" in key else "vision"
-
-
 def inspect_adapter(name: str, path: Path, *, max_rank: int, tower_lora: bool,
-                    base_fingerprint: dict | None) -> AdapterMeta:
+                    base_fingerprint: BaseFingerprint | None) -> AdapterMeta:
     """Run the engine-independent load checks; raises AdapterRefused naming every problem found."""
     import torch
     from safetensors import safe_open
@@ -162,7 +169,7 @@ def inspect_adapter(name: str, path: Path, *, max_rank: int, tower_lora: bool,
     weights = path / WEIGHTS
     if not weights.is_file():
         raise AdapterRefused(name, [f"{WEIGHTS} is missing (only safetensors adapters are served)"])
-    targets: dict[str, set[str]] = {"language": set(), "vision": set(), "merger": set()}
+    targets: dict[str, set[str]] = {group: set() for group in GROUPS}
     rank = 0
     try:
         with safe_open(str(weights), framework="pt") as f:
@@ -175,7 +182,7 @@ def inspect_adapter(name: str, path: Path, *, max_rank: int, tower_lora: bool,
                     raise ValueError(f"tensor {key} holds NaN or infinite values")
                 if ".lora_A." in key:
                     rank = max(rank, int(tensor.shape[0]))
-                targets[_group_of(key)].add(_module_of(key))
+                targets[module_group(key)].add(_module_of(key))
     except Exception as exc:  # safetensors raises assorted types for truncated or garbled files
         raise AdapterRefused(name, [f"{WEIGHTS} is corrupt: {exc}"]) from None
     if rank == 0:
@@ -187,20 +194,12 @@ def inspect_adapter(name: str, path: Path, *, max_rank: int, tower_lora: bool,
         reasons.append(f"it adapts vision-tower/merger modules ({', '.join(tower)}) that this server does not "
                        "apply (start it with --enable-tower-lora)")
     manifest = None
-    manifest_file = path / "manifest.json"
-    if manifest_file.is_file():
-        try:
-            manifest = json.loads(manifest_file.read_text())
-        except (OSError, ValueError) as exc:
-            reasons.append(f"manifest.json is unreadable: {exc}")
-    if manifest and base_fingerprint:
-        trained_on = manifest.get("base") or {}
-        for key in ("config_sha256", "weights_sha256"):
-            theirs, ours = trained_on.get(key), base_fingerprint.get(key)
-            if theirs and ours and theirs != ours:
-                reasons.append(f"it was trained on another base model ({key.split('_')[0]} fingerprint "
-                               f"{theirs[:12]} != served {ours[:12]})")
-                break
+    try:
+        manifest = Manifest.read(path)
+    except ManifestError as exc:
+        reasons.append(str(exc))
+    if manifest is not None and (mismatch := manifest.base.mismatch(base_fingerprint)):
+        reasons.append(mismatch)
     if reasons:
         raise AdapterRefused(name, reasons)
     return AdapterMeta(rank=rank, targets={k: sorted(v) for k, v in targets.items() if v}, manifest=manifest)

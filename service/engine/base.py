@@ -1,10 +1,18 @@
-"""The engine protocol: what the serving layer needs from an inference backend, and nothing more."""
+"""The engine protocol: what the serving layer needs from an inference backend, and nothing more.
+
+A backend (`vllm_engine.VLLMEngine`) implements `Engine`; whatever it observes about its own work (adapter
+loads, scheduler load, queue waits) it reports to the `EngineEvents` sink it is given at construction (the
+service's metrics). Nothing above this module knows which backend runs.
+
+Adapters are named by the caller; the registry gives every revision its own engine name `NAME@REV`
+(`engine_adapter_name`), and events carry that engine name (`adapter_of` recovers the adapter's name).
+"""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 
 @dataclass(frozen=True)
@@ -30,7 +38,7 @@ class GenerationRequest:
     prompt: str
     images: list[Any] = field(default_factory=list)  # PIL images, in prompt order
     sampling: Sampling = field(default_factory=lambda: Sampling(max_tokens=16))
-    adapter: str | None = None  # None: the base model
+    adapter: str | None = None  # an engine adapter name (NAME@REV); None: the base model
 
 
 @dataclass
@@ -46,21 +54,66 @@ class Delta:
 
 @dataclass(frozen=True)
 class AdapterInfo:
-    name: str
+    name: str  # the engine adapter name (NAME@REV)
     path: str
     rank: int
     engine_id: int
 
 
+def engine_adapter_name(name: str, rev: str) -> str:
+    """The engine's name for one revision of an adapter: every revision is its own engine adapter."""
+    return f"{name}@{rev}"
+
+
+def adapter_of(engine_name: str) -> str:
+    """The adapter name of an engine adapter name (`NAME@REV` -> `NAME`): metrics label adapters, not revisions."""
+    return engine_name.partition("@")[0]
+
+
+AdapterEvent = Literal["load", "load_failed", "unload"]
+
+
+class EngineEvents(Protocol):
+    """Where an engine reports what it observes; adapters are engine names (NAME@REV), None is the base."""
+
+    def adapter_event(self, event: AdapterEvent, adapter: str, seconds: float | None) -> None: ...
+
+    def scheduler_state(self, running: int, waiting: int, kv_cache_usage: float,
+                        running_by_adapter: dict[str, int]) -> None: ...
+
+    def request_queued(self, adapter: str | None, seconds: float) -> None: ...
+
+
+class NoEvents:
+    """An events sink that drops everything (tools and tests that need no metrics)."""
+
+    def adapter_event(self, event: AdapterEvent, adapter: str, seconds: float | None) -> None:
+        pass
+
+    def scheduler_state(self, running: int, waiting: int, kv_cache_usage: float,
+                        running_by_adapter: dict[str, int]) -> None:
+        pass
+
+    def request_queued(self, adapter: str | None, seconds: float) -> None:
+        pass
+
+
 class Engine(Protocol):
     model_id: str
-    max_model_len: int
+    max_model_len: int  # known once started
+    max_lora_rank: int  # the largest adapter rank `load_adapter` accepts (0: no LoRA support)
 
     async def start(self) -> None: ...
 
     async def shutdown(self) -> None: ...
 
-    def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]: ...
+    async def check_health(self) -> None: ...
+
+    def unfinished_requests(self) -> int: ...
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+        """Stream the request's output; closing the iterator early aborts the request in the engine."""
+        ...
 
     async def abort(self, request_id: str) -> None: ...
 
@@ -68,8 +121,10 @@ class Engine(Protocol):
 
     async def unload_adapter(self, name: str) -> None: ...
 
-    def adapters(self) -> list[AdapterInfo]: ...
+    def adapters(self) -> list[AdapterInfo]:
+        """Every adapter loaded (registered) in the engine."""
+        ...
 
-    async def check_health(self) -> None: ...
-
-    def unfinished_requests(self) -> int: ...
+    async def resident_ids(self) -> set[int]:
+        """Engine ids of the loaded adapters held in accelerator/host memory now (others reload when used)."""
+        ...

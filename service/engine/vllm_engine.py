@@ -2,7 +2,9 @@
 
 Adapters are vLLM `LoRARequest`s with a stable integer id per loaded name; the base model is served
 with no LoRA request. On the CPU backend the mixed-batch correctness fix is applied by the plugin in
-`vllm_fixes.py`, which vLLM loads in every engine process.
+`vllm_fixes.py`, which vLLM loads in every engine process. Adapter loads, scheduler load and queue waits
+are reported to the `EngineEvents` sink given at construction (vLLM's stat loggers: `vllm_stats.py`); the
+engine keeps each running request's adapter itself, by request id, for the queue-wait reports.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from service.engine.base import AdapterInfo, Delta, GenerationRequest
+from service.engine.base import AdapterInfo, Delta, EngineEvents, GenerationRequest, NoEvents, adapter_of
+from service.engine.vllm_stats import stat_logger_factory
 from service.errors import BadRequest, ContextLengthExceeded, EngineFailure, ModelNotFound, NotReady
 from service.settings import ServiceSettings
 
@@ -47,8 +50,10 @@ def engine_rank_limit(ranks: list[int], configured: int | None) -> int:
 
 
 class VLLMEngine:
-    def __init__(self, settings: ServiceSettings, adapters: dict[str, str], enable_lora: bool = True):
+    def __init__(self, settings: ServiceSettings, adapters: dict[str, str], enable_lora: bool = True,
+                 events: EngineEvents | None = None):
         self.settings = settings
+        self.events = events or NoEvents()
         self.model_id = settings.base_name
         self._start_adapters = adapters
         self._enable_lora = enable_lora or bool(adapters)
@@ -58,9 +63,7 @@ class VLLMEngine:
         self._llm = None
         self.max_model_len = settings.max_model_len or 0
         self.max_lora_rank = 0
-        self.stat_logger_factories: list = []  # vLLM stat loggers (see service.metrics.EngineStats)
-        self.on_adapter_event = None  # callback(event: load | load_failed | unload, name, seconds | None)
-        self._request_adapters: dict[str, str | None] = {}
+        self._request_adapters: dict[str, str | None] = {}  # request id -> engine adapter name, while it runs
 
     # lifecycle ----------------------------------------------------------------------------------
 
@@ -107,7 +110,8 @@ class VLLMEngine:
 
         if current_platform.is_cpu():
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.settings.cpu_kvcache_space_gib))
-        self._llm = AsyncLLM.from_engine_args(self._engine_args(), stat_loggers=self.stat_logger_factories or None)
+        loggers = [stat_logger_factory(self.events, self._request_adapters.get)]
+        self._llm = AsyncLLM.from_engine_args(self._engine_args(), stat_loggers=loggers)
         self.max_model_len = self._llm.model_config.max_model_len
 
     async def shutdown(self) -> None:
@@ -149,27 +153,16 @@ class VLLMEngine:
             try:
                 await self._llm.add_lora(self._lora_request(info))
             except Exception as exc:  # vLLM reports bad adapters as assorted exception types
-                self.report_adapter_event("load_failed", name, None)
-                raise BadRequest(f"adapter '{name.partition('@')[0]}' failed to load: {exc}") from exc
-            self.report_adapter_event("load", name, time.perf_counter() - started)
+                self.events.adapter_event("load_failed", name, None)
+                raise BadRequest(f"adapter '{adapter_of(name)}' failed to load: {exc}") from exc
+            self.events.adapter_event("load", name, time.perf_counter() - started)
             self._adapters[name] = info
         logger.info("adapter loaded", extra={"adapter": name, "path": info.path, "rank": rank})
         return info
 
-    def report_adapter_event(self, event: str, name: str, seconds: float | None) -> None:
-        """Metrics hook; adapters are labelled by name, not revision (bounded cardinality)."""
-        if self.on_adapter_event is not None:
-            self.on_adapter_event(event, name.partition("@")[0], seconds)
-
     async def resident_ids(self) -> set[int]:
         """Engine ids of the adapters the engine holds in memory (others reload from disk when used)."""
         return set(await self._llm.list_loras()) if self._llm is not None and self._enable_lora else set()
-
-    def adapter_of_request(self, engine_request_id: str) -> str | None:
-        """The adapter of a request, from the engine's (possibly suffixed) request id."""
-        start = engine_request_id.find("chatcmpl-")
-        key = self._request_adapters.get(engine_request_id[start:start + 41]) if start >= 0 else None
-        return key.partition("@")[0] if key else None
 
     async def unload_adapter(self, name: str) -> None:
         async with self._adapter_lock:
@@ -177,7 +170,7 @@ class VLLMEngine:
             if info is None:
                 raise ModelNotFound(f"adapter '{name}' is not loaded")
             await self._llm.remove_lora(info.engine_id)
-        self.report_adapter_event("unload", name, None)
+        self.events.adapter_event("unload", name, None)
 
     # generation ---------------------------------------------------------------------------------
 

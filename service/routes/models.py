@@ -36,4 +36,4 @@ async def get_model(model_id: str, request: Request) -> ModelCard:
     for card in _cards(request):
         if card.id == model_id:
             return card
-    raise ModelNotFound(f"The model '{model_id}' does not exist", param="model")
+    raise ModelNotFound.named(model_id)

@@ -27,19 +27,21 @@ async def health(request: Request) -> dict:
 @router.get("/ready")
 async def ready(request: Request) -> dict:
     state = request.app.state
+    retry = {"Retry-After": str(state.settings.retry_after_s)}
     if state.drain.draining:
-        raise NotReady("not ready: the server is draining before shutdown", headers={"Retry-After": "5"})
+        raise NotReady("not ready: the server is draining before shutdown", headers=retry)
     if not state.ready:
-        raise NotReady("not ready: the engine or its adapters are still loading", headers={"Retry-After": "5"})
+        raise NotReady("not ready: the engine or its adapters are still loading", headers=retry)
     golden_failures = state.registry.golden_failures()
     if golden_failures:
         failed = ", ".join(sorted(golden_failures))
-        raise NotReady(f"not ready: golden-sample checks failed for adapter(s) {failed}",
-                       headers={"Retry-After": "5"})
+        raise NotReady(f"not ready: golden-sample checks failed for adapter(s) {failed}", headers=retry)
     await state.engine.check_health()
     return {"status": "ready", "adapters": state.registry.names()}
 
 
 @router.get("/metrics")
 async def metrics(request: Request) -> Response:
-    return Response(request.app.state.metrics.exposition(), media_type=CONTENT_TYPE)
+    state = request.app.state
+    return Response(state.metrics.exposition(engine_unfinished=state.engine.unfinished_requests()),
+                    media_type=CONTENT_TYPE)

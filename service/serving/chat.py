@@ -2,8 +2,9 @@
 
 Everything that can be refused is refused before the engine sees the request (model, images, prompt
 length); the first engine output is awaited before a stream's headers are sent, so engine-side
-validation errors still get a proper HTTP status. A stream whose client goes away aborts its engine
-request (`finally:` in the engine backend and here).
+validation errors still get a proper HTTP status. A stream that fails later ends with an OpenAI-shaped
+error event and `data: [DONE]` (counted by the error's status; an unexpected exception is a 5xx). A stream
+whose client goes away aborts its engine request (`finally:` in the engine backend and here).
 """
 
 from __future__ import annotations
@@ -20,7 +21,15 @@ import anyio
 from service.adapters.registry import AdapterRegistry, Revision
 from service.auth import OPEN, Tenant
 from service.engine.base import Delta, Engine, GenerationRequest, Sampling
-from service.errors import APIError, BadRequest, ContextLengthExceeded, ModelNotFound, Overloaded, error_body
+from service.errors import (
+    APIError,
+    BadRequest,
+    ContextLengthExceeded,
+    ModelNotFound,
+    Overloaded,
+    error_body,
+    internal_error_body,
+)
 from service.media import MediaLimits, load_image
 from service.metrics import Metrics
 from service.protocol.chat import (
@@ -140,7 +149,7 @@ class ChatService:
     async def prepare(self, req: ChatCompletionRequest, tenant: Tenant = OPEN) -> Prepared:
         base = self.registry.base_name
         if req.model == base and not tenant.base:
-            raise ModelNotFound(f"The model '{req.model}' does not exist", param="model")
+            raise ModelNotFound.named(req.model)
         revision = await self.registry.resolve(req.model, tenant.may_use_adapter)
         self.registry.acquire(revision)
         try:
@@ -264,6 +273,11 @@ class ChatService:
             status = f"{exc.status // 100}xx"
             logger.warning("stream %s failed: %s", rid, exc.message)
             yield sse_json(error_body(exc.status, exc.message, exc.type, exc.param, exc.code))
+            yield DONE
+        except Exception:  # a bug or an engine failure mid-stream: the client still gets an error and [DONE]
+            status = "5xx"
+            logger.exception("stream %s failed", rid)
+            yield sse_json(internal_error_body())
             yield DONE
         finally:
             if status == "aborted":

@@ -79,7 +79,7 @@ def images():
 
 @pytest.fixture(scope="module")
 def root(demo_assets, tmp_path_factory):
-    from trainer.cli import ensure_demo_assets
+    from trainer.demo import ensure_demo_assets
     from trainer.tiny import make_random_adapter
 
     ensure_demo_assets(MODELS)

@@ -20,7 +20,7 @@ TASKS = ("colors", "shapes")
 
 @pytest.fixture(scope="module")
 def trained_demo():
-    from trainer.cli import ensure_demo_assets
+    from trainer.demo import ensure_demo_assets
 
     ensure_demo_assets(MODELS)
     return MODELS

@@ -15,7 +15,7 @@ from trainer.data import load_dataset_file
 
 @pytest.fixture(scope="module")
 def merged(tmp_path_factory):
-    from trainer.cli import ensure_demo_assets
+    from trainer.demo import ensure_demo_assets
     from trainer.merge import merge
 
     ensure_demo_assets(MODELS)

@@ -122,7 +122,7 @@ def test_backpressure_gives_429_and_recovers(server, body):
 def test_failed_golden_samples_keep_not_ready_then_engine_death_exits_nonzero(demo_assets, tmp_path):
     """One server: an adapter whose golden samples fail keeps /ready at 503 (liveness stays fine); then
     the engine is killed, /health fails and the process exits non-zero."""
-    from trainer.cli import ensure_demo_assets
+    from trainer.demo import ensure_demo_assets
 
     ensure_demo_assets(MODELS)
     tampered = tmp_path / "tampered"

@@ -6,6 +6,7 @@ import hashlib
 
 import pytest
 
+from service.adapters.store import split_model
 from service.auth import KeyRing, Tenant, parse_tenants
 
 TENANTS = """
@@ -40,8 +41,8 @@ def test_keys_map_to_tenants(tmp_path):
 
 def test_tenant_allowlists():
     acme = Tenant("acme", ("acme-*", "colors"), base=False)
-    assert acme.may_use("acme-invoices", "base") and acme.may_use("colors@v2", "base")
-    assert not acme.may_use("shapes", "base") and not acme.may_use("base", "base")
+    assert acme.may_use_adapter("acme-invoices") and acme.may_use_adapter(split_model("colors@v2")[0])
+    assert not acme.may_use_adapter("shapes") and not acme.base
     assert not acme.may_use_adapter("acme")  # patterns match whole names
 
 

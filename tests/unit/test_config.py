@@ -82,7 +82,7 @@ def _lora_mlp():
 def test_training_speedups_skip_input_casts_with_the_same_result():
     import torch
 
-    from trainer.model import training_speedups
+    from trainer.speedups import training_speedups
 
     model = _lora_mlp()
     layers = [m for m in model.modules() if hasattr(m, "cast_input_dtype_enabled")]
@@ -104,7 +104,7 @@ def test_gc_every_steps(monkeypatch):
     import gc
     from types import SimpleNamespace
 
-    from trainer.model import gc_callback
+    from trainer.speedups import gc_callback
 
     assert gc_callback(TrainConfig(gc_every=0)) is None
     collected = []

@@ -73,20 +73,21 @@ def test_pad_to_multiple_of(tiny_processor):
     assert (padded["labels"] != -100).sum() == (plain["labels"] != -100).sum()
 
 
-def _model(demo_assets, cuda_graphs: bool, device: str):
+def _model(demo_assets, cuda_graphs: bool, device: str, with_speedups: bool = False):
     import torch
 
-    from trainer.model import load_base, wrap_lora
+    from trainer.train import prepare_model
 
     config = TrainConfig(base_model=str(demo_assets["model"]), gradient_checkpointing=False, lora_dropout=0.0,
                          cuda_graphs=cuda_graphs, kernels="auto")
     torch.manual_seed(0)
-    model, _ = wrap_lora(load_base(config), config)
+    model, _, speedups = prepare_model(config)
     with torch.no_grad():  # non-zero B, so that the adapters change the loss and get input gradients
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(std=0.02)
-    return model.to(device).train()
+    model = model.to(device).train()
+    return (model, speedups) if with_speedups else model
 
 
 def test_cpu_runs_every_layer_eagerly_with_the_same_loss(demo_assets, tiny_processor, monkeypatch):
@@ -95,11 +96,11 @@ def test_cpu_runs_every_layer_eagerly_with_the_same_loss(demo_assets, tiny_proce
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # also where a GPU is present
 
     from trainer.graphs import LayerGraphs
-    from trainer.model import decoder_layers
+    from trainer.layers import decoder_layers
 
     eager = _model(demo_assets, False, "cpu")
-    graphed = _model(demo_assets, True, "cpu")  # no CUDA: wrap_lora leaves the layers alone
-    assert getattr(graphed, "vlora_graphs", None) is None
+    graphed, speedups = _model(demo_assets, True, "cpu", with_speedups=True)  # no CUDA: layers left alone
+    assert speedups.graphs is None
     graphs = LayerGraphs(decoder_layers(graphed))  # installed anyway: every call must fall back
     batch = _batch(tiny_processor)
     a, b = eager(**batch).loss, graphed(**batch).loss
@@ -113,7 +114,7 @@ def test_stand_in_parameters_compute_the_same_and_take_the_gradients(demo_assets
     import torch
 
     from trainer.graphs import _Captured
-    from trainer.model import decoder_layers
+    from trainer.layers import decoder_layers
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     model = _model(demo_assets, False, "cpu")

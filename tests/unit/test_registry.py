@@ -1,6 +1,6 @@
 """Adapter root (names, revisions, path safety), load-time checks, and the registry's lifecycle logic.
 
-The registry is driven here with a recording engine stand-in, to pin down single-flight loading and
+The registry is driven here with the protocol's stand-in (tests/fakes.py), to pin down single-flight loading and
 revision retirement exactly; tests/e2e/test_adapters.py runs the same paths against the real engine.
 """
 
@@ -14,12 +14,14 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from artifacts.manifest import BaseFingerprint
 from service.adapters.registry import AdapterRegistry, collect_adapters
 from service.adapters.store import AdapterRefused, AdapterStore, inspect_adapter, natural_key, split_model
-from service.engine.base import AdapterInfo
+from service.engine.base import NoEvents
 from service.engine.vllm_engine import adapter_rank, engine_rank_limit
 from service.errors import BadRequest, ModelNotFound
 from service.settings import ServiceSettings
+from tests.fakes import FakeEngine
 
 LM = "base_model.model.model.language_model.layers.0.self_attn.q_proj"
 VISUAL = "base_model.model.model.visual.blocks.0.attn.qkv"
@@ -81,6 +83,22 @@ def test_revisions_newest_is_natural_order(tmp_path):
     assert len(rev) == 12 and path == flat.resolve()
 
 
+def test_partial_folders_are_never_served_or_listed(tmp_path):
+    """`REV.partial` (and `NAME.partial`) are outputs still being written; `v8.partial` sorts above `v8`."""
+    _adapter(tmp_path / "root" / "x" / "v8")
+    _adapter(tmp_path / "root" / "x" / "v8.partial")
+    _adapter(tmp_path / "root" / "y.partial")
+    _adapter(tmp_path / "root" / "z" / "v1.partial")
+    store = AdapterStore(tmp_path / "root")
+    assert store.find("x")[0] == "v8" and list(store.revisions("x")) == ["v8"]
+    assert store.names() == ["x"]
+    for model in ("x@v8.partial", "y.partial", "z"):
+        with pytest.raises(ModelNotFound):
+            store.find(*split_model(model))
+    with pytest.raises(ValueError, match="partial"):
+        collect_adapters([f"w.partial={tmp_path / 'root' / 'x' / 'v8'}"], None)
+
+
 @pytest.mark.parametrize("model", ["../x", "/etc/passwd", "a/../../b", "x@../v1", "x@", "..", ".hidden", "a b",
                                    "x@v1/../../etc"])
 def test_unsafe_names_are_not_found(tmp_path, model):
@@ -109,7 +127,7 @@ def test_symlinks_out_of_the_root_are_refused(tmp_path):
 # -- load-time checks ---------------------------------------------------------------------------------
 
 def _inspect(path, **kw):
-    args = dict(max_rank=16, tower_lora=False, base_fingerprint={"config_sha256": "aa" * 32})
+    args = dict(max_rank=16, tower_lora=False, base_fingerprint=BaseFingerprint(config_sha256="aa" * 32))
     return inspect_adapter("t", path, **{**args, **kw})
 
 
@@ -158,34 +176,13 @@ def test_ranks(tmp_path):
 
 # -- registry lifecycle -------------------------------------------------------------------------------
 
-class _RecordingEngine:
-    max_lora_rank = 16
-
-    def __init__(self):
-        self.loaded: dict[str, AdapterInfo] = {}
-        self.log: list[tuple[str, str]] = []
-        self.next_id = 1
-
-    async def load_adapter(self, key, path):
-        await asyncio.sleep(0.05)  # long enough for concurrent first requests to pile up
-        self.log.append(("load", key))
-        self.loaded[key] = AdapterInfo(name=key, path=path, rank=8, engine_id=self.next_id)
-        self.next_id += 1
-        return self.loaded[key]
-
-    async def unload_adapter(self, key):
-        self.log.append(("unload", key))
-        del self.loaded[key]
-
-    def report_adapter_event(self, *args):
-        pass
-
-    def adapters(self):
-        return list(self.loaded.values())
+async def _no_golden_samples(adapter, path, manifest):
+    return []
 
 
 def _registry(root, **kw):
-    return AdapterRegistry("base", _RecordingEngine(), store=AdapterStore(root), preload="none", **kw)
+    return AdapterRegistry("base", FakeEngine(), golden_check=_no_golden_samples, events=NoEvents(),
+                           store=AdapterStore(root), preload="none", **kw)
 
 
 def test_concurrent_first_requests_load_once(tmp_path):

@@ -1,0 +1,142 @@
+"""`manifest.json`, written by the trainer beside `adapter_config.json` and read by the service.
+
+It records the base model and a fingerprint of its config and weights, rank/alpha, the adapted modules
+split into language / vision / merger (and whether vLLM would ignore some), processor pixel limits, the
+chat-template hash, the training config, eval metrics, and golden samples (image file + hash, prompt,
+expected greedy output) that the service replays at load time. `Manifest` is the one typed reading of it:
+the trainer builds one and writes it, the service reads it once per adapter load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+MANIFEST = "manifest.json"
+FORMAT = 1
+SAMPLE_BYTES = 1 << 20
+DEFAULT_GOLDEN_MAX_TOKENS = 32
+
+
+class ManifestError(ValueError):
+    """A manifest.json that exists but cannot be read or does not have the manifest's shape."""
+
+
+class _Part(BaseModel):
+    model_config = ConfigDict(extra="allow")  # written by newer or older trainers: keep what we do not know
+
+
+class BaseFingerprint(_Part):
+    model: str | None = None
+    config_sha256: str | None = None
+    weights_sha256: str | None = None
+
+    def mismatch(self, served: BaseFingerprint | None) -> str | None:
+        """Why an adapter trained on this base must not be served on `served` (None: compatible or unknown)."""
+        if served is None:
+            return None
+        for key in ("config_sha256", "weights_sha256"):
+            theirs, ours = getattr(self, key), getattr(served, key)
+            if theirs and ours and theirs != ours:
+                return (f"it was trained on another base model ({key.split('_')[0]} fingerprint "
+                        f"{theirs[:12]} != served {ours[:12]})")
+        return None
+
+
+class LoraSettings(_Part):
+    r: int | None = None
+    alpha: float | None = None
+    rslora: bool = False
+    dropout: float = 0.0
+    quantization: str | None = None
+
+
+class Serving(_Part):
+    vllm_applies_all: bool = True
+    notes: list[str] = Field(default_factory=list)
+
+
+class GoldenImage(_Part):
+    file: str
+    sha256: str
+
+
+class GoldenSample(_Part):
+    messages: list[dict[str, Any]]  # chat messages; image parts are {"type": "image"}, in `images` order
+    images: list[GoldenImage] = Field(default_factory=list)
+    expected: str
+
+
+class Manifest(_Part):
+    format: int = FORMAT
+    base: BaseFingerprint = Field(default_factory=BaseFingerprint)
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    targets: dict[str, list[str]] = Field(default_factory=dict)
+    serving: Serving = Field(default_factory=Serving)
+    processor: dict[str, Any] = Field(default_factory=dict)
+    chat_template_sha256: str | None = None
+    training: dict[str, Any] = Field(default_factory=dict)
+    eval: dict[str, Any] = Field(default_factory=dict)
+    golden_samples: list[GoldenSample] = Field(default_factory=list)
+
+    @property
+    def golden_max_tokens(self) -> int:
+        """Tokens generated per golden sample: what the trainer's eval generated."""
+        return int(self.training.get("eval_max_new_tokens") or DEFAULT_GOLDEN_MAX_TOKENS)
+
+    @classmethod
+    def read(cls, adapter_dir: str | Path) -> Manifest | None:
+        """The manifest of an adapter folder; None when it has none, ManifestError when it is unreadable."""
+        path = Path(adapter_dir) / MANIFEST
+        if not path.is_file():
+            return None
+        try:
+            return cls.model_validate(json.loads(path.read_text()))
+        except (OSError, ValueError) as exc:  # json and pydantic errors are ValueErrors
+            detail = exc.errors()[0]["msg"] if isinstance(exc, ValidationError) else str(exc)
+            raise ManifestError(f"{MANIFEST} is unreadable: {detail}") from None
+
+    def write(self, adapter_dir: str | Path) -> Path:
+        path = Path(adapter_dir) / MANIFEST
+        path.write_text(self.model_dump_json(indent=2))
+        return path
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def base_fingerprint(model: str) -> BaseFingerprint:
+    """sha256 of config.json, and of each safetensors file's header plus its first and last MiB.
+
+    Reading whole multi-GB checkpoints would take minutes; headers name every tensor with its dtype,
+    shape and offsets, and the sampled bytes tell retrained weights of the same shape apart. A model that
+    is not a local folder (a hub id) has no fingerprint."""
+    root = Path(model)
+    if not root.is_dir():
+        return BaseFingerprint(model=model)
+    weights = hashlib.sha256()
+    for shard in sorted(root.glob("*.safetensors")):
+        size = shard.stat().st_size
+        with open(shard, "rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            weights.update(shard.name.encode() + size.to_bytes(8, "little") + f.read(header_len))
+            weights.update(f.read(SAMPLE_BYTES))
+            f.seek(max(0, size - SAMPLE_BYTES))
+            weights.update(f.read(SAMPLE_BYTES))
+    config = root / "config.json"
+    return BaseFingerprint(model=model, config_sha256=_sha256(config.read_bytes()) if config.is_file() else None,
+                           weights_sha256=weights.hexdigest())
+
+
+def file_sha256(path: str | Path) -> str:
+    return _sha256(Path(path).read_bytes())
+
+
+def chat_template_hash(processor) -> str:
+    template = getattr(processor, "chat_template", None) or getattr(processor.tokenizer, "chat_template", "") or ""
+    return _sha256(template.encode())

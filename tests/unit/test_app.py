@@ -1,0 +1,91 @@
+"""The app above the engine protocol, in process: the protocol fake is exactly the protocol, the settings
+are the command line, and a stream whose engine fails mid-way ends as OpenAI clients expect.
+
+A real engine cannot be made to fail on demand; the failure path is driven through the protocol's
+stand-in (tests/fakes.py), with the official `openai` client on an in-process ASGI transport.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+
+import httpx
+import openai
+import pytest
+
+from service.app import create_app
+from service.engine.base import Engine
+from service.main import build_settings
+from service.metrics import Metrics
+from service.serving.render import ChatRenderer
+from tests.fakes import FakeEngine
+
+
+def _members(cls) -> set[str]:
+    names = {n for n, _ in inspect.getmembers(cls) if not n.startswith("_")}
+    return names | {n for n in getattr(cls, "__annotations__", {}) if not n.startswith("_")}
+
+
+def test_fake_engine_is_the_protocol_and_nothing_else():
+    protocol = _members(Engine)
+    fake = _members(FakeEngine) - {"loaded", "log"}  # the fake's own record of what it was asked
+    assert protocol == fake
+    engine = FakeEngine()
+    assert {"model_id", "max_model_len", "max_lora_rank"} <= set(vars(engine))
+
+
+def test_the_command_line_is_generated_from_the_settings(tmp_path, monkeypatch):
+    monkeypatch.setenv("VLORA_PORT", "9000")
+    monkeypatch.setenv("VLORA_MAX_NUM_SEQS", "3")
+    s = build_settings(["--model", str(tmp_path), "--adapter", "a=/x", "--adapter", "b=/y", "--preload", "none",
+                        "--enable-tower-lora", "--port", "8123", "--image-url-allowlist", "127.0.0.1/32",
+                        "--log-format", "text", "--retry-after-s", "7"])
+    assert s.port == 8123 and s.max_num_seqs == 3  # flags win over the environment, which still applies
+    assert s.adapters == ["a=/x", "b=/y"] and s.preload == "none" and s.enable_tower_lora
+    assert s.image_url_allowlist == ["127.0.0.1/32"] and s.log_format == "text" and s.retry_after_s == 7
+    with pytest.raises(SystemExit, match="preload"):
+        build_settings(["--preload", "sometimes"])
+    with pytest.raises(SystemExit, match="NAME=PATH"):
+        build_settings(["--adapter", "no-equals-sign"])
+
+
+def _app(demo_assets, tiny_processor, engine: FakeEngine, metrics: Metrics, **settings):
+    s = build_settings(["--model", str(demo_assets["model"]), *settings.get("argv", [])])
+    return create_app(s, engine, metrics=metrics, renderer=ChatRenderer(tiny_processor))
+
+
+async def _with_client(app, body):
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://app") as http:
+            client = openai.AsyncOpenAI(base_url="http://app/v1", api_key="unused", http_client=http, max_retries=0)
+            return await body(http, client)
+
+
+def test_a_stream_failing_mid_way_ends_with_an_error_event_and_done(demo_assets, tiny_processor):
+    metrics = Metrics()
+    engine = FakeEngine(events=metrics, reply=lambda r: ["one", " two", " three"], fail_after=1)
+    app = _app(demo_assets, tiny_processor, engine, metrics)
+    base = app.state.settings.base_name
+    request = {"model": base, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8, "stream": True}
+
+    async def body(http, client):
+        raw = await http.post("/v1/chat/completions", json=request)
+        with pytest.raises(openai.APIError, match="internal server error"):
+            stream = await client.chat.completions.create(model=base, messages=request["messages"], max_tokens=8,
+                                                          stream=True)
+            async for _ in stream:
+                pass
+        scrape = (await http.get("/metrics")).text
+        return raw, scrape
+
+    raw, scrape = asyncio.run(_with_client(app, body))
+    assert raw.status_code == 200  # headers went out with the first token
+    events = [line for line in raw.text.split("\n\n") if line]
+    assert '"content":"one"' in events[1]
+    assert events[-2] == ('data: {"error":{"message":"internal server error","type":"internal_error",'
+                          '"param":null,"code":"internal_error"}}')
+    assert events[-1] == "data: [DONE]"
+    assert 'vlora_requests_total{adapter="base",finish_reason="none",status="5xx"} 2.0' in scrape
+    assert 'status="aborted"' not in scrape
