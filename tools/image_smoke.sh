@@ -13,7 +13,13 @@ WORK=${VLORA_SMOKE_DIR:-/var/tmp/vlora-smoke}
 BASE=localhost/vlora-base:bookworm
 IMAGE=localhost/vlora:cpu-smoke
 PORT=${VLORA_SMOKE_PORT:-18080}
-MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
+# The Debian archive this machine's apt is configured with (deb822 sources first, then sources.list).
+machine_mirror() {
+  awk '/^URIs:/ {print $2; exit}' /etc/apt/sources.list.d/*.sources 2>/dev/null | grep . \
+    || awk '$1 == "deb" {print $2; exit}' /etc/apt/sources.list 2>/dev/null
+}
+MIRROR=${DEBIAN_MIRROR:-$(machine_mirror)}
+[ -n "$MIRROR" ] || { echo "image-smoke: no apt source configured on this machine; set DEBIAN_MIRROR"; exit 1; }
 mkdir -p "$WORK"
 
 need=()
@@ -34,12 +40,17 @@ fi
 echo "base ready after $(( $(date +%s) - started ))s"
 
 echo "== build (target cpu)"
+# pip inside the build uses this machine's package sources: its local wheel folder if it has one, and the
+# index URLs of its environment (PIP_INDEX_URL / PIP_EXTRA_INDEX_URL), so torch's CPU wheel comes from there.
 mounts=(-v /etc/ssl/certs/ca-certificates.crt:/etc/ssl/certs/ca-certificates.crt:ro)
-pip_args="--extra-index-url https://download.pytorch.org/whl/cpu"
+pip_args=""
 if [ -d /opt/wheels ]; then
   mounts+=(-v /opt/wheels:/opt/wheels:ro)
   pip_args="--find-links /opt/wheels"
 fi
+for var in PIP_INDEX_URL PIP_EXTRA_INDEX_URL; do
+  [ -z "${!var:-}" ] || mounts+=(--env "$var=${!var}")
+done
 buildah --storage-driver "$(podman info --format '{{.Store.GraphDriverName}}')" bud --isolation chroot --format docker --layers \
   --target cpu --build-arg "PYTHON_IMAGE=$BASE" --build-arg "PIP_ARGS=$pip_args" \
   --env PIP_CERT=/etc/ssl/certs/ca-certificates.crt "${mounts[@]}" -t "$IMAGE" . >"$WORK/build.log" 2>&1 \

@@ -60,3 +60,40 @@ def test_dockerfile_runs_non_root_with_healthcheck():
     for stage in final:
         assert "USER 10001" in stage and "HEALTHCHECK" in stage and 'ENTRYPOINT ["tini", "--", "vlora-serve"]' in stage
     assert stages[-1].split()[2] == "gpu"  # the default target
+
+
+TRAINING_PACKAGES = {"peft", "accelerate", "bitsandbytes", "matplotlib", "sacrebleu", "rouge-score", "liger-kernel"}
+
+
+def _names(requirements: list[str]) -> set[str]:
+    import re
+
+    return {re.split(r"[<>=!~;\[ ]", r, maxsplit=1)[0].lower() for r in requirements}
+
+
+def test_the_serving_side_installs_no_training_package():
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    serving = _names(project["dependencies"] + extras["serve"] + extras["cpu"] + extras["gpu"])
+    assert not serving & TRAINING_PACKAGES
+    assert TRAINING_PACKAGES <= _names(extras["train"] + extras["train-gpu"])
+    stages = {s.split()[2]: s for s in ("\n" + (ROOT / "Dockerfile").read_text()).split("\nFROM ")[1:]}
+    for build in ("cpu-build", "gpu-build"):  # what the cpu and gpu serving images copy their venv from
+        assert "COPY trainer" not in stages[build] and "train" not in stages[build].split("pip install", 1)[1]
+    for image, build in (("cpu", "cpu-build"), ("gpu", "gpu-build")):
+        assert f"COPY --from={build} /opt/vlora /opt/vlora" in stages[image]
+
+
+def test_the_server_imports_nothing_of_the_trainer():
+    import subprocess
+    import sys
+
+    code = ("import sys, service.main, service.app, service.engine.vllm_engine\n"
+            "top = {m.split('.')[0] for m in sys.modules}\n"
+            "print(sorted(top & {'trainer', 'peft', 'accelerate', 'bitsandbytes', 'matplotlib', 'sacrebleu', "
+            "'rouge_score', 'liger_kernel'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"

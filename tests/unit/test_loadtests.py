@@ -123,3 +123,31 @@ def test_progress_line_reports_counts_errors_and_ttft():
     progress(records, 8)
     line = out.getvalue()
     assert "4/8" in line and "err 1" in line and "TTFT p50 200 ms" in line and "[############............]" in line
+
+
+def test_progress_is_plain_lines_off_a_terminal_and_a_bar_on_one():
+    import io
+
+    from loadtests.cli import Progress
+
+    records = [RequestRecord(index=i, model="a", cold=False, start=0.0, status=200, ttft=0.1, output_tokens=4)
+               for i in range(6)]
+    log = io.StringIO()  # a CI log: not a terminal
+    progress = Progress(stream=log)
+    for n in range(1, 7):
+        progress(records[:n], 6)
+    lines = log.getvalue().splitlines()
+    assert "\r" not in log.getvalue() and log.getvalue().endswith("\n")
+    assert lines[0].startswith("[####") and "1/6" in lines[0] and "6/6" in lines[-1]
+    assert len(lines) == 2  # the first call and the last one; the others fall inside the 10 s period
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    tty = Terminal()
+    progress = Progress(stream=tty, every_s=0.0)
+    for n in range(1, 7):
+        progress(records[:n], 6)
+    progress.close()
+    assert "\r" in tty.getvalue() and "6/6" in tty.getvalue() and "TTFT p50 100 ms" in tty.getvalue()
