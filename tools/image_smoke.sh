@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Build the CPU image and run it, with no Docker engine and no registry (`make image-smoke`, as root):
 #   1. a Debian bookworm base made with debootstrap and `podman import` (nothing is pulled);
-#   2. `podman build --isolation chroot --target cpu`, with the host CA bundle (and, if present, the
-#      host's local wheel folder) mounted for pip;
-#   3. an init run that builds the tiny model and two random adapters into a volume, then the server
+#   2. `buildah bud --isolation chroot --target cpu` (and `cpu-train`), with the host CA bundle and the
+#      machine's pip sources (its local wheel folder, its index URLs) for pip;
+#   3. an init run of the trainer image that builds the tiny model and a random adapter into volumes, then the server
 #      (`--runtime runc`, lowered ulimits) on 127.0.0.1, checked with /health and one chat request.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,6 +12,7 @@ started=$(date +%s)
 WORK=${VLORA_SMOKE_DIR:-/var/tmp/vlora-smoke}
 BASE=localhost/vlora-base:bookworm
 IMAGE=localhost/vlora:cpu-smoke
+TRAIN_IMAGE=localhost/vlora-train:cpu-smoke
 PORT=${VLORA_SMOKE_PORT:-18080}
 # The Debian archive this machine's apt is configured with (deb822 sources first, then sources.list).
 machine_mirror() {
@@ -39,7 +40,7 @@ if ! "${PODMAN[@]}" image exists "$BASE"; then
 fi
 echo "base ready after $(( $(date +%s) - started ))s"
 
-echo "== build (target cpu)"
+echo "== build (targets cpu, cpu-train)"
 # pip inside the build uses this machine's package sources: its local wheel folder if it has one, and the
 # index URLs of its environment (PIP_INDEX_URL / PIP_EXTRA_INDEX_URL), so torch's CPU wheel comes from there.
 mounts=(-v /etc/ssl/certs/ca-certificates.crt:/etc/ssl/certs/ca-certificates.crt:ro)
@@ -51,17 +52,22 @@ fi
 for var in PIP_INDEX_URL PIP_EXTRA_INDEX_URL; do
   [ -z "${!var:-}" ] || mounts+=(--env "$var=${!var}")
 done
-buildah --storage-driver "$(podman info --format '{{.Store.GraphDriverName}}')" bud --isolation chroot --format docker --layers \
-  --target cpu --build-arg "PYTHON_IMAGE=$BASE" --build-arg "PIP_ARGS=$pip_args" \
-  --env PIP_CERT=/etc/ssl/certs/ca-certificates.crt "${mounts[@]}" -t "$IMAGE" . >"$WORK/build.log" 2>&1 \
-  || { tail -40 "$WORK/build.log"; exit 1; }
+build() {  # TARGET TAG
+  buildah --storage-driver "$(podman info --format '{{.Store.GraphDriverName}}')" bud --isolation chroot --format docker \
+    --layers --target "$1" --build-arg "PYTHON_IMAGE=$BASE" --build-arg "PIP_ARGS=$pip_args" \
+    --env PIP_CERT=/etc/ssl/certs/ca-certificates.crt "${mounts[@]}" -t "$2" . >>"$WORK/build.log" 2>&1 \
+    || { tail -40 "$WORK/build.log"; exit 1; }
+}
+: >"$WORK/build.log"
+build cpu "$IMAGE"             # the serving image: no trainer in it
+build cpu-train "$TRAIN_IMAGE"  # the trainer image, for the demo assets (as the cpu-demo overlay does)
 echo "image built after $(( $(date +%s) - started ))s"
 
 # vLLM's engine processes talk through /dev/shm (160 MiB rings): give it room, as the k8s emptyDir does.
 run=("${PODMAN[@]}" run --runtime runc --network host --shm-size 1g --ulimit nofile=4096:4096
      --ulimit nproc=4096:4096 --no-healthcheck -v vlora-smoke-models:/models -v vlora-smoke-adapters:/adapters)
 echo "== demo assets (tiny model, random adapters)"
-"${run[@]}" --rm --entrypoint /bin/sh "$IMAGE" -c \
+"${run[@]}" --rm --entrypoint /bin/sh "$TRAIN_IMAGE" -c \
   'test -f /models/tiny-qwen3-vl/config.json || vlora-train tiny-model --out /models/tiny-qwen3-vl;
    test -f /adapters/demo-a/adapter_config.json || vlora-train random-adapter --base /models/tiny-qwen3-vl --out /adapters/demo-a --seed 1' \
   >"$WORK/assets.log" 2>&1 || { tail -30 "$WORK/assets.log"; exit 1; }
