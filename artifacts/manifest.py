@@ -49,7 +49,7 @@ class BaseFingerprint(_Part):
 
 class LoraSettings(_Part):
     r: int | None = None
-    alpha: float | None = None
+    alpha: int | float | None = None
     rslora: bool = False
     dropout: float = 0.0
     quantization: str | None = None

@@ -78,6 +78,11 @@ def test_metrics_exposition_is_valid_and_bounded(server, body):
     assert 'vlora_requests_total{adapter="base",finish_reason="length",status="2xx"}' in text
     assert 'vlora_requests_total{adapter="unknown",finish_reason="none",status="4xx"}' in text
     assert 'adapter="demo-b"' not in text
+    # Queue waits come from the engine's stats, mapped to adapters by the engine's own request -> adapter map.
+    for adapter in ("demo-a", "base"):
+        count = next(line for line in text.splitlines()
+                     if line.startswith(f'vlora_queue_wait_seconds_count{{adapter="{adapter}"}}'))
+        assert float(count.split()[-1]) >= 1, count
     for series in ("vlora_time_to_first_token_seconds_bucket", "vlora_inter_token_latency_seconds_bucket",
                    "vlora_queue_wait_seconds_bucket", "vlora_image_tokens_total", "vlora_engine_requests_waiting",
                    "vlora_engine_kv_cache_usage_ratio", "vlora_adapter_loads_total", "vlora_adapter_load_seconds_bucket"):

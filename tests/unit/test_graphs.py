@@ -138,8 +138,8 @@ def test_graphed_steps_equal_eager_steps(demo_assets, tiny_processor):
     import torch
 
     eager = _model(demo_assets, False, "cuda")
-    graphed = _model(demo_assets, True, "cuda")
-    graphs = graphed.vlora_graphs
+    graphed, speedups = _model(demo_assets, True, "cuda", with_speedups=True)
+    graphs = speedups.graphs
     layers = len(graphs.layers)
     results = {}
     for name, model in (("eager", eager), ("graphed", graphed)):

@@ -250,3 +250,20 @@ def test_adapter_labels_are_bounded():
     labels = AdapterLabels(2)
     assert [labels.register(n) for n in ("a", "b", "c", "a")] == ["a", "b", "other", "a"]
     assert [labels(n) for n in (None, "a", "c", "never-seen")] == ["base", "a", "other", "other"]
+
+
+def test_engine_events_label_revisions_by_adapter_name():
+    from service.metrics import Metrics
+
+    m = Metrics(max_adapter_labels=1)
+    m.adapter_event("load", "x@v1", 0.01)  # first named: x
+    m.adapter_event("load", "y@v1", 0.01)  # beyond the bound: other
+    m.scheduler_state(3, 1, 0.5, {"x@v1": 1, "x@v2": 1, "y@v1": 1})
+    m.request_queued("x@v2", 0.2)
+    m.request_queued(None, 0.1)
+    text = m.exposition(engine_unfinished=4).decode()
+    assert 'vlora_engine_adapter_requests_running{adapter="x"} 2.0' in text
+    assert 'vlora_engine_adapter_requests_running{adapter="other"} 1.0' in text
+    assert 'vlora_queue_wait_seconds_count{adapter="x"} 1.0' in text
+    assert 'vlora_queue_wait_seconds_count{adapter="base"} 1.0' in text
+    assert "vlora_engine_requests_unfinished 4.0" in text and "vlora_adapters_loaded 2.0" in text
