@@ -89,3 +89,16 @@ def test_a_stream_failing_mid_way_ends_with_an_error_event_and_done(demo_assets,
     assert events[-1] == "data: [DONE]"
     assert 'vlora_requests_total{adapter="base",finish_reason="none",status="5xx"} 2.0' in scrape
     assert 'status="aborted"' not in scrape
+
+
+def test_ready_sends_the_configured_retry_after(demo_assets, tiny_processor):
+    metrics = Metrics()
+    app = _app(demo_assets, tiny_processor, FakeEngine(events=metrics), metrics, argv=["--retry-after-s", "7"])
+
+    async def probe():  # the lifespan has not run: the engine is not started, so the app is not ready
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://app") as http:
+            return await http.get("/ready")
+
+    response = asyncio.run(probe())
+    assert response.status_code == 503 and response.headers["retry-after"] == "7"
+    assert response.json()["error"]["code"] == "not_ready"
