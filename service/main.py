@@ -76,6 +76,10 @@ def main(argv: list[str] | None = None) -> None:
     engine = VLLMEngine(settings, adapters, enable_lora=bool(adapters) or settings.adapter_dir is not None,
                         events=metrics)
     try:
+        engine.engine_args()  # refuse conflicting or unknown --engine-arg before anything starts
+    except ValueError as exc:
+        sys.exit(f"vlora-serve: {exc}")
+    try:
         renderer = ChatRenderer.from_pretrained(settings.model)
     except (OSError, ValueError) as exc:
         sys.exit(f"vlora-serve: the model's processor could not be loaded from '{settings.model}': {exc}")

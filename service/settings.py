@@ -9,8 +9,9 @@ have `--x/--no-x`); flags win. A new setting is one field here.
 from __future__ import annotations
 
 import ipaddress
+import json
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -24,7 +25,7 @@ class ServiceSettings(BaseSettings):
         env_prefix="VLORA_", extra="ignore",
         # the `vlora-serve` command line (used when built with `_cli_parse_args`, see service/main.py)
         cli_prog_name="vlora-serve", cli_kebab_case=True, cli_implicit_flags=True, cli_avoid_json=True,
-        cli_hide_none_type=True, cli_shortcuts={"adapters": "adapter"},
+        cli_hide_none_type=True, cli_shortcuts={"adapters": "adapter", "engine-args": "engine-arg"},
     )
 
     # What is served
@@ -69,6 +70,15 @@ class ServiceSettings(BaseSettings):
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs one model is split over.")
     gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0, description="Fraction of GPU memory vLLM may use.")
     cpu_kvcache_space_gib: int = Field(1, ge=1, description="KV cache of the CPU backend (VLLM_CPU_KVCACHE_SPACE).")
+    structured_outputs_backend: str = Field(
+        "xgrammar", description="vLLM structured-output backend (xgrammar, guidance, outlines, lm-format-enforcer, auto).")
+    structured_outputs_any_whitespace: bool = Field(
+        False, description="Let constrained JSON put any whitespace between tokens (off: compact JSON, which cannot "
+                           "ramble in whitespace until max_tokens).")
+    engine_args: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Any other vLLM engine argument, --engine-arg KEY=VALUE (repeatable; VALUE parsed as JSON when "
+                    "it is JSON) or VLORA_ENGINE_ARGS='{...}'. Arguments vlora sets from its own settings are refused.")
     enable_prefix_caching: bool = Field(True, description="Reuse the KV cache of shared prompt prefixes.")
     enforce_eager: bool = Field(False, description="No CUDA graphs in the engine (slower; starts faster).")
     seed: int = Field(0, description="Engine seed (requests may pass their own).")
@@ -92,6 +102,19 @@ class ServiceSettings(BaseSettings):
     @classmethod
     def _level(cls, v):
         return v.lower() if isinstance(v, str) else v
+
+    @field_validator("engine_args")
+    @classmethod
+    def _engine_args(cls, v: dict[str, Any]) -> dict[str, Any]:
+        out = {}
+        for key, value in v.items():
+            if isinstance(value, str):  # from the command line: "512" -> 512, "true" -> True, '{"a": 1}' -> dict
+                try:
+                    value = json.loads(value)
+                except ValueError:
+                    pass
+            out[key.replace("-", "_")] = value
+        return out
 
     @field_validator("adapters")
     @classmethod

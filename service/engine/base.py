@@ -16,6 +16,16 @@ from typing import Any, Literal, Protocol
 
 
 @dataclass(frozen=True)
+class Constraint:
+    """What the output must match: a JSON schema (`json`), any JSON object, a regex, one of `choice`, or a
+    grammar (the backend's EBNF/Lark). `param` names the request field it came from, for errors."""
+
+    kind: Literal["json", "json_object", "regex", "choice", "grammar"]
+    spec: Any = None
+    param: str = "response_format"
+
+
+@dataclass(frozen=True)
 class Sampling:
     max_tokens: int
     temperature: float = 1.0
@@ -30,6 +40,9 @@ class Sampling:
     repetition_penalty: float = 1.0
     min_tokens: int = 0
     ignore_eos: bool = False
+    logprobs: int | None = None  # alternatives per token to report (0: the sampled token only); None: none
+    logit_bias: dict[int, float] | None = None
+    constraint: Constraint | None = None
 
 
 @dataclass
@@ -42,6 +55,14 @@ class GenerationRequest:
 
 
 @dataclass
+class TokenLogprob:
+    token: str
+    logprob: float
+    bytes: list[int]
+    top: list[tuple[str, float, list[int]]] = field(default_factory=list)  # (token, logprob, bytes), best first
+
+
+@dataclass
 class Delta:
     """New output of one choice since the previous delta."""
 
@@ -50,6 +71,7 @@ class Delta:
     new_tokens: int
     finish_reason: str | None = None
     prompt_tokens: int | None = None
+    logprobs: list[TokenLogprob] | None = None  # one per new token, when the request asked for them
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,16 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from service.engine.base import AdapterInfo, Delta, EngineEvents, GenerationRequest, NoEvents, adapter_of
+from service.engine.base import (
+    AdapterInfo,
+    Constraint,
+    Delta,
+    EngineEvents,
+    GenerationRequest,
+    NoEvents,
+    TokenLogprob,
+    adapter_of,
+)
 from service.engine.vllm_stats import stat_logger_factory
 from service.errors import BadRequest, ContextLengthExceeded, EngineFailure, ModelNotFound, NotReady
 from service.settings import ServiceSettings
@@ -25,6 +34,50 @@ from service.settings import ServiceSettings
 logger = logging.getLogger("vlora.engine")
 
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+# Engine args vlora derives from its settings (whether or not this configuration sets them): --engine-arg
+# may not set them, so that a flag and an engine arg can never disagree.
+VLORA_OWNED_ENGINE_ARGS = (
+    "model", "served_model_name", "dtype", "max_model_len", "max_num_seqs", "seed", "enable_prefix_caching",
+    "tensor_parallel_size", "gpu_memory_utilization", "enforce_eager", "limit_mm_per_prompt", "disable_log_stats",
+    "structured_outputs_config", "max_num_batched_tokens", "quantization", "enable_lora", "max_loras",
+    "max_lora_rank", "enable_tower_connector_lora", "max_cpu_loras",
+)
+
+
+# Words of vLLM's structured-output validation errors (which name no parameter we could map back).
+CONSTRAINT_WORDS = ("structured", "grammar", "regex", "schema", "choice", "json")
+
+
+def _token_bytes(token: str) -> list[int]:
+    return list(token.encode("utf-8", errors="replace"))
+
+
+def _token_logprobs(choice, wanted: int | None) -> list[TokenLogprob] | None:
+    """OpenAI-shaped logprobs of a delta's new tokens from vLLM's per-position {token id: Logprob} maps."""
+    if wanted is None or choice.logprobs is None:
+        return None
+    out = []
+    for token_id, alternatives in zip(choice.token_ids, choice.logprobs, strict=False):
+        sampled = alternatives[token_id]
+        ranked = sorted(alternatives.values(), key=lambda lp: lp.rank or 0)[:wanted]
+        token = sampled.decoded_token or ""
+        out.append(TokenLogprob(token=token, logprob=max(sampled.logprob, -9999.0), bytes=_token_bytes(token),
+                                top=[(lp.decoded_token or "", max(lp.logprob, -9999.0), _token_bytes(lp.decoded_token or ""))
+                                     for lp in ranked] if wanted else []))
+    return out
+
+
+def _bad_request(exc: Exception, request: GenerationRequest) -> BadRequest:
+    """A request vLLM refused. It validates prompts (length, multimodal limits) and output constraints (the
+    structured-output backend compiles the schema, regex, choice or grammar) with ValueError subclasses and
+    VLLMValidationError, which sometimes names the parameter."""
+    message = str(exc).strip()
+    if "maximum model length" in message or "longer than the maximum" in message:
+        return ContextLengthExceeded(message)
+    constraint = request.sampling.constraint
+    if constraint is not None and any(w in message.lower() for w in CONSTRAINT_WORDS):
+        return BadRequest(f"{constraint.param}: {message}", param=constraint.param, code="invalid_constraint")
+    return BadRequest(message, param=getattr(exc, "parameter", None))
 
 
 def adapter_rank(path: str | Path) -> int:
@@ -67,7 +120,11 @@ class VLLMEngine:
 
     # lifecycle ----------------------------------------------------------------------------------
 
-    def _engine_args(self):
+    def engine_args(self):
+        """vLLM's `AsyncEngineArgs`: vlora's settings, then `--engine-arg`s for everything else. An engine arg
+        that vlora sets itself, or that vLLM does not know, is a ValueError naming it (a start-up error)."""
+        import dataclasses
+
         from vllm.engine.arg_utils import AsyncEngineArgs
 
         s = self.settings
@@ -84,6 +141,8 @@ class VLLMEngine:
             enforce_eager=s.enforce_eager,
             limit_mm_per_prompt={"image": max(s.max_images_per_request, 1), "video": 0},
             disable_log_stats=False,
+            structured_outputs_config={"backend": s.structured_outputs_backend,
+                                       "disable_any_whitespace": not s.structured_outputs_any_whitespace},
         )
         if s.max_num_batched_tokens:
             kwargs["max_num_batched_tokens"] = s.max_num_batched_tokens
@@ -102,7 +161,19 @@ class VLLMEngine:
                 kwargs["enable_tower_connector_lora"] = True
             if s.max_cpu_loras:
                 kwargs["max_cpu_loras"] = s.max_cpu_loras
-        return AsyncEngineArgs(**kwargs)
+        owned = set(kwargs) | set(VLORA_OWNED_ENGINE_ARGS)
+        clashes = sorted(set(s.engine_args) & owned)
+        if clashes:
+            raise ValueError(f"engine arg(s) {', '.join(clashes)} are set by vlora's own settings: use the flag "
+                             f"(e.g. --{clashes[0].replace('_', '-')}) instead of --engine-arg")
+        known = {f.name for f in dataclasses.fields(AsyncEngineArgs)}
+        unknown = sorted(set(s.engine_args) - known)
+        if unknown:
+            raise ValueError(f"unknown vLLM engine arg(s): {', '.join(unknown)}")
+        try:
+            return AsyncEngineArgs(**kwargs, **s.engine_args)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"invalid engine args: {exc}") from None
 
     async def start(self) -> None:
         from vllm.platforms import current_platform
@@ -111,7 +182,7 @@ class VLLMEngine:
         if current_platform.is_cpu():
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.settings.cpu_kvcache_space_gib))
         loggers = [stat_logger_factory(self.events, self._request_adapters.get)]
-        self._llm = AsyncLLM.from_engine_args(self._engine_args(), stat_loggers=loggers)
+        self._llm = AsyncLLM.from_engine_args(self.engine_args(), stat_loggers=loggers)
         self.max_model_len = self._llm.model_config.max_model_len
 
     async def shutdown(self) -> None:
@@ -174,6 +245,16 @@ class VLLMEngine:
 
     # generation ---------------------------------------------------------------------------------
 
+    @staticmethod
+    def _structured_outputs(constraint: Constraint | None):
+        if constraint is None:
+            return None
+        from vllm.sampling_params import StructuredOutputsParams
+
+        if constraint.kind == "json_object":
+            return StructuredOutputsParams(json_object=True)
+        return StructuredOutputsParams(**{constraint.kind: constraint.spec})
+
     def _sampling_params(self, request: GenerationRequest):
         from vllm.sampling_params import RequestOutputKind, SamplingParams
 
@@ -192,6 +273,9 @@ class VLLMEngine:
             max_tokens=s.max_tokens,
             min_tokens=min(s.min_tokens, s.max_tokens),
             ignore_eos=s.ignore_eos,
+            logprobs=s.logprobs,
+            logit_bias=s.logit_bias,
+            structured_outputs=self._structured_outputs(s.constraint),
             output_kind=RequestOutputKind.DELTA,
         )
 
@@ -215,23 +299,21 @@ class VLLMEngine:
                 prompt_tokens = len(out.prompt_token_ids) if out.prompt_token_ids is not None else None
                 for choice in out.outputs:
                     yield Delta(index=choice.index, text=choice.text, new_tokens=len(choice.token_ids),
-                                finish_reason=choice.finish_reason, prompt_tokens=prompt_tokens)
+                                finish_reason=choice.finish_reason, prompt_tokens=prompt_tokens,
+                                logprobs=_token_logprobs(choice, request.sampling.logprobs))
                 finished = out.finished
                 # When outputs are already queued, neither vLLM's collector nor the response writer yields
                 # to the event loop: one fast stream would starve every other request (health checks,
                 # metrics, disconnect detection) until it ends. Let them run between outputs.
                 await asyncio.sleep(0)
-        except (ValueError, TypeError) as exc:
-            # vLLM validates prompts (length, multimodal limits) with ValueError subclasses.
-            message = str(exc)
-            if "maximum model length" in message or "longer than the maximum" in message:
-                raise ContextLengthExceeded(message) from exc
-            raise BadRequest(message) from exc
         except Exception as exc:
+            from vllm.exceptions import VLLMClientError
             from vllm.v1.engine.exceptions import EngineDeadError
 
             if isinstance(exc, EngineDeadError):
                 raise EngineFailure("the inference engine died; the server is restarting") from exc
+            if isinstance(exc, ValueError | TypeError | VLLMClientError):
+                raise _bad_request(exc, request) from exc
             raise
         finally:
             if not finished:

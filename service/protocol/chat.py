@@ -1,9 +1,11 @@
 """OpenAI chat-completions wire models (pure pydantic: no torch, no vLLM).
 
 Requests accept what the official `openai` client sends; fields that only change vLLM sampling
-(`top_k`, `min_p`, `min_tokens`, `ignore_eos`, `repetition_penalty`) arrive through `extra_body`.
-Unknown fields are ignored, as OpenAI-compatible servers do; features we do not implement
-(tools, logprobs, structured output) are refused with a 400 naming the field.
+(`top_k`, `min_p`, `min_tokens`, `ignore_eos`, `repetition_penalty`, `structured_outputs`) arrive through
+`extra_body`. Structured outputs: OpenAI's `response_format` (`json_object`, `json_schema`) or vLLM's
+`structured_outputs` (`json`, `regex`, `choice`, `grammar`, `json_object`; one of them), never both.
+Unknown fields are ignored, as OpenAI-compatible servers do; features we do not implement (tools,
+functions, audio) are refused with a 400 naming the field.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 
 class _Lenient(BaseModel):
@@ -64,7 +66,50 @@ class StreamOptions(_Lenient):
     include_usage: bool = False
 
 
-_UNSUPPORTED = ("tools", "functions", "logprobs", "top_logprobs", "response_format", "logit_bias", "audio")
+class JsonSchemaFormat(_Lenient):
+    name: str = Field("response", min_length=1, max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | bool = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Lenient):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("a 'json_schema' response_format needs its json_schema")
+        return self
+
+
+class StructuredOutputs(BaseModel):
+    """vLLM's structured-output constraints (`extra_body={"structured_outputs": {...}}`), one at a time."""
+
+    model_config = ConfigDict(extra="forbid")
+    json_: dict[str, Any] | str | None = Field(None, alias="json")
+    regex: str | None = Field(None, min_length=1)
+    choice: list[str] | None = Field(None, min_length=1)
+    grammar: str | None = Field(None, min_length=1)
+    json_object: Literal[True] | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> StructuredOutputs:
+        given = [k for k in ("json_", "regex", "choice", "grammar", "json_object") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of json, regex, choice, grammar, json_object")
+        return self
+
+    def constraint(self) -> tuple[str, Any]:
+        for kind in ("json_", "regex", "choice", "grammar", "json_object"):
+            value = getattr(self, kind)
+            if value is not None:
+                return kind.rstrip("_"), (None if kind == "json_object" else value)
+        raise AssertionError("validated to hold one constraint")
+
+
+_UNSUPPORTED = ("tools", "functions", "audio")
 
 
 class ChatCompletionRequest(_Lenient):
@@ -87,13 +132,14 @@ class ChatCompletionRequest(_Lenient):
     min_tokens: int = Field(default=0, ge=0)
     ignore_eos: bool = False
     user: str | None = None
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    logit_bias: dict[str, float] | None = None
     # Accepted so we can name them in a clear refusal instead of silently ignoring them.
     tools: Any = None
     functions: Any = None
-    logprobs: bool | None = None
-    top_logprobs: int | None = None
-    response_format: Any = None
-    logit_bias: Any = None
     audio: Any = None
 
     @field_validator("stop")
@@ -106,12 +152,41 @@ class ChatCompletionRequest(_Lenient):
             raise ValueError("stop takes up to 4 non-empty strings")
         return stops
 
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        for token, bias in (v or {}).items():
+            if not token.isdigit():
+                raise ValueError(f"logit_bias keys are token ids, not {token!r}")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"logit_bias values lie in [-100, 100]; token {token} has {bias}")
+        return v
+
+    # Field validators (not the model validator) so that each refusal names its parameter.
+    @field_validator(*_UNSUPPORTED)
+    @classmethod
+    def _unsupported(cls, v: Any, info: ValidationInfo) -> Any:
+        if v not in (None, False, []):
+            raise ValueError(f"'{info.field_name}' is not supported by this server")
+        return v
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_logprobs(cls, v: int | None, info: ValidationInfo) -> int | None:
+        if v is not None and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs: true")
+        return v
+
+    @field_validator("structured_outputs")
+    @classmethod
+    def _one_constraint(cls, v: StructuredOutputs | None, info: ValidationInfo) -> StructuredOutputs | None:
+        fmt = info.data.get("response_format")
+        if v is not None and fmt is not None and fmt.type != "text":
+            raise ValueError("send one of response_format and structured_outputs")
+        return v
+
     @model_validator(mode="after")
     def _check(self) -> ChatCompletionRequest:
-        for name in _UNSUPPORTED:
-            value = getattr(self, name)
-            if value not in (None, False) and not (name == "response_format" and _is_text_format(value)):
-                raise ValueError(f"'{name}' is not supported by this server")
         if self.messages[-1].role == "assistant":
             raise ValueError("the last message must not be an assistant message")
         if self.max_tokens and self.max_completion_tokens and self.max_tokens != self.max_completion_tokens:
@@ -129,9 +204,21 @@ class ChatCompletionRequest(_Lenient):
     def image_count(self) -> int:
         return sum(len(m.images()) for m in self.messages)
 
+    def constraint(self) -> tuple[str, Any, str] | None:
+        """(kind, spec, the request field it came from) of the output constraint, or None."""
+        if self.structured_outputs is not None:
+            return (*self.structured_outputs.constraint(), "structured_outputs")
+        fmt = self.response_format
+        if fmt is None or fmt.type == "text":
+            return None
+        if fmt.type == "json_object":
+            return "json_object", None, "response_format"
+        return "json", fmt.json_schema.schema_, "response_format"
 
-def _is_text_format(value: Any) -> bool:
-    return isinstance(value, dict) and value.get("type") == "text"
+    @property
+    def top_logprobs_wanted(self) -> int | None:
+        """Alternatives per token to return (0: only the sampled token's logprob), None: no logprobs."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class Usage(BaseModel):
@@ -143,6 +230,20 @@ class Usage(BaseModel):
 FinishReason = Literal["stop", "length", "abort"]
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprob] | None = None
+
+
 class ResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str
@@ -152,7 +253,7 @@ class Choice(BaseModel):
     index: int
     message: ResponseMessage
     finish_reason: FinishReason | None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletion(BaseModel):
@@ -174,7 +275,7 @@ class ChunkChoice(BaseModel):
     index: int
     delta: DeltaMessage
     finish_reason: FinishReason | None = None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletionChunk(BaseModel):

@@ -20,7 +20,7 @@ import anyio
 
 from service.adapters.registry import AdapterRegistry, Revision
 from service.auth import OPEN, Tenant
-from service.engine.base import Delta, Engine, GenerationRequest, Sampling
+from service.engine.base import Delta, Engine, GenerationRequest, TokenLogprob
 from service.errors import (
     APIError,
     BadRequest,
@@ -43,6 +43,7 @@ from service.protocol.chat import (
     Usage,
 )
 from service.serving.render import ChatRenderer
+from service.serving.sampling import sampling_for, wire_logprobs
 from service.serving.sse import DONE, sse_event, sse_json
 
 logger = logging.getLogger("vlora.chat")
@@ -68,6 +69,7 @@ class _Totals:
     completion_tokens: int = 0
     finish: dict[int, str] = field(default_factory=dict)
     text: dict[int, list[str]] = field(default_factory=dict)
+    logprobs: dict[int, list[TokenLogprob]] = field(default_factory=dict)
     first_token_at: float | None = None
     last_token_at: float | None = None
     gaps: list[tuple[float, int]] = field(default_factory=list)  # (seconds since previous tokens, new tokens)
@@ -77,6 +79,8 @@ class _Totals:
             self.prompt_tokens = delta.prompt_tokens
         self.completion_tokens += delta.new_tokens
         self.text.setdefault(delta.index, []).append(delta.text)
+        if delta.logprobs is not None:
+            self.logprobs.setdefault(delta.index, []).extend(delta.logprobs)
         if delta.finish_reason:
             self.finish[delta.index] = delta.finish_reason
         if delta.new_tokens:
@@ -183,12 +187,7 @@ class ChatService:
                 f"{prompt_tokens} tokens (images included) and {wanted or 1} were requested for the completion",
                 param="messages" if room < 1 else "max_tokens",
             )
-        sampling = Sampling(
-            max_tokens=wanted or room, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
-            min_p=req.min_p, n=req.n, stop=req.stop, seed=req.seed, presence_penalty=req.presence_penalty,
-            frequency_penalty=req.frequency_penalty, repetition_penalty=req.repetition_penalty,
-            min_tokens=req.min_tokens, ignore_eos=req.ignore_eos,
-        )
+        sampling = sampling_for(req, wanted or room, self.renderer.vocab_size)
         gen = GenerationRequest(request_id=f"chatcmpl-{uuid.uuid4().hex}", prompt=prompt, images=images,
                                 sampling=sampling, adapter=adapter)
         return Prepared(request=gen, model=req.model, revision=revision, image_tokens=image_tokens,
@@ -226,9 +225,11 @@ class ChatService:
             raise
         finally:
             self._finish(prep, totals, status)
+        wants_logprobs = prep.request.sampling.logprobs is not None
         choices = [
             Choice(index=i, message=ResponseMessage(content="".join(totals.text.get(i, []))),
-                   finish_reason=totals.finish.get(i))
+                   finish_reason=totals.finish.get(i),
+                   logprobs=wire_logprobs(totals.logprobs.get(i, [])) if wants_logprobs else None)
             for i in range(prep.request.sampling.n)
         ]
         return ChatCompletion(id=prep.request.request_id, created=prep.created, model=prep.model, choices=choices,
@@ -261,9 +262,10 @@ class ChatService:
             delta = first
             while delta is not None:
                 totals.add(delta)
-                if delta.text or delta.finish_reason:
+                if delta.text or delta.finish_reason or delta.logprobs:
                     yield chunk([ChunkChoice(index=delta.index, delta=DeltaMessage(content=delta.text or None),
-                                             finish_reason=delta.finish_reason)])
+                                             finish_reason=delta.finish_reason,
+                                             logprobs=wire_logprobs(delta.logprobs))])
                 delta = await anext(stream, None)
             if include_usage:
                 yield chunk([], usage=totals.usage())

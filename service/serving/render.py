@@ -43,6 +43,7 @@ class ChatRenderer:
         self.image_processor = getattr(processor, "image_processor", None)
         self._merge = getattr(self.image_processor, "merge_size", 1) or 1
         self._image_pad = self.tokenizer.convert_tokens_to_ids("<|image_pad|>") if self.image_processor else None
+        self.vocab_size = len(self.tokenizer)
 
     @classmethod
     def from_pretrained(cls, model: str) -> ChatRenderer:

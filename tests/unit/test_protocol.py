@@ -51,8 +51,16 @@ def test_image_url_as_bare_string():
     ({"stop": ["a", "b", "c", "d", "e"]}, "up to 4"),
     ({"stop": [""]}, "non-empty"),
     ({"tools": [{"type": "function"}]}, "'tools' is not supported"),
-    ({"logprobs": True}, "'logprobs' is not supported"),
-    ({"response_format": {"type": "json_object"}}, "'response_format' is not supported"),
+    ({"top_logprobs": 3}, "top_logprobs needs logprobs"),
+    ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ({"logit_bias": {"abc": 1}}, "token ids"),
+    ({"logit_bias": {"5": 101}}, "[-100, 100]"),
+    ({"response_format": {"type": "json_schema"}}, "needs its json_schema"),
+    ({"response_format": {"type": "yaml"}}, "response_format.type"),
+    ({"structured_outputs": {"regex": "a+", "choice": ["a"]}}, "exactly one"),
+    ({"structured_outputs": {"choice": []}}, "structured_outputs.choice"),
+    ({"structured_outputs": {"jsn": {}}}, "structured_outputs"),
+    ({"structured_outputs": {"regex": "a"}, "response_format": {"type": "json_object"}}, "send one of"),
     ({"max_tokens": 3, "max_completion_tokens": 4}, "disagree"),
 ])
 def test_invalid_requests(kw, needle):
@@ -62,7 +70,19 @@ def test_invalid_requests(kw, needle):
 
 
 def test_text_response_format_is_accepted():
-    assert req(response_format={"type": "text"}).response_format == {"type": "text"}
+    r = req(response_format={"type": "text"})
+    assert r.response_format.type == "text" and r.constraint() is None
+
+
+def test_constraints_and_logprobs_are_read_once():
+    schema = {"type": "object", "properties": {"color": {"enum": ["red", "blue"]}}, "required": ["color"]}
+    r = req(response_format={"type": "json_schema", "json_schema": {"name": "c", "schema": schema, "strict": True}})
+    assert r.constraint() == ("json", schema, "response_format")
+    assert req(response_format={"type": "json_object"}).constraint() == ("json_object", None, "response_format")
+    assert req(structured_outputs={"choice": ["a", "b"]}).constraint() == ("choice", ["a", "b"], "structured_outputs")
+    assert req(structured_outputs={"json": schema}).constraint() == ("json", schema, "structured_outputs")
+    assert req(logprobs=True).top_logprobs_wanted == 0 and req(logprobs=True, top_logprobs=5).top_logprobs_wanted == 5
+    assert req().top_logprobs_wanted is None and req(logit_bias={"7": -100}).logit_bias == {"7": -100}
 
 
 def test_sse_encoding():

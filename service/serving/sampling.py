@@ -1,0 +1,41 @@
+"""A chat request's sampling, constraint and logprob options -> the engine protocol's `Sampling`, and the
+engine's token logprobs -> OpenAI's `logprobs` shape. The constraint is handed to the engine as it is: the
+engine's structured-output backend compiles it (a schema that does not compile is a 400 naming the field)."""
+
+from __future__ import annotations
+
+from service.engine.base import Constraint, Sampling, TokenLogprob
+from service.errors import BadRequest
+from service.protocol.chat import ChatCompletionRequest, ChoiceLogprobs
+from service.protocol.chat import TokenLogprob as WireTokenLogprob
+from service.protocol.chat import TopLogprob as WireTopLogprob
+
+
+def sampling_for(req: ChatCompletionRequest, max_tokens: int, vocab_size: int) -> Sampling:
+    logit_bias = None
+    if req.logit_bias:
+        logit_bias = {int(token): bias for token, bias in req.logit_bias.items()}
+        beyond = sorted(t for t in logit_bias if t >= vocab_size)
+        if beyond:
+            raise BadRequest(f"logit_bias names token id(s) {beyond[:5]} outside the vocabulary (size {vocab_size})",
+                             param="logit_bias")
+    constraint = None
+    if (found := req.constraint()) is not None:
+        kind, spec, param = found
+        constraint = Constraint(kind=kind, spec=spec, param=param)
+    return Sampling(
+        max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
+        min_p=req.min_p, n=req.n, stop=req.stop, seed=req.seed, presence_penalty=req.presence_penalty,
+        frequency_penalty=req.frequency_penalty, repetition_penalty=req.repetition_penalty,
+        min_tokens=req.min_tokens, ignore_eos=req.ignore_eos, logprobs=req.top_logprobs_wanted,
+        logit_bias=logit_bias, constraint=constraint,
+    )
+
+
+def wire_logprobs(tokens: list[TokenLogprob] | None) -> ChoiceLogprobs | None:
+    if tokens is None:
+        return None
+    return ChoiceLogprobs(content=[
+        WireTokenLogprob(token=t.token, logprob=t.logprob, bytes=t.bytes,
+                         top_logprobs=[WireTopLogprob(token=tok, logprob=lp, bytes=b) for tok, lp, b in t.top])
+        for t in tokens])

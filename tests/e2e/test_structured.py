@@ -1,0 +1,182 @@
+"""Structured outputs, logprobs and logit_bias end to end: a real server, the real vLLM engine and its
+structured-output backend, the official `openai` client, for the base and each adapter, streamed and not.
+
+The tiny model's weights are random: free-form strings and numbers ramble until max_tokens, so the schemas
+here constrain to enums (what a constraint must guarantee is shown just the same: every answer validates).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Literal
+
+import httpx
+import jsonschema
+import openai
+import pytest
+from openai import AsyncOpenAI, OpenAI
+from pydantic import BaseModel
+
+from tests.images import data_uri, encode, image_message, shape_image
+
+BASE = "tiny-qwen3-vl"
+MODELS = [BASE, "demo-a", "demo-b"]
+SCHEMA = {
+    "type": "object",
+    "properties": {"color": {"enum": ["red", "green", "blue"]}, "shape": {"enum": ["circle", "square"]},
+                   "sure": {"type": "boolean"}},
+    "required": ["color", "shape", "sure"],
+    "additionalProperties": False,
+}
+JSON_SCHEMA = {"type": "json_schema", "json_schema": {"name": "finding", "schema": SCHEMA, "strict": True}}
+
+
+class Finding(BaseModel):
+    color: Literal["red", "green", "blue"]
+    shape: Literal["circle", "square"]
+
+
+@pytest.fixture(scope="module")
+def server(demo_server):
+    return demo_server
+
+
+@pytest.fixture(scope="module")
+def client(server) -> OpenAI:
+    return OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def messages() -> list[dict]:
+    return image_message(data_uri(encode(shape_image("red"))), "Describe the shape as JSON.")
+
+
+def _create(client, model, messages, stream=False, **kw):
+    kw = {"temperature": 0, "max_tokens": 64, **kw}
+    if not stream:
+        r = client.chat.completions.create(model=model, messages=messages, **kw)
+        return r.choices[0].message.content, r.choices[0].finish_reason, r
+    chunks = list(client.chat.completions.create(model=model, messages=messages, stream=True, **kw))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    return text, finish[-1], chunks
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("model", MODELS)
+def test_json_schema_output_validates(client, messages, model, stream):
+    text, finish, _ = _create(client, model, messages, stream, response_format=JSON_SCHEMA)
+    assert finish == "stop", text
+    jsonschema.validate(json.loads(text), SCHEMA)
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_parse_returns_the_pydantic_object(client, messages, model):
+    r = client.chat.completions.parse(model=model, messages=messages, response_format=Finding, temperature=0,
+                                      max_tokens=64)
+    parsed = r.choices[0].message.parsed
+    assert isinstance(parsed, Finding) and parsed == Finding.model_validate_json(r.choices[0].message.content)
+
+
+def test_json_object_is_an_object(client, messages):
+    text, finish, _ = _create(client, BASE, messages, response_format={"type": "json_object"})
+    assert finish == "stop" and isinstance(json.loads(text), dict)
+    for model in MODELS[1:]:  # random adapters write long keys: cut by max_tokens, but an object from the start
+        assert _create(client, model, messages, response_format={"type": "json_object"}, max_tokens=8)[0][0] == "{"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("model", MODELS)
+def test_vllm_choice_and_regex_constraints(client, messages, model, stream):
+    text, finish, _ = _create(client, model, messages, stream, extra_body={"structured_outputs": {"choice": ["yes", "no"]}})
+    assert text in ("yes", "no") and finish == "stop"
+    text, _, _ = _create(client, model, messages, stream, extra_body={"structured_outputs": {"regex": "[a-c]{3}-[0-9]"}})
+    assert len(text) == 5 and set(text[:3]) <= set("abc") and text[3] == "-" and text[4].isdigit()
+    grammar = 'root ::= "ok" | "not ok"'
+    text, _, _ = _create(client, model, messages, stream, extra_body={"structured_outputs": {"grammar": grammar}})
+    assert text in ("ok", "not ok")
+
+
+@pytest.mark.parametrize("model", [BASE, "demo-a"])
+def test_logprobs_in_both_shapes_and_with_n(client, messages, model):
+    kw = dict(max_tokens=6, logprobs=True, top_logprobs=3, extra_body={"min_tokens": 6})
+    _, _, full = _create(client, model, messages, **kw)
+    content = full.choices[0].logprobs.content
+    assert len(content) == full.usage.completion_tokens == 6
+    for token in content:  # greedy: the sampled token is the best alternative
+        assert len(token.top_logprobs) == 3 and token.top_logprobs[0].logprob == token.logprob <= 0
+        assert [t.logprob for t in token.top_logprobs] == sorted((t.logprob for t in token.top_logprobs), reverse=True)
+        assert token.bytes == list(token.token.encode("utf-8", errors="replace"))
+    _, _, chunks = _create(client, model, messages, stream=True, **kw)
+    streamed = [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+    assert [(t.token, t.logprob) for t in streamed] == [(t.token, t.logprob) for t in content]
+    _, _, two = _create(client, model, messages, n=2, temperature=0.8, seed=3, max_tokens=4, logprobs=True,
+                        extra_body={"min_tokens": 4})
+    assert all(len(c.logprobs.content) == 4 and c.logprobs.content[0].top_logprobs == [] for c in two.choices)
+    _, _, plain = _create(client, model, messages, max_tokens=2)
+    assert plain.choices[0].logprobs is None
+
+
+def test_logit_bias_forces_a_token(client, messages, tiny_processor):
+    tokenizer = tiny_processor.tokenizer
+    token_id = tokenizer("red", add_special_tokens=False)["input_ids"][0]
+    token = tokenizer.decode([token_id])
+    for model in (BASE, "demo-b"):
+        _, _, r = _create(client, model, messages, max_tokens=4, logprobs=True, logit_bias={str(token_id): 100},
+                          extra_body={"min_tokens": 4})
+        assert [t.token for t in r.choices[0].logprobs.content] == [token] * 4
+
+
+@pytest.mark.parametrize(("extra", "param"), [
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objekt"}}}},
+     "response_format"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "string",
+                                                                                         "pattern": "(("}}}},
+     "response_format"),
+    ({"extra_body": {"structured_outputs": {"regex": "(("}}}, "structured_outputs"),
+    ({"extra_body": {"structured_outputs": {"grammar": "root ::= ("}}}, "structured_outputs"),
+    ({"logit_bias": {"99999999": 1}}, "logit_bias"),
+    ({"top_logprobs": 2}, "top_logprobs"),
+])
+def test_bad_constraints_are_400_naming_the_field(client, server, messages, extra, param):
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.chat.completions.create(model="demo-a", messages=messages, max_tokens=4, **extra)
+    assert exc.value.body["param"] == param, exc.value.body
+    assert httpx.get(f"{server.url}/health", timeout=10).status_code == 200
+    assert _create(client, "demo-a", messages, max_tokens=2)[0]
+
+
+def test_mixed_batch_of_constrained_and_free_requests_equals_solo(client, server, messages):
+    """Constrained, logprob and unconstrained requests for different adapters in one engine batch each get
+    exactly their solo output."""
+    cases = [
+        ("demo-a", {"response_format": JSON_SCHEMA}),
+        ("demo-b", {"max_tokens": 16, "extra_body": {"min_tokens": 16}}),
+        (BASE, {"extra_body": {"structured_outputs": {"choice": ["yes", "no"]}}}),
+        ("demo-b", {"response_format": JSON_SCHEMA}),
+        (BASE, {"max_tokens": 16, "extra_body": {"min_tokens": 16}}),
+        ("demo-a", {"max_tokens": 8, "logprobs": True, "top_logprobs": 2, "extra_body": {"min_tokens": 8}}),
+    ]
+
+    def key(r):
+        lp = r.choices[0].logprobs
+        return r.choices[0].message.content, [(t.token, t.logprob) for t in lp.content] if lp else None
+
+    solo = [key(_create(client, m, messages, **kw)[2]) for m, kw in cases]
+
+    async def mixed():
+        aclient = AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
+        jobs = cases * 2
+        results = await asyncio.gather(*(aclient.chat.completions.create(
+            model=m, messages=messages, **{"temperature": 0, "max_tokens": 64, **kw}) for m, kw in jobs))
+        await aclient.close()
+        return [key(r) for r in results]
+
+    together = asyncio.run(mixed())
+    for i, got in enumerate(together):
+        want = solo[i % len(cases)]
+        assert got[0] == want[0], f"case {i % len(cases)} differs in a mixed batch"
+        if want[1] is not None:
+            assert [t for t, _ in got[1]] == [t for t, _ in want[1]]
+            assert all(abs(a - b) < 1e-4 for (_, a), (_, b) in zip(got[1], want[1], strict=True))
