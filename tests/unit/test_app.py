@@ -102,3 +102,22 @@ def test_ready_sends_the_configured_retry_after(demo_assets, tiny_processor):
     response = asyncio.run(probe())
     assert response.status_code == 503 and response.headers["retry-after"] == "7"
     assert response.json()["error"]["code"] == "not_ready"
+
+
+def test_engine_args_reach_vllm_and_vlora_settings_keep_precedence(demo_assets):
+    from service.engine.vllm_engine import VLLMEngine
+
+    def args(*flags):
+        return VLLMEngine(build_settings(["--model", str(demo_assets["model"]), *flags]), {}).engine_args()
+
+    made = args("--engine-arg", "kv_cache_dtype=auto", "--engine-arg", "max_logprobs=30",
+                "--engine-arg", 'mm_processor_kwargs={"max_pixels": 50176}', "--max-model-len", "2048")
+    assert made.kv_cache_dtype == "auto" and made.max_logprobs == 30 and made.max_model_len == 2048
+    assert made.mm_processor_kwargs == {"max_pixels": 50176}
+    assert made.structured_outputs_config["disable_any_whitespace"]  # compact JSON unless asked otherwise
+    with pytest.raises(ValueError, match="set by vlora's own settings.*--max-model-len"):
+        args("--engine-arg", "max_model_len=10")
+    with pytest.raises(ValueError, match="unknown vLLM engine arg.*no_such_arg"):
+        args("--engine-arg", "no_such_arg=1")
+    with pytest.raises(SystemExit, match="max_num_seqs"):  # the same refusal before anything starts
+        __import__("service.main").main.main(["--model", str(demo_assets["model"]), "--engine-arg", "max_num_seqs=2"])
