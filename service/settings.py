@@ -75,6 +75,8 @@ class ServiceSettings(BaseSettings):
     structured_outputs_any_whitespace: bool = Field(
         False, description="Let constrained JSON put any whitespace between tokens (off: compact JSON, which cannot "
                            "ramble in whitespace until max_tokens).")
+    tool_call_parser: str = Field(
+        "hermes", description="vLLM tool-call parser of the model's format (hermes: Qwen3 / Qwen3-VL <tool_call>).")
     engine_args: dict[str, Any] = Field(
         default_factory=dict,
         description="Any other vLLM engine argument, --engine-arg KEY=VALUE (repeatable; VALUE parsed as JSON when "

@@ -8,8 +8,31 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable
 
-from service.engine.base import AdapterInfo, Delta, EngineEvents, GenerationRequest, NoEvents
+from service.engine.base import (
+    AdapterInfo,
+    Delta,
+    EngineEvents,
+    GenerationRequest,
+    NoEvents,
+    ParsedToolCall,
+    ToolCallDelta,
+)
 from service.errors import ModelNotFound, NotReady
+
+
+class _NoToolCalls:
+    """A tool-call parser that finds none (the fake model never calls tools)."""
+
+    call_prefix = ""
+
+    def parse(self, text: str) -> tuple[str | None, list[ParsedToolCall]]:
+        return text, []
+
+    def feed(self, delta_text: str) -> tuple[str | None, list[ToolCallDelta]]:
+        return delta_text or None, []
+
+    def rest(self) -> list[ToolCallDelta]:
+        return []
 
 
 class FakeEngine:
@@ -84,3 +107,6 @@ class FakeEngine:
 
     async def resident_ids(self) -> set[int]:
         return {info.engine_id for info in self.loaded.values()}
+
+    def tool_call_parser(self) -> _NoToolCalls:
+        return _NoToolCalls()

@@ -17,11 +17,18 @@ DEMO_DATA = {"colors": {"n_train": 800, "image_size": 128}, "shapes": {"n_train"
 
 
 def ensure_tiny_model(root: Path, seed: int = 0) -> Path:
-    from trainer.tiny import make_tiny_model
+    """The tiny model under `root`, built if absent; a chat template older than the kit's is replaced (the
+    weights and config, and so the base fingerprint adapters were trained against, stay as they are)."""
+    from trainer.tiny import CHAT_TEMPLATE, make_tiny_model
 
     model = root / "tiny-qwen3-vl"
     if not (model / "config.json").is_file():
         make_tiny_model(model, seed=seed, overwrite=True)  # absent or incomplete
+    template = model / "chat_template.jinja"
+    if template.read_text() != CHAT_TEMPLATE:
+        fresh = template.with_name(template.name + ".new")
+        fresh.write_text(CHAT_TEMPLATE)
+        os.replace(fresh, template)
     return model
 
 

@@ -74,6 +74,31 @@ class Delta:
     logprobs: list[TokenLogprob] | None = None  # one per new token, when the request asked for them
 
 
+@dataclass
+class ParsedToolCall:
+    name: str
+    arguments: str  # JSON text
+
+
+@dataclass
+class ToolCallDelta:
+    index: int  # which call of the completion
+    name: str | None = None  # set once, on the call's first delta
+    arguments: str | None = None  # the next piece of the arguments' JSON text
+
+
+class ToolCallParser(Protocol):
+    """Finds tool calls in the model's own format in a completion (one parser per request)."""
+
+    call_prefix: str  # what opens a call in the model's format, before its JSON (e.g. "<tool_call>\n")
+
+    def parse(self, text: str) -> tuple[str | None, list[ParsedToolCall]]: ...
+
+    def feed(self, delta_text: str) -> tuple[str | None, list[ToolCallDelta]]: ...
+
+    def rest(self) -> list[ToolCallDelta]: ...
+
+
 @dataclass(frozen=True)
 class AdapterInfo:
     name: str  # the engine adapter name (NAME@REV)
@@ -149,4 +174,8 @@ class Engine(Protocol):
 
     async def resident_ids(self) -> set[int]:
         """Engine ids of the loaded adapters held in accelerator/host memory now (others reload when used)."""
+        ...
+
+    def tool_call_parser(self) -> ToolCallParser:
+        """A fresh parser of the served model's tool-call format."""
         ...

@@ -28,6 +28,7 @@ from service.engine.base import (
     adapter_of,
 )
 from service.engine.vllm_stats import stat_logger_factory
+from service.engine.vllm_tools import VLLMToolCallParser, parser_class
 from service.errors import BadRequest, ContextLengthExceeded, EngineFailure, ModelNotFound, NotReady
 from service.settings import ServiceSettings
 
@@ -166,6 +167,7 @@ class VLLMEngine:
         if clashes:
             raise ValueError(f"engine arg(s) {', '.join(clashes)} are set by vlora's own settings: use the flag "
                              f"(e.g. --{clashes[0].replace('_', '-')}) instead of --engine-arg")
+        parser_class(s.tool_call_parser)  # an unknown --tool-call-parser is a start-up error too
         known = {f.name for f in dataclasses.fields(AsyncEngineArgs)}
         unknown = sorted(set(s.engine_args) - known)
         if unknown:
@@ -321,6 +323,11 @@ class VLLMEngine:
                 await self._llm.abort(request.request_id)
             # Kept briefly: the engine's stats for a finished request arrive after its last output.
             asyncio.get_running_loop().call_later(30, self._request_adapters.pop, request.request_id, None)
+
+    def tool_call_parser(self) -> VLLMToolCallParser:
+        if self._llm is None:
+            raise NotReady("engine not started")
+        return VLLMToolCallParser(self.settings.tool_call_parser, self._llm.tokenizer)
 
     async def abort(self, request_id: str) -> None:
         if self._llm is not None:

@@ -4,8 +4,10 @@ Requests accept what the official `openai` client sends; fields that only change
 (`top_k`, `min_p`, `min_tokens`, `ignore_eos`, `repetition_penalty`, `structured_outputs`) arrive through
 `extra_body`. Structured outputs: OpenAI's `response_format` (`json_object`, `json_schema`) or vLLM's
 `structured_outputs` (`json`, `regex`, `choice`, `grammar`, `json_object`; one of them), never both.
-Unknown fields are ignored, as OpenAI-compatible servers do; features we do not implement (tools,
-functions, audio) are refused with a 400 naming the field.
+Unknown fields are ignored, as OpenAI-compatible servers do; features we do not implement (the
+deprecated `functions`, audio) are refused with a 400 naming the field. Tools follow OpenAI: `tools`,
+`tool_choice` (none, auto, required, a named function), `parallel_tool_calls`, assistant `tool_calls` and
+`role: "tool"` results in the history.
 """
 
 from __future__ import annotations
@@ -44,16 +46,33 @@ class ImagePart(_Lenient):
 ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends and expects it
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Lenient):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant turn that called tools
+    tool_call_id: str | None = None  # a tool result: the call it answers
 
     @model_validator(mode="after")
     def _check(self) -> ChatMessage:
-        if self.content is None:
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only assistant messages carry tool_calls")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs the tool_call_id it answers")
+        if self.content is None and not self.tool_calls:
             raise ValueError(f"a {self.role} message needs content")
-        if self.role in ("system", "developer", "assistant") and isinstance(self.content, list):
+        if self.role in ("system", "developer", "assistant", "tool") and isinstance(self.content, list):
             if any(isinstance(p, ImagePart) for p in self.content):
                 raise ValueError(f"images are only accepted in user messages, not in a {self.role} message")
         return self
@@ -109,7 +128,28 @@ class StructuredOutputs(BaseModel):
         raise AssertionError("validated to hold one constraint")
 
 
-_UNSUPPORTED = ("tools", "functions", "audio")
+class FunctionDefinition(_Lenient):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolDefinition(_Lenient):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Lenient):
+    name: str
+
+
+class NamedToolChoice(_Lenient):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+_UNSUPPORTED = ("functions", "audio")
 
 
 class ChatCompletionRequest(_Lenient):
@@ -137,8 +177,10 @@ class ChatCompletionRequest(_Lenient):
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     logit_bias: dict[str, float] | None = None
+    tools: list[ToolDefinition] | None = Field(default=None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
     # Accepted so we can name them in a clear refusal instead of silently ignoring them.
-    tools: Any = None
     functions: Any = None
     audio: Any = None
 
@@ -185,8 +227,24 @@ class ChatCompletionRequest(_Lenient):
             raise ValueError("send one of response_format and structured_outputs")
         return v
 
+    @field_validator("tool_choice")
+    @classmethod
+    def _tool_choice(cls, v, info: ValidationInfo):
+        tools = info.data.get("tools") or []
+        if v in ("required", None, "none", "auto"):
+            if v == "required" and not tools:
+                raise ValueError("tool_choice 'required' needs tools")
+            return v
+        if v.function.name not in {t.function.name for t in tools}:
+            raise ValueError(f"tool_choice names '{v.function.name}', which is not among the tools")
+        return v
+
     @model_validator(mode="after")
     def _check(self) -> ChatCompletionRequest:
+        if self.forced_tools and (self.response_format and self.response_format.type != "text"
+                                  or self.structured_outputs is not None):
+            raise ValueError("a required or named tool_choice constrains the output itself; drop response_format "
+                             "or structured_outputs")
         if self.messages[-1].role == "assistant":
             raise ValueError("the last message must not be an assistant message")
         if self.max_tokens and self.max_completion_tokens and self.max_tokens != self.max_completion_tokens:
@@ -216,6 +274,19 @@ class ChatCompletionRequest(_Lenient):
         return "json", fmt.json_schema.schema_, "response_format"
 
     @property
+    def tool_mode(self) -> str:
+        """none (no tools in play), auto (the model may call; its output is parsed), required, or named."""
+        if not self.tools or self.tool_choice == "none":
+            return "none"
+        if self.tool_choice in (None, "auto"):
+            return "auto"
+        return "required" if self.tool_choice == "required" else "named"
+
+    @property
+    def forced_tools(self) -> bool:
+        return self.tool_mode in ("required", "named")
+
+    @property
     def top_logprobs_wanted(self) -> int | None:
         """Alternatives per token to return (0: only the sampled token's logprob), None: no logprobs."""
         return (self.top_logprobs or 0) if self.logprobs else None
@@ -227,7 +298,7 @@ class Usage(BaseModel):
     total_tokens: int
 
 
-FinishReason = Literal["stop", "length", "abort"]
+FinishReason = Literal["stop", "length", "abort", "tool_calls"]
 
 
 class TopLogprob(BaseModel):
@@ -246,7 +317,8 @@ class ChoiceLogprobs(BaseModel):
 
 class ResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
 
 
 class Choice(BaseModel):
@@ -266,9 +338,22 @@ class ChatCompletion(BaseModel):
     system_fingerprint: str | None = None
 
 
+class DeltaFunctionCall(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(BaseModel):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall
+
+
 class DeltaMessage(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChunkChoice(BaseModel):

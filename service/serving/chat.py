@@ -14,13 +14,12 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 
 import anyio
 
 from service.adapters.registry import AdapterRegistry, Revision
 from service.auth import OPEN, Tenant
-from service.engine.base import Delta, Engine, GenerationRequest, TokenLogprob
+from service.engine.base import Delta, Engine, GenerationRequest
 from service.errors import (
     APIError,
     BadRequest,
@@ -45,55 +44,13 @@ from service.protocol.chat import (
 from service.serving.render import ChatRenderer
 from service.serving.sampling import sampling_for, wire_logprobs
 from service.serving.sse import DONE, sse_event, sse_json
+from service.serving.tools import StreamedCalls, forced_call, forced_call_schema, wire_calls
+from service.serving.totals import Prepared, Totals
 
 logger = logging.getLogger("vlora.chat")
 
 # Prompts up to this many characters are tokenized on the event loop (for counting); longer ones in a thread.
 INLINE_TOKENIZE_CHARS = 16_384
-
-
-@dataclass
-class Prepared:
-    request: GenerationRequest
-    model: str  # the name the client asked for, echoed back
-    adapter_label: str
-    revision: Revision | None = None  # held (registry.acquire) until the request ends
-    image_tokens: int = 0
-    created: int = field(default_factory=lambda: int(time.time()))
-    started: float = field(default_factory=time.perf_counter)
-
-
-@dataclass
-class _Totals:
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    finish: dict[int, str] = field(default_factory=dict)
-    text: dict[int, list[str]] = field(default_factory=dict)
-    logprobs: dict[int, list[TokenLogprob]] = field(default_factory=dict)
-    first_token_at: float | None = None
-    last_token_at: float | None = None
-    gaps: list[tuple[float, int]] = field(default_factory=list)  # (seconds since previous tokens, new tokens)
-
-    def add(self, delta: Delta) -> None:
-        if delta.prompt_tokens is not None:
-            self.prompt_tokens = delta.prompt_tokens
-        self.completion_tokens += delta.new_tokens
-        self.text.setdefault(delta.index, []).append(delta.text)
-        if delta.logprobs is not None:
-            self.logprobs.setdefault(delta.index, []).extend(delta.logprobs)
-        if delta.finish_reason:
-            self.finish[delta.index] = delta.finish_reason
-        if delta.new_tokens:
-            now = time.perf_counter()
-            if self.first_token_at is None:
-                self.first_token_at = now
-            elif self.last_token_at is not None:
-                self.gaps.append((now - self.last_token_at, delta.new_tokens))
-            self.last_token_at = now
-
-    def usage(self) -> Usage:
-        return Usage(prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens,
-                     total_tokens=self.prompt_tokens + self.completion_tokens)
 
 
 class ChatService:
@@ -173,7 +130,11 @@ class ChatService:
         image_tokens = sum(self.renderer.image_tokens(*im.size) for im in images)
         if urls:
             self.metrics.image_seconds.observe(time.perf_counter() - started)
-        prompt = self.renderer.render(req.messages)
+        mode = req.tool_mode
+        prefill = ""
+        if mode in ("required", "named"):
+            prefill = self.engine.tool_call_parser().call_prefix  # the call opening the model writes itself
+        prompt = self.renderer.render(req.messages, tools=req.tools if mode != "none" else None, prefill=prefill)
         sizes = [im.size for im in images]
         if len(prompt) <= INLINE_TOKENIZE_CHARS:  # under a millisecond: cheaper than a thread hand-off
             prompt_tokens = self.renderer.prompt_tokens(prompt, sizes)
@@ -187,13 +148,15 @@ class ChatService:
                 f"{prompt_tokens} tokens (images included) and {wanted or 1} were requested for the completion",
                 param="messages" if room < 1 else "max_tokens",
             )
-        sampling = sampling_for(req, wanted or room, self.renderer.vocab_size)
+        forced = forced_call_schema(req) if mode in ("required", "named") else None
+        sampling = sampling_for(req, wanted or room, self.renderer.vocab_size, forced_tool_schema=forced)
         gen = GenerationRequest(request_id=f"chatcmpl-{uuid.uuid4().hex}", prompt=prompt, images=images,
                                 sampling=sampling, adapter=adapter)
         return Prepared(request=gen, model=req.model, revision=revision, image_tokens=image_tokens,
-                        adapter_label=self.metrics.labels(revision.name if revision is not None else None))
+                        adapter_label=self.metrics.labels(revision.name if revision is not None else None),
+                        tool_mode=mode, parallel_tool_calls=req.parallel_tool_calls)
 
-    def _finish(self, prep: Prepared, totals: _Totals, status: str) -> None:
+    def _finish(self, prep: Prepared, totals: Totals, status: str) -> None:
         self.registry.release(prep.revision)
         reasons = sorted(set(totals.finish.values())) or ["none"]
         finish_reason = ",".join(reasons)
@@ -214,7 +177,7 @@ class ChatService:
             "ttft_ms": round(ttft * 1000, 1) if ttft is not None else None, "e2e_ms": round(e2e * 1000, 1)})
 
     async def complete(self, prep: Prepared) -> ChatCompletion:
-        totals = _Totals()
+        totals = Totals()
         status = "5xx"
         try:
             async for delta in self.engine.generate(prep.request):
@@ -226,14 +189,27 @@ class ChatService:
         finally:
             self._finish(prep, totals, status)
         wants_logprobs = prep.request.sampling.logprobs is not None
-        choices = [
-            Choice(index=i, message=ResponseMessage(content="".join(totals.text.get(i, []))),
-                   finish_reason=totals.finish.get(i),
-                   logprobs=wire_logprobs(totals.logprobs.get(i, [])) if wants_logprobs else None)
-            for i in range(prep.request.sampling.n)
-        ]
+        choices = []
+        for i in range(prep.request.sampling.n):
+            message, finish = self._message(prep, "".join(totals.text.get(i, [])), totals.finish.get(i))
+            choices.append(Choice(index=i, message=message, finish_reason=finish,
+                                  logprobs=wire_logprobs(totals.logprobs.get(i, [])) if wants_logprobs else None))
         return ChatCompletion(id=prep.request.request_id, created=prep.created, model=prep.model, choices=choices,
                               usage=totals.usage())
+
+    def _message(self, prep: Prepared, text: str, finish: str | None) -> tuple[ResponseMessage, str | None]:
+        """The assistant message of one choice: its text, or the content and tool calls found in it."""
+        calls = []
+        content: str | None = text
+        if prep.tool_mode == "auto":
+            content, calls = self.engine.tool_call_parser().parse(text)
+        elif prep.tool_mode in ("required", "named") and (call := forced_call(text)) is not None:
+            content, calls = None, [call]
+        if not prep.parallel_tool_calls:
+            calls = calls[:1]
+        if calls and finish == "stop":
+            finish = "tool_calls"
+        return ResponseMessage(content=content, tool_calls=wire_calls(calls)), finish
 
     async def open_stream(self, prep: Prepared, include_usage: bool) -> AsyncIterator[str]:
         """Start generation and wait for its first output, then return the SSE body iterator.
@@ -243,28 +219,37 @@ class ChatService:
         try:
             first = await anext(stream, None)
         except BaseException as exc:
-            self._finish(prep, _Totals(), f"{exc.status // 100}xx" if isinstance(exc, APIError) else "5xx")
+            self._finish(prep, Totals(), f"{exc.status // 100}xx" if isinstance(exc, APIError) else "5xx")
             await stream.aclose()
             raise
         return self._sse(prep, stream, first, include_usage)
 
     async def _sse(self, prep: Prepared, stream: AsyncIterator[Delta], first: Delta | None,
                    include_usage: bool) -> AsyncIterator[str]:
-        rid, totals, status = prep.request.request_id, _Totals(), "aborted"
+        rid, totals, status = prep.request.request_id, Totals(), "aborted"
 
         def chunk(choices: list[ChunkChoice], usage: Usage | None = None) -> str:
             return sse_event(ChatCompletionChunk(id=rid, created=prep.created, model=prep.model, choices=choices,
                                                  usage=usage))
 
+        n, mode = prep.request.sampling.n, prep.tool_mode
+        calls = {i: StreamedCalls(mode, self.engine.tool_call_parser() if mode == "auto" else None,
+                                  parallel=prep.parallel_tool_calls) for i in range(n)} if mode != "none" else {}
         try:
-            yield chunk([ChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))
-                         for i in range(prep.request.sampling.n)])
+            yield chunk([ChunkChoice(index=i, delta=DeltaMessage(role="assistant", content="")) for i in range(n)])
             delta = first
             while delta is not None:
                 totals.add(delta)
-                if delta.text or delta.finish_reason or delta.logprobs:
-                    yield chunk([ChunkChoice(index=delta.index, delta=DeltaMessage(content=delta.text or None),
-                                             finish_reason=delta.finish_reason,
+                content, tool_calls, finish = delta.text or None, [], delta.finish_reason
+                if (state := calls.get(delta.index)) is not None:
+                    content, tool_calls = state.feed(delta.text)
+                    if finish:
+                        tool_calls += state.end()
+                        content = (content or "") + (state.leftover_content() or "") or None
+                        finish = "tool_calls" if state.called and finish == "stop" else finish
+                if content or tool_calls or finish or delta.logprobs:
+                    yield chunk([ChunkChoice(index=delta.index, finish_reason=finish,
+                                             delta=DeltaMessage(content=content, tool_calls=tool_calls or None),
                                              logprobs=wire_logprobs(delta.logprobs))])
                 delta = await anext(stream, None)
             if include_usage:

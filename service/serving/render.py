@@ -8,10 +8,11 @@ with a clear 400 before it reaches the engine.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from service.errors import BadRequest
-from service.protocol.chat import ChatMessage, ImagePart, TextPart
+from service.protocol.chat import ChatMessage, ImagePart, TextPart, ToolDefinition
 
 
 def to_template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
@@ -19,8 +20,8 @@ def to_template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
     out = []
     for message in messages:
         role = "system" if message.role == "developer" else message.role
-        if isinstance(message.content, str):
-            content: str | list[dict[str, Any]] = message.content
+        if message.content is None or isinstance(message.content, str):  # None: an assistant turn of calls only
+            content: str | list[dict[str, Any]] | None = message.content
         else:
             content = []
             for part in message.content:
@@ -30,8 +31,23 @@ def to_template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
                     content.append({"type": "image"})
             if role != "user" and all(p["type"] == "text" for p in content):
                 content = "".join(p["text"] for p in content)
-        out.append({"role": role, "content": content})
+        entry: dict[str, Any] = {"role": role, "content": content}
+        if message.tool_calls:
+            entry["tool_calls"] = [{"id": c.id, "type": "function",
+                                    "function": {"name": c.function.name, "arguments": _arguments(c.function.arguments)}}
+                                   for c in message.tool_calls]
+        if message.tool_call_id:
+            entry["tool_call_id"] = message.tool_call_id
+        out.append(entry)
     return out
+
+
+def _arguments(text: str) -> Any:
+    """A call's arguments as the template expects them (an object; Qwen's template also takes the text)."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        raise BadRequest(f"tool call arguments are not JSON: {text[:80]!r}", param="messages") from None
 
 
 class ChatRenderer:
@@ -51,13 +67,29 @@ class ChatRenderer:
 
         return cls(AutoProcessor.from_pretrained(model))
 
-    def render(self, messages: list[ChatMessage]) -> str:
+    @property
+    def supports_tools(self) -> bool:
+        """Whether the model's chat template renders tool definitions."""
+        template = getattr(self.processor, "chat_template", None) or getattr(self.tokenizer, "chat_template", "")
+        return "tools" in (template or "")
+
+    def render(self, messages: list[ChatMessage], tools: list[ToolDefinition] | None = None,
+               prefill: str = "") -> str:
+        """The prompt for `messages` (and `tools`, if any), ending with the assistant's turn and `prefill`."""
+        kwargs = {}
+        if tools:
+            if not self.supports_tools:
+                raise BadRequest("this model's chat template does not render tools", param="tools")
+            kwargs["tools"] = [t.model_dump(exclude_none=True) for t in tools]
         try:
-            return self.processor.apply_chat_template(
-                to_template_messages(messages), tokenize=False, add_generation_prompt=True
+            prompt = self.processor.apply_chat_template(
+                to_template_messages(messages), tokenize=False, add_generation_prompt=True, **kwargs
             )
+        except BadRequest:
+            raise
         except Exception as exc:  # a template may reject e.g. a role order it does not support
             raise BadRequest(f"messages could not be rendered with the model's chat template: {exc}") from None
+        return prompt + prefill
 
     def image_tokens(self, width: int, height: int) -> int:
         if self.image_processor is None:

@@ -11,7 +11,10 @@ from service.protocol.chat import TokenLogprob as WireTokenLogprob
 from service.protocol.chat import TopLogprob as WireTopLogprob
 
 
-def sampling_for(req: ChatCompletionRequest, max_tokens: int, vocab_size: int) -> Sampling:
+def sampling_for(req: ChatCompletionRequest, max_tokens: int, vocab_size: int,
+                 forced_tool_schema: dict | None = None) -> Sampling:
+    """The engine's sampling for `req`; `forced_tool_schema` (a required or named tool_choice) constrains the
+    output to the one call it allows."""
     logit_bias = None
     if req.logit_bias:
         logit_bias = {int(token): bias for token, bias in req.logit_bias.items()}
@@ -20,7 +23,9 @@ def sampling_for(req: ChatCompletionRequest, max_tokens: int, vocab_size: int) -
             raise BadRequest(f"logit_bias names token id(s) {beyond[:5]} outside the vocabulary (size {vocab_size})",
                              param="logit_bias")
     constraint = None
-    if (found := req.constraint()) is not None:
+    if forced_tool_schema is not None:
+        constraint = Constraint(kind="json", spec=forced_tool_schema, param="tool_choice")
+    elif (found := req.constraint()) is not None:
         kind, spec, param = found
         constraint = Constraint(kind=kind, spec=spec, param=param)
     return Sampling(

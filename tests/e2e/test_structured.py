@@ -30,6 +30,7 @@ SCHEMA = {
     "additionalProperties": False,
 }
 JSON_SCHEMA = {"type": "json_schema", "json_schema": {"name": "finding", "schema": SCHEMA, "strict": True}}
+TOOL = {"type": "function", "function": {"name": "record", "parameters": SCHEMA}}
 
 
 class Finding(BaseModel):
@@ -148,8 +149,8 @@ def test_bad_constraints_are_400_naming_the_field(client, server, messages, extr
 
 
 def test_mixed_batch_of_constrained_and_free_requests_equals_solo(client, server, messages):
-    """Constrained, logprob and unconstrained requests for different adapters in one engine batch each get
-    exactly their solo output."""
+    """Constrained, logprob, tool and unconstrained requests for different adapters in one engine batch each
+    get exactly their solo output."""
     cases = [
         ("demo-a", {"response_format": JSON_SCHEMA}),
         ("demo-b", {"max_tokens": 16, "extra_body": {"min_tokens": 16}}),
@@ -157,11 +158,14 @@ def test_mixed_batch_of_constrained_and_free_requests_equals_solo(client, server
         ("demo-b", {"response_format": JSON_SCHEMA}),
         (BASE, {"max_tokens": 16, "extra_body": {"min_tokens": 16}}),
         ("demo-a", {"max_tokens": 8, "logprobs": True, "top_logprobs": 2, "extra_body": {"min_tokens": 8}}),
+        ("demo-b", {"tools": [TOOL], "tool_choice": "required", "max_tokens": 120}),
+        (BASE, {"tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "record"}}, "max_tokens": 120}),
     ]
 
     def key(r):
-        lp = r.choices[0].logprobs
-        return r.choices[0].message.content, [(t.token, t.logprob) for t in lp.content] if lp else None
+        lp, message = r.choices[0].logprobs, r.choices[0].message
+        calls = [(t.function.name, t.function.arguments) for t in message.tool_calls or []]
+        return (message.content, calls), [(t.token, t.logprob) for t in lp.content] if lp else None
 
     solo = [key(_create(client, m, messages, **kw)[2]) for m, kw in cases]
 

@@ -15,6 +15,7 @@ from service.protocol.chat import (
 from service.serving.sse import DONE, sse_event
 
 IMAGE = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+TOOL = {"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}
 
 
 def req(**kw) -> ChatCompletionRequest:
@@ -41,7 +42,8 @@ def test_image_url_as_bare_string():
 
 @pytest.mark.parametrize("kw,needle", [
     ({"messages": []}, "at least 1"),
-    ({"messages": [{"role": "tool", "content": "x"}]}, "role"),
+    ({"messages": [{"role": "tool", "content": "x"}]}, "tool_call_id"),
+    ({"messages": [{"role": "critic", "content": "x"}]}, "role"),
     ({"messages": [{"role": "user"}]}, "needs content"),
     ({"messages": [{"role": "assistant", "content": [IMAGE]}]}, "only accepted in user messages"),
     ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}, "last message"),
@@ -50,7 +52,13 @@ def test_image_url_as_bare_string():
     ({"n": 0}, "n"),
     ({"stop": ["a", "b", "c", "d", "e"]}, "up to 4"),
     ({"stop": [""]}, "non-empty"),
-    ({"tools": [{"type": "function"}]}, "'tools' is not supported"),
+    ({"tools": [{"type": "function"}]}, "tools.0.function"),
+    ({"functions": [{"name": "f"}]}, "'functions' is not supported"),
+    ({"tool_choice": "required"}, "needs tools"),
+    ({"tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "other"}}}, "not among the tools"),
+    ({"tools": [TOOL], "tool_choice": "required", "response_format": {"type": "json_object"}}, "constrains the output"),
+    ({"messages": [{"role": "user", "content": "q", "tool_calls": [
+        {"id": "c1", "function": {"name": "f", "arguments": "{}"}}]}]}, "only assistant messages"),
     ({"top_logprobs": 3}, "top_logprobs needs logprobs"),
     ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     ({"logit_bias": {"abc": 1}}, "token ids"),
@@ -92,3 +100,16 @@ def test_sse_encoding():
     assert event.startswith("data: {") and event.endswith("}\n\n")
     assert '"content":"hi"' in event and "null" not in event
     assert DONE == "data: [DONE]\n\n"
+
+
+def test_tool_modes_and_histories_parse():
+    assert req().tool_mode == "none" and req(tools=[TOOL]).tool_mode == "auto"
+    assert req(tools=[TOOL], tool_choice="none").tool_mode == "none"
+    assert req(tools=[TOOL], tool_choice="required").forced_tools
+    assert req(tools=[TOOL], tool_choice={"type": "function", "function": {"name": "lookup"}}).tool_mode == "named"
+    history = req(tools=[TOOL], messages=[
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "content": None,
+         "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "lookup", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "42"}])
+    assert history.messages[1].tool_calls[0].function.name == "lookup" and history.messages[2].tool_call_id == "c1"

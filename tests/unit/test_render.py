@@ -62,3 +62,24 @@ def test_placeholder_count_must_match_images(renderer):
     prompt = renderer.render(messages({"role": "user", "content": [IMG, {"type": "text", "text": "q"}]}))
     with pytest.raises(BadRequest):
         renderer.prompt_tokens(prompt, [])
+
+
+def test_tools_render_like_qwen3_vl_and_need_a_template_that_knows_them(renderer, tiny_processor):
+    import copy
+
+    req = ChatCompletionRequest.model_validate({"model": "m", "tools": [
+        {"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}], "messages": [
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "lookup", "arguments": '{"k": 1}'}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "42"}]})
+    prompt = renderer.render(req.messages, tools=req.tools, prefill="<tool_call>\n")
+    assert prompt.startswith("<|im_start|>system\n# Tools\n") and '"name": "lookup"' in prompt
+    assert '<tool_call>\n{"name": "lookup", "arguments": {"k": 1}}\n</tool_call><|im_end|>' in prompt
+    assert "<|im_start|>user\n<tool_response>\n42\n</tool_response><|im_end|>" in prompt
+    assert prompt.endswith("<|im_start|>assistant\n<tool_call>\n")
+    plain = copy.deepcopy(tiny_processor)
+    plain.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    with pytest.raises(BadRequest) as exc:
+        ChatRenderer(plain).render(req.messages, tools=req.tools)
+    assert exc.value.param == "tools"

@@ -1,0 +1,103 @@
+"""Tool calls: what a request's `tools` / `tool_choice` make of the prompt and the output.
+
+- `auto`: the model's own output decides; the engine's tool-call parser (vLLM's, in the model's format) finds
+  the calls in it, whole or while streaming.
+- `required` or a named function: the output is constrained so that it always parses and its arguments
+  validate against the function's parameters. The prompt ends with the model's own call opening (e.g.
+  Qwen's `<tool_call>\\n`) and the output is constrained to the JSON object `{"name", "arguments"}` that the
+  model's format puts there, so the model writes the call the way it was trained to. (vLLM's server
+  constrains to a bare JSON list instead; on the tiny model its named calls came back with `null` arguments.)
+  With `required` that is one call, whatever `parallel_tool_calls` says.
+- `none` or no tools: the tools are not rendered and nothing is parsed.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass, field
+
+from service.engine.base import ParsedToolCall, ToolCallDelta, ToolCallParser
+from service.protocol.chat import (
+    ChatCompletionRequest,
+    DeltaFunctionCall,
+    DeltaToolCall,
+    FunctionCall,
+    ToolCall,
+)
+
+ANY_OBJECT = {"type": "object"}
+
+
+def call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
+def forced_call_schema(req: ChatCompletionRequest) -> dict:
+    """The JSON schema of the one call a required or named tool_choice allows."""
+    def one(tool) -> dict:
+        return {"type": "object", "additionalProperties": False, "required": ["name", "arguments"],
+                "properties": {"name": {"const": tool.function.name},
+                               "arguments": tool.function.parameters or ANY_OBJECT}}
+
+    if req.tool_mode == "named":
+        return one(next(t for t in req.tools if t.function.name == req.tool_choice.function.name))
+    return {"anyOf": [one(t) for t in req.tools]} if len(req.tools) > 1 else one(req.tools[0])
+
+
+def forced_call(text: str) -> ParsedToolCall | None:
+    """The call a constrained output holds (None when it was cut short, e.g. by max_tokens)."""
+    try:
+        obj = json.loads(text)
+    except ValueError:
+        return None
+    return ParsedToolCall(name=obj["name"], arguments=json.dumps(obj["arguments"], ensure_ascii=False))
+
+
+def wire_calls(calls: list[ParsedToolCall]) -> list[ToolCall] | None:
+    return [ToolCall(id=call_id(), function=FunctionCall(name=c.name, arguments=c.arguments)) for c in calls] or None
+
+
+@dataclass
+class StreamedCalls:
+    """One choice's tool calls while streaming: content and call deltas out of text deltas."""
+
+    mode: str
+    parser: ToolCallParser | None
+    parallel: bool = True  # False: only the first call is sent (parallel_tool_calls: false)
+    text: str = ""
+    called: bool = False
+    ids: dict[int, str] = field(default_factory=dict)
+
+    def feed(self, delta_text: str) -> tuple[str | None, list[DeltaToolCall]]:
+        if self.mode == "auto":
+            content, deltas = self.parser.feed(delta_text)
+            return content, self._wire(deltas)
+        self.text += delta_text  # constrained: the whole call is sent once it is complete
+        return None, []
+
+    def end(self) -> list[DeltaToolCall]:
+        if self.mode == "auto":
+            return self._wire(self.parser.rest())
+        call = forced_call(self.text)
+        if call is None:
+            return []
+        return self._wire([ToolCallDelta(index=0, name=call.name, arguments=call.arguments)])
+
+    def leftover_content(self) -> str | None:
+        """A constrained output that never became a call (cut short): sent as content at the end."""
+        return self.text if self.mode != "auto" and not self.called and self.text else None
+
+    def _wire(self, deltas: list[ToolCallDelta]) -> list[DeltaToolCall]:
+        out = []
+        for d in deltas:
+            if d.index > 0 and not self.parallel:
+                continue
+            self.called = True
+            first = d.index not in self.ids
+            if first:
+                self.ids[d.index] = call_id()
+            out.append(DeltaToolCall(index=d.index, id=self.ids[d.index] if first else None,
+                                     type="function" if first else None,
+                                     function=DeltaFunctionCall(name=d.name, arguments=d.arguments)))
+        return out

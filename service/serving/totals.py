@@ -1,0 +1,57 @@
+"""What one chat request carries through its life: the prepared engine request (`Prepared`) and what its
+output adds up to (`Totals`: text, logprobs, finish reasons, tokens and the timings metrics need)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from service.adapters.registry import Revision
+from service.engine.base import Delta, GenerationRequest, TokenLogprob
+from service.protocol.chat import Usage
+
+
+@dataclass
+class Prepared:
+    request: GenerationRequest
+    model: str  # the name the client asked for, echoed back
+    adapter_label: str
+    revision: Revision | None = None  # held (registry.acquire) until the request ends
+    image_tokens: int = 0
+    tool_mode: str = "none"  # see serving/tools.py
+    parallel_tool_calls: bool = True
+    created: int = field(default_factory=lambda: int(time.time()))
+    started: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class Totals:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    finish: dict[int, str] = field(default_factory=dict)
+    text: dict[int, list[str]] = field(default_factory=dict)
+    logprobs: dict[int, list[TokenLogprob]] = field(default_factory=dict)
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+    gaps: list[tuple[float, int]] = field(default_factory=list)  # (seconds since previous tokens, new tokens)
+
+    def add(self, delta: Delta) -> None:
+        if delta.prompt_tokens is not None:
+            self.prompt_tokens = delta.prompt_tokens
+        self.completion_tokens += delta.new_tokens
+        self.text.setdefault(delta.index, []).append(delta.text)
+        if delta.logprobs is not None:
+            self.logprobs.setdefault(delta.index, []).extend(delta.logprobs)
+        if delta.finish_reason:
+            self.finish[delta.index] = delta.finish_reason
+        if delta.new_tokens:
+            now = time.perf_counter()
+            if self.first_token_at is None:
+                self.first_token_at = now
+            elif self.last_token_at is not None:
+                self.gaps.append((now - self.last_token_at, delta.new_tokens))
+            self.last_token_at = now
+
+    def usage(self) -> Usage:
+        return Usage(prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens,
+                     total_tokens=self.prompt_tokens + self.completion_tokens)
