@@ -25,8 +25,9 @@ from service.errors import PayloadTooLarge, api_error_response, install_error_ha
 from service.lifecycle import Drain, RequestLifecycle
 from service.media import MediaLimits
 from service.metrics import Metrics
-from service.routes import adapters, chat, models, ops
+from service.routes import adapters, chat, completions, models, ops
 from service.serving.chat import ChatService
+from service.serving.completions import CompletionService
 from service.serving.golden import GoldenCheck
 from service.serving.render import ChatRenderer
 from service.settings import ServiceSettings
@@ -139,8 +140,9 @@ def create_app(settings: ServiceSettings, engine: Engine, *, metrics: Metrics, r
         logger.warning("no API keys configured: every endpoint, the admin API included, is open")
     app.state.chat = ChatService(engine, registry, renderer, limits, settings.max_images_per_request,
                                  metrics, settings.max_pending_requests, settings.retry_after_s)
+    app.state.completions = CompletionService(app.state.chat, renderer)  # shares the chat service's admission
     install_error_handlers(app)
-    for router in (chat.router, models.router, adapters.router, ops.router):
+    for router in (chat.router, completions.router, models.router, adapters.router, ops.router):
         app.include_router(router)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(Authenticate, ring=ring, public_paths=settings.public_paths)

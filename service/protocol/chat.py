@@ -15,11 +15,9 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationInfo, field_validator, model_validator
 
-
-class _Lenient(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+from service.protocol.sampling import SamplingRequest, Usage, _Lenient
 
 
 class ImageURL(_Lenient):
@@ -81,53 +79,6 @@ class ChatMessage(_Lenient):
         return [p for p in self.content if isinstance(p, ImagePart)] if isinstance(self.content, list) else []
 
 
-class StreamOptions(_Lenient):
-    include_usage: bool = False
-
-
-class JsonSchemaFormat(_Lenient):
-    name: str = Field("response", min_length=1, max_length=64)
-    description: str | None = None
-    schema_: dict[str, Any] | bool = Field(default_factory=dict, alias="schema")
-    strict: bool | None = None
-
-
-class ResponseFormat(_Lenient):
-    type: Literal["text", "json_object", "json_schema"]
-    json_schema: JsonSchemaFormat | None = None
-
-    @model_validator(mode="after")
-    def _check(self) -> ResponseFormat:
-        if self.type == "json_schema" and self.json_schema is None:
-            raise ValueError("a 'json_schema' response_format needs its json_schema")
-        return self
-
-
-class StructuredOutputs(BaseModel):
-    """vLLM's structured-output constraints (`extra_body={"structured_outputs": {...}}`), one at a time."""
-
-    model_config = ConfigDict(extra="forbid")
-    json_: dict[str, Any] | str | None = Field(None, alias="json")
-    regex: str | None = Field(None, min_length=1)
-    choice: list[str] | None = Field(None, min_length=1)
-    grammar: str | None = Field(None, min_length=1)
-    json_object: Literal[True] | None = None
-
-    @model_validator(mode="after")
-    def _one(self) -> StructuredOutputs:
-        given = [k for k in ("json_", "regex", "choice", "grammar", "json_object") if getattr(self, k) is not None]
-        if len(given) != 1:
-            raise ValueError("give exactly one of json, regex, choice, grammar, json_object")
-        return self
-
-    def constraint(self) -> tuple[str, Any]:
-        for kind in ("json_", "regex", "choice", "grammar", "json_object"):
-            value = getattr(self, kind)
-            if value is not None:
-                return kind.rstrip("_"), (None if kind == "json_object" else value)
-        raise AssertionError("validated to hold one constraint")
-
-
 class FunctionDefinition(_Lenient):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     description: str | None = None
@@ -152,57 +103,18 @@ class NamedToolChoice(_Lenient):
 _UNSUPPORTED = ("functions", "audio")
 
 
-class ChatCompletionRequest(_Lenient):
-    model: str = Field(min_length=1)
+class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
-    stream: bool = False
-    stream_options: StreamOptions | None = None
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    top_k: int = Field(default=0, ge=-1)
-    min_p: float = Field(default=0.0, ge=0.0, le=1.0)
-    n: int = Field(default=1, ge=1, le=16)
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    repetition_penalty: float = Field(default=1.0, gt=0.0, le=2.0)
-    min_tokens: int = Field(default=0, ge=0)
-    ignore_eos: bool = False
-    user: str | None = None
-    response_format: ResponseFormat | None = None
-    structured_outputs: StructuredOutputs | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
-    logit_bias: dict[str, float] | None = None
     tools: list[ToolDefinition] | None = Field(default=None, max_length=128)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True
     # Accepted so we can name them in a clear refusal instead of silently ignoring them.
     functions: Any = None
     audio: Any = None
-
-    @field_validator("stop")
-    @classmethod
-    def _stop(cls, v: str | list[str] | None) -> list[str] | None:
-        if v is None:
-            return None
-        stops = [v] if isinstance(v, str) else v
-        if len(stops) > 4 or any(not s for s in stops):
-            raise ValueError("stop takes up to 4 non-empty strings")
-        return stops
-
-    @field_validator("logit_bias")
-    @classmethod
-    def _logit_bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
-        for token, bias in (v or {}).items():
-            if not token.isdigit():
-                raise ValueError(f"logit_bias keys are token ids, not {token!r}")
-            if not -100 <= bias <= 100:
-                raise ValueError(f"logit_bias values lie in [-100, 100]; token {token} has {bias}")
-        return v
 
     # Field validators (not the model validator) so that each refusal names its parameter.
     @field_validator(*_UNSUPPORTED)
@@ -217,14 +129,6 @@ class ChatCompletionRequest(_Lenient):
     def _top_logprobs(cls, v: int | None, info: ValidationInfo) -> int | None:
         if v is not None and not info.data.get("logprobs"):
             raise ValueError("top_logprobs needs logprobs: true")
-        return v
-
-    @field_validator("structured_outputs")
-    @classmethod
-    def _one_constraint(cls, v: StructuredOutputs | None, info: ValidationInfo) -> StructuredOutputs | None:
-        fmt = info.data.get("response_format")
-        if v is not None and fmt is not None and fmt.type != "text":
-            raise ValueError("send one of response_format and structured_outputs")
         return v
 
     @field_validator("tool_choice")
@@ -255,23 +159,8 @@ class ChatCompletionRequest(_Lenient):
     def output_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
-    @property
-    def include_usage(self) -> bool:
-        return bool(self.stream_options and self.stream_options.include_usage)
-
     def image_count(self) -> int:
         return sum(len(m.images()) for m in self.messages)
-
-    def constraint(self) -> tuple[str, Any, str] | None:
-        """(kind, spec, the request field it came from) of the output constraint, or None."""
-        if self.structured_outputs is not None:
-            return (*self.structured_outputs.constraint(), "structured_outputs")
-        fmt = self.response_format
-        if fmt is None or fmt.type == "text":
-            return None
-        if fmt.type == "json_object":
-            return "json_object", None, "response_format"
-        return "json", fmt.json_schema.schema_, "response_format"
 
     @property
     def tool_mode(self) -> str:
@@ -290,12 +179,6 @@ class ChatCompletionRequest(_Lenient):
     def top_logprobs_wanted(self) -> int | None:
         """Alternatives per token to return (0: only the sampled token's logprob), None: no logprobs."""
         return (self.top_logprobs or 0) if self.logprobs else None
-
-
-class Usage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
 
 
 FinishReason = Literal["stop", "length", "abort", "tool_calls"]

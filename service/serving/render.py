@@ -96,6 +96,14 @@ class ChatRenderer:
             raise BadRequest("this model does not accept images")
         return self.image_processor.get_number_of_image_patches(height, width, {}) // (self._merge**2)
 
+    def text_tokens(self, prompt: str) -> int:
+        """Tokens of a raw text prompt (completions), which must not hold vision placeholders."""
+        ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        if self._image_pad is not None and self._image_pad in ids:
+            raise BadRequest("the prompt holds image placeholders; send images through /v1/chat/completions",
+                             param="prompt")
+        return len(ids)
+
     def prompt_tokens(self, prompt: str, image_sizes: list[tuple[int, int]]) -> int:
         ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
         placeholders = sum(1 for i in ids if i == self._image_pad) if self._image_pad is not None else 0

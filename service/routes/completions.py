@@ -1,0 +1,20 @@
+"""POST /v1/completions."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+
+from service.auth import tenant_of
+from service.protocol.completions import Completion, CompletionRequest
+
+router = APIRouter()
+
+
+@router.post("/v1/completions", response_model=Completion, response_model_exclude_none=True)
+async def completions(body: CompletionRequest, request: Request):
+    result = await request.app.state.completions.handle(body, tenant_of(request))
+    if body.stream:
+        return StreamingResponse(result, media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return result

@@ -1,0 +1,113 @@
+"""Completions (`/v1/completions`): a text prompt as it is (no chat template, no images) -> the engine ->
+OpenAI's legacy completion or its SSE stream. Admission, adapters, accounting and streaming are the chat
+service's (`generation.py`), so one backpressure bound covers every endpoint."""
+
+from __future__ import annotations
+
+import uuid
+
+from service.auth import OPEN, Tenant
+from service.engine.base import Delta, GenerationRequest, TokenLogprob
+from service.errors import APIError, ContextLengthExceeded
+from service.protocol.completions import Completion, CompletionChoice, CompletionLogprobs, CompletionRequest
+from service.serving.generation import Generation, sse_error
+from service.serving.render import ChatRenderer
+from service.serving.sampling import sampling_for
+from service.serving.sse import DONE, sse_event
+from service.serving.totals import Prepared, Totals
+
+
+def legacy_logprobs(tokens: list[TokenLogprob], offset: int = 0) -> CompletionLogprobs:
+    out = CompletionLogprobs()
+    for t in tokens:
+        out.tokens.append(t.token)
+        out.token_logprobs.append(t.logprob)
+        top: dict[str, float] = {}
+        for tok, lp, _ in t.top:  # two tokens may decode to the same text (partial UTF-8): keep the better one
+            top[tok] = max(lp, top.get(tok, lp))
+        out.top_logprobs.append(top)
+        out.text_offset.append(offset)
+        offset += len(t.token)
+    return out
+
+
+class CompletionService:
+    def __init__(self, generation: Generation, renderer: ChatRenderer):
+        self.gen = generation
+        self.renderer = renderer
+
+    async def handle(self, req: CompletionRequest, tenant: Tenant = OPEN):
+        self.gen.admit()
+        handed_over = False
+        try:
+            try:
+                prep = await self.prepare(req, tenant)
+            except APIError as exc:
+                self.gen.metrics.count_refusal(self.gen.label_for(req.model), exc.status)
+                raise
+            if req.stream:
+                body = await self.gen.open(prep, CompletionStream(prep, req.include_usage))
+                handed_over = True
+                return body
+            totals = await self.gen.run(prep)
+            choices = [CompletionChoice(index=i, text="".join(totals.text.get(i, [])), finish_reason=totals.finish.get(i),
+                                        logprobs=legacy_logprobs(totals.logprobs.get(i, []))
+                                        if req.logprobs is not None else None)
+                       for i in range(req.n)]
+            return Completion(id=prep.request.request_id, created=prep.created, model=prep.model, choices=choices,
+                              usage=totals.usage())
+        finally:
+            if not handed_over:
+                self.gen.release()
+
+    async def prepare(self, req: CompletionRequest, tenant: Tenant) -> Prepared:
+        revision = await self.gen.resolve(req.model, tenant)
+        try:
+            prompt_tokens = self.renderer.text_tokens(req.prompt)
+            room = self.gen.engine.max_model_len - prompt_tokens
+            if room < 1 or req.max_tokens > room:
+                raise ContextLengthExceeded(
+                    f"this model's maximum context length is {self.gen.engine.max_model_len} tokens; the prompt has "
+                    f"{prompt_tokens} tokens and {req.max_tokens} were requested for the completion",
+                    param="prompt" if room < 1 else "max_tokens")
+            sampling = sampling_for(req, req.max_tokens, self.renderer.vocab_size)
+            gen = GenerationRequest(request_id=f"cmpl-{uuid.uuid4().hex}", prompt=req.prompt, sampling=sampling,
+                                    adapter=revision.key if revision is not None else None)
+            return Prepared(request=gen, model=req.model, revision=revision, kind="completion",
+                            adapter_label=self.gen.adapter_label(revision))
+        except BaseException:
+            self.gen.registry.release(revision)
+            raise
+
+
+class CompletionStream:
+    """Completion chunks (`object: text_completion`): text and logprob deltas, usage last, then [DONE]."""
+
+    def __init__(self, prep: Prepared, include_usage: bool):
+        self.prep, self.include_usage = prep, include_usage
+        self.offsets: dict[int, int] = {}
+
+    def _chunk(self, choices: list[CompletionChoice], usage=None) -> str:
+        p = self.prep
+        return sse_event(Completion(id=p.request.request_id, created=p.created, model=p.model, choices=choices,
+                                    usage=usage))
+
+    def start(self) -> list[str]:
+        return []
+
+    def delta(self, delta: Delta) -> list[str]:
+        if not (delta.text or delta.finish_reason or delta.logprobs):
+            return []
+        logprobs = None
+        if delta.logprobs is not None:
+            offset = self.offsets.get(delta.index, 0)
+            logprobs = legacy_logprobs(delta.logprobs, offset)
+            self.offsets[delta.index] = offset + sum(len(t.token) for t in delta.logprobs)
+        return [self._chunk([CompletionChoice(index=delta.index, text=delta.text, finish_reason=delta.finish_reason,
+                                              logprobs=logprobs)])]
+
+    def end(self, totals: Totals) -> list[str]:
+        return ([self._chunk([], usage=totals.usage())] if self.include_usage else []) + [DONE]
+
+    def error(self, body: dict) -> list[str]:
+        return sse_error(body)

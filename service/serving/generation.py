@@ -1,0 +1,175 @@
+"""What every generating endpoint shares: admission (backpressure), adapter resolution, the engine run with its
+accounting (metrics and the one log line per request), and the SSE body around an engine stream.
+
+An endpoint (chat completions, completions, responses) prepares its `Prepared` engine request, then either
+`run`s it to its `Totals`, or `open`s it (the first output awaited, so engine-side refusals are still an HTTP
+error) and hands `sse` a `StreamFormat` that turns deltas into its own events. A stream that fails later ends
+with the format's error event; one whose client goes away aborts its engine request.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Protocol
+
+import anyio
+
+from service.adapters.registry import AdapterRegistry, Revision
+from service.auth import OPEN, Tenant
+from service.engine.base import Delta, Engine
+from service.errors import APIError, ModelNotFound, Overloaded, error_body, internal_error_body
+from service.metrics import Metrics
+from service.serving.sse import sse_json
+from service.serving.totals import Prepared, Totals
+
+logger = logging.getLogger("vlora.generation")
+
+
+class StreamFormat(Protocol):
+    def start(self) -> list[str]: ...
+
+    def delta(self, delta: Delta) -> list[str]: ...
+
+    def end(self, totals: Totals) -> list[str]: ...
+
+    def error(self, body: dict) -> list[str]:
+        """Events for an OpenAI error body (`{"error": {...}}`), the stream's last."""
+        ...
+
+
+class Generation:
+    """One per app: every generating endpoint shares its admission count (one --max-pending-requests bound)."""
+
+    def __init__(self, engine: Engine, registry: AdapterRegistry, metrics: Metrics, max_pending: int = 64,
+                 retry_after_s: int = 5):
+        self.engine = engine
+        self.registry = registry
+        self.metrics = metrics
+        self.max_pending = max_pending
+        self.retry_after = str(retry_after_s)
+        self.active = 0
+
+    # admission ----------------------------------------------------------------------------------
+
+    def admit(self) -> None:
+        """Backpressure: refuse (429) rather than queue without bound."""
+        if self.active >= self.max_pending:
+            self.metrics.rejected.labels("overloaded").inc()
+            raise Overloaded(f"the server has {self.active} requests running or waiting (limit "
+                             f"{self.max_pending}); retry later", headers={"Retry-After": self.retry_after})
+        self.active += 1
+        self.metrics.running_requests.inc()
+
+    def release(self) -> None:
+        self.active -= 1
+        self.metrics.running_requests.dec()
+
+    def label_for(self, model: str) -> str:
+        """Metric label of a requested name that may not exist (bounded: unknown names share one)."""
+        if model == self.registry.base_name:
+            return "base"
+        name = model.partition("@")[0]
+        return self.metrics.labels(name) if self.registry.known(model) else "unknown"
+
+    async def resolve(self, model: str, tenant: Tenant = OPEN) -> Revision | None:
+        """The adapter revision serving `model` (None: the base), held until `finish` releases it."""
+        if model == self.registry.base_name and not tenant.base:
+            raise ModelNotFound.named(model)
+        revision = await self.registry.resolve(model, tenant.may_use_adapter)
+        self.registry.acquire(revision)
+        return revision
+
+    def adapter_label(self, revision: Revision | None) -> str:
+        return self.metrics.labels(revision.name if revision is not None else None)
+
+    # running ------------------------------------------------------------------------------------
+
+    def finish(self, prep: Prepared, totals: Totals, status: str) -> None:
+        self.registry.release(prep.revision)
+        reasons = sorted(set(totals.finish.values())) or ["none"]
+        finish_reason = ",".join(reasons)
+        ttft = (totals.first_token_at - prep.started) if totals.first_token_at else None
+        e2e = time.perf_counter() - prep.started
+        self.metrics.observe_request(
+            adapter=prep.adapter_label, status=status, finish_reason=finish_reason,
+            prompt_tokens=totals.prompt_tokens, image_tokens=prep.image_tokens,
+            completion_tokens=totals.completion_tokens, ttft=ttft, e2e=e2e,
+        )
+        itl = self.metrics.itl.labels(prep.adapter_label)
+        for gap, tokens in totals.gaps:
+            itl.observe(gap / tokens)
+        logger.info(prep.kind, extra={
+            "completion_id": prep.request.request_id, "model": prep.model, "adapter": prep.adapter_label,
+            "status": status, "finish_reason": finish_reason, "prompt_tokens": totals.prompt_tokens,
+            "image_tokens": prep.image_tokens, "completion_tokens": totals.completion_tokens,
+            "ttft_ms": round(ttft * 1000, 1) if ttft is not None else None, "e2e_ms": round(e2e * 1000, 1)})
+
+    async def run(self, prep: Prepared) -> Totals:
+        """The whole output of a non-streamed request."""
+        totals = Totals()
+        status = "5xx"
+        try:
+            async for delta in self.engine.generate(prep.request):
+                totals.add(delta)
+            status = "2xx"
+        except APIError as exc:
+            status = f"{exc.status // 100}xx"
+            raise
+        finally:
+            self.finish(prep, totals, status)
+        return totals
+
+    async def open(self, prep: Prepared, fmt: StreamFormat) -> AsyncIterator[str]:
+        """Start generation and wait for its first output, then return the SSE body iterator (which releases
+        the admission slot when it ends). Errors before the first output propagate (a normal HTTP error)."""
+        stream = self.engine.generate(prep.request)
+        try:
+            first = await anext(stream, None)
+        except BaseException as exc:
+            self.finish(prep, Totals(), f"{exc.status // 100}xx" if isinstance(exc, APIError) else "5xx")
+            await stream.aclose()
+            raise
+        return self._sse(prep, stream, first, fmt)
+
+    async def _sse(self, prep: Prepared, stream: AsyncIterator[Delta], first: Delta | None,
+                   fmt: StreamFormat) -> AsyncIterator[str]:
+        rid, totals, status = prep.request.request_id, Totals(), "aborted"
+        try:
+            for event in fmt.start():
+                yield event
+            delta = first
+            while delta is not None:
+                totals.add(delta)
+                for event in fmt.delta(delta):
+                    yield event
+                delta = await anext(stream, None)
+            status = "2xx"
+            for event in fmt.end(totals):
+                yield event
+        except APIError as exc:
+            status = f"{exc.status // 100}xx"
+            logger.warning("stream %s failed: %s", rid, exc.message)
+            for event in fmt.error(error_body(exc.status, exc.message, exc.type, exc.param, exc.code)):
+                yield event
+        except Exception:  # a bug or an engine failure mid-stream: the client still gets an error event
+            status = "5xx"
+            logger.exception("stream %s failed", rid)
+            for event in fmt.error(internal_error_body()):
+                yield event
+        finally:
+            if status == "aborted":
+                logger.info("stream %s ended early (client disconnected); aborting", rid)
+            self.release()
+            self.finish(prep, totals, status)
+            # Shielded: a disconnect cancels this task, and anyio re-delivers cancellation at every await.
+            with anyio.CancelScope(shield=True):
+                await stream.aclose()  # the engine backend aborts an unfinished request on close
+
+
+def sse_error(body: dict) -> list[str]:
+    """The chat/completions error ending: the error object, then `data: [DONE]`."""
+    from service.serving.sse import DONE
+
+    return [sse_json(body), DONE]

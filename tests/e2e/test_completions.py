@@ -1,0 +1,60 @@
+"""`/v1/completions` end to end with the official client: base and adapters, streamed and not, legacy
+logprobs, a constraint, and the refusals that name their field."""
+
+from __future__ import annotations
+
+import openai
+import pytest
+from openai import OpenAI
+
+BASE = "tiny-qwen3-vl"
+PROMPT = "What color is the shape? The shape is"
+
+
+@pytest.fixture(scope="module")
+def client(demo_server) -> OpenAI:
+    return OpenAI(base_url=f"{demo_server.url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.mark.parametrize("model", [BASE, "demo-a", "demo-b"])
+def test_stream_and_non_stream_agree(client, model):
+    kw = dict(model=model, prompt=PROMPT, max_tokens=8, temperature=0, extra_body={"min_tokens": 8})
+    full = client.completions.create(**kw)
+    assert full.object == "text_completion" and full.choices[0].finish_reason == "length"
+    assert full.usage.completion_tokens == 8 and full.usage.prompt_tokens > 5
+    chunks = list(client.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == full.choices[0].text
+    assert len({c.id for c in chunks}) == 1 and chunks[-1].usage.completion_tokens == 8
+
+
+def test_adapters_answer_differently_and_reproducibly(client):
+    kw = dict(prompt=PROMPT, max_tokens=8, temperature=0, extra_body={"min_tokens": 8})
+    texts = {m: client.completions.create(model=m, **kw).choices[0].text for m in (BASE, "demo-a", "demo-b")}
+    assert len(set(texts.values())) == 3
+    assert client.completions.create(model="demo-a", **kw).choices[0].text == texts["demo-a"]
+
+
+def test_legacy_logprobs_and_constraints(client):
+    r = client.completions.create(model="demo-b", prompt=PROMPT, max_tokens=5, temperature=0, logprobs=2,
+                                  extra_body={"min_tokens": 5})
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 5
+    assert lp.text_offset[0] == 0 and all(len(top) <= 2 for top in lp.top_logprobs)
+    assert all(lp.token_logprobs[i] == max(lp.top_logprobs[i].values()) for i in range(5))
+    choice = client.completions.create(model=BASE, prompt=PROMPT, max_tokens=5, temperature=0,
+                                       extra_body={"structured_outputs": {"choice": ["red", "blue"]}})
+    assert choice.choices[0].text in ("red", "blue")
+
+
+@pytest.mark.parametrize(("kw", "param"), [
+    ({"prompt": ["a", "b"]}, "prompt"),
+    ({"echo": True}, "echo"),
+    ({"suffix": "x"}, "suffix"),
+    ({"logprobs": 6}, "logprobs"),
+    ({"max_tokens": 100000}, "max_tokens"),
+    ({"prompt": "<|vision_start|><|image_pad|><|vision_end|>"}, "prompt"),
+])
+def test_refusals_name_their_field(client, kw, param):
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.completions.create(model="demo-a", **{"prompt": PROMPT, "max_tokens": 4, **kw})
+    assert exc.value.body["param"] == param, exc.value.body
