@@ -25,11 +25,12 @@ from service.errors import PayloadTooLarge, api_error_response, install_error_ha
 from service.lifecycle import Drain, RequestLifecycle
 from service.media import MediaLimits
 from service.metrics import Metrics
-from service.routes import adapters, chat, completions, models, ops
+from service.routes import adapters, chat, completions, models, ops, responses
 from service.serving.chat import ChatService
 from service.serving.completions import CompletionService
 from service.serving.golden import GoldenCheck
 from service.serving.render import ChatRenderer
+from service.serving.responses import ResponsesService
 from service.settings import ServiceSettings
 
 logger = logging.getLogger("vlora.app")
@@ -80,6 +81,22 @@ async def watch_engine(app: FastAPI, interval_s: float) -> None:
             if server is not None:
                 server.should_exit = True
             return
+
+
+def _openapi_without_422(app: FastAPI):
+    """FastAPI documents a 422 for every body it validates; this server answers those 400 (see errors.py)."""
+    build = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            spec = build()
+            for path in spec.get("paths", {}).values():
+                for operation in path.values():
+                    operation.get("responses", {}).pop("422", None)
+            app.openapi_schema = spec
+        return app.openapi_schema
+
+    return openapi
 
 
 def served_base_fingerprint(model: str) -> BaseFingerprint | None:
@@ -141,8 +158,10 @@ def create_app(settings: ServiceSettings, engine: Engine, *, metrics: Metrics, r
     app.state.chat = ChatService(engine, registry, renderer, limits, settings.max_images_per_request,
                                  metrics, settings.max_pending_requests, settings.retry_after_s)
     app.state.completions = CompletionService(app.state.chat, renderer)  # shares the chat service's admission
+    app.state.responses = ResponsesService(app.state.chat)
     install_error_handlers(app)
-    for router in (chat.router, completions.router, models.router, adapters.router, ops.router):
+    app.openapi = _openapi_without_422(app)
+    for router in (chat.router, completions.router, responses.router, models.router, adapters.router, ops.router):
         app.include_router(router)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(Authenticate, ring=ring, public_paths=settings.public_paths)

@@ -1,1 +1,19 @@
-"""Thin HTTP routers: parse, call `serving/`, return."""
+"""Thin HTTP routers: parse, call `serving/`, return. `GENERATION_RESPONSES` tells the OpenAPI document what a
+generating endpoint sends besides its JSON body: the SSE stream, and every OpenAI-shaped error status."""
+
+from service.protocol.models import ErrorResponse
+
+_ERRORS = {
+    400: "invalid request (a parameter, an image, the context length, a constraint that does not compile)",
+    401: "missing or wrong API key",
+    404: "the model does not exist, or this key may not use it",
+    413: "the body or an image is over its byte or pixel limit",
+    429: "too many requests in flight (Retry-After says when to retry)",
+    500: "an unexpected server error",
+    503: "not ready, draining, or the engine is restarting (Retry-After)",
+}
+GENERATION_RESPONSES: dict = {
+    200: {"description": "the answer; with `stream: true`, server-sent events instead",
+          "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+    **{status: {"model": ErrorResponse, "description": why} for status, why in _ERRORS.items()},
+}

@@ -7,11 +7,13 @@ from fastapi.responses import StreamingResponse
 
 from service.auth import tenant_of
 from service.protocol.chat import ChatCompletion, ChatCompletionRequest
+from service.routes import GENERATION_RESPONSES
 
 router = APIRouter()
 
 
-@router.post("/v1/chat/completions", response_model=ChatCompletion, response_model_exclude_none=True)
+@router.post("/v1/chat/completions", response_model=ChatCompletion, response_model_exclude_none=True,
+             responses=GENERATION_RESPONSES)
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     result = await request.app.state.chat.handle(body, tenant_of(request))
     if body.stream:

@@ -7,11 +7,13 @@ from fastapi.responses import StreamingResponse
 
 from service.auth import tenant_of
 from service.protocol.completions import Completion, CompletionRequest
+from service.routes import GENERATION_RESPONSES
 
 router = APIRouter()
 
 
-@router.post("/v1/completions", response_model=Completion, response_model_exclude_none=True)
+@router.post("/v1/completions", response_model=Completion, response_model_exclude_none=True,
+             responses=GENERATION_RESPONSES)
 async def completions(body: CompletionRequest, request: Request):
     result = await request.app.state.completions.handle(body, tenant_of(request))
     if body.stream:

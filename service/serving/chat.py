@@ -68,10 +68,13 @@ class ChatService(Generation):
                 self.release()
 
     async def prepare(self, req: ChatCompletionRequest, tenant: Tenant = OPEN, *,
-                      request_id: str | None = None) -> Prepared:
+                      request_id: str | None = None, kind: str = "chat completion") -> Prepared:
+        """The engine request for `req` (the Responses API prepares its requests here too, as `kind`)."""
         revision = await self.resolve(req.model, tenant)
         try:
-            return await self._prepare(req, revision, request_id or f"chatcmpl-{uuid.uuid4().hex}")
+            prep = await self._prepare(req, revision, request_id or f"chatcmpl-{uuid.uuid4().hex}")
+            prep.kind = kind
+            return prep
         except BaseException:
             self.registry.release(revision)
             raise

@@ -121,3 +121,15 @@ def test_engine_args_reach_vllm_and_vlora_settings_keep_precedence(demo_assets):
         args("--engine-arg", "no_such_arg=1")
     with pytest.raises(SystemExit, match="max_num_seqs"):  # the same refusal before anything starts
         __import__("service.main").main.main(["--model", str(demo_assets["model"]), "--engine-arg", "max_num_seqs=2"])
+
+
+def test_openapi_declares_streams_and_error_statuses(demo_assets, tiny_processor):
+    metrics = Metrics()
+    spec = _app(demo_assets, tiny_processor, FakeEngine(events=metrics), metrics).openapi()
+    for path in ("/v1/chat/completions", "/v1/completions", "/v1/responses"):
+        answers = spec["paths"][path]["post"]["responses"]
+        assert set(answers["200"]["content"]) == {"application/json", "text/event-stream"}, path
+        for status in ("400", "401", "404", "413", "429", "500", "503"):
+            schema = answers[status]["content"]["application/json"]["schema"]
+            assert schema["$ref"].endswith("/ErrorResponse"), (path, status)
+        assert "422" not in answers  # validation errors are answered 400, as OpenAI does

@@ -1,0 +1,159 @@
+"""OpenAI Responses API wire models (pure pydantic): `POST /v1/responses`, text and images in, text out.
+
+Supported: `input` as a string or message items (`input_text`, `input_image` parts; `output_text` in earlier
+assistant turns), `instructions`, `max_output_tokens`, `temperature`, `top_p`, `text.format` (text,
+json_object, json_schema), `stream` (the typed events), `metadata`. Nothing is stored: `store` is accepted
+and the answer says `store: false`; `previous_response_id`, `conversation`, `tools`, `reasoning` and
+`background` are refused with a 400 naming the field (tools are served by /v1/chat/completions).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, ValidationInfo, field_validator
+
+from service.protocol.sampling import _Lenient
+
+
+class InputText(_Lenient):
+    type: Literal["input_text", "output_text"]
+    text: str
+
+
+class InputImage(_Lenient):
+    type: Literal["input_image"]
+    image_url: str | None = None
+    file_id: str | None = None
+    detail: Literal["auto", "low", "high"] | None = None
+
+    @field_validator("file_id")
+    @classmethod
+    def _no_files(cls, v: str | None) -> str | None:
+        if v is not None:
+            raise ValueError("file ids are not supported: send the image as image_url (a URL or data URI)")
+        return v
+
+
+class InputMessage(_Lenient):
+    type: Literal["message"] = "message"
+    role: Literal["user", "system", "developer", "assistant"]
+    content: str | list[InputText | InputImage]
+
+
+class TextFormat(_Lenient):
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    name: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+    description: str | None = None
+
+
+class TextConfig(_Lenient):
+    format: TextFormat = Field(default_factory=TextFormat)
+
+
+_REFUSED = ("previous_response_id", "conversation", "tools", "reasoning", "background", "prompt")
+
+
+class ResponsesRequest(_Lenient):
+    model: str = Field(min_length=1)
+    input: str | list[InputMessage] = Field(min_length=1)
+    instructions: str | None = None
+    max_output_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    stream: bool = False
+    store: bool | None = None
+    text: TextConfig = Field(default_factory=TextConfig)
+    metadata: dict[str, str] | None = None
+    user: str | None = None
+    tool_choice: Literal["none", "auto"] | None = None
+    parallel_tool_calls: bool | None = None
+    truncation: Literal["disabled"] | None = None
+    previous_response_id: Any = None
+    conversation: Any = None
+    tools: Any = None
+    reasoning: Any = None
+    background: Any = None
+    prompt: Any = None
+
+    @field_validator(*_REFUSED)
+    @classmethod
+    def _refused(cls, v: Any, info: ValidationInfo) -> Any:
+        if v not in (None, False, []):
+            why = ("this server stores no responses; send the whole conversation as input"
+                   if info.field_name in ("previous_response_id", "conversation") else "not supported by this server")
+            raise ValueError(f"'{info.field_name}': {why}")
+        return v
+
+    def chat_body(self) -> dict:
+        """The same request as a chat completion (what the engine path serves)."""
+        messages: list[dict] = []
+        if self.instructions:
+            messages.append({"role": "system", "content": self.instructions})
+        items = [InputMessage(role="user", content=self.input)] if isinstance(self.input, str) else self.input
+        for item in items:
+            if isinstance(item.content, str):
+                messages.append({"role": item.role, "content": item.content})
+                continue
+            parts = [{"type": "text", "text": p.text} if isinstance(p, InputText)
+                     else {"type": "image_url", "image_url": {"url": p.image_url, "detail": p.detail}}
+                     for p in item.content]
+            messages.append({"role": item.role, "content": parts})
+        body: dict[str, Any] = {"model": self.model, "messages": messages, "temperature": self.temperature,
+                                "top_p": self.top_p, "max_tokens": self.max_output_tokens, "user": self.user}
+        fmt = self.text.format
+        if fmt.type == "json_object":
+            body["response_format"] = {"type": "json_object"}
+        elif fmt.type == "json_schema":
+            body["response_format"] = {"type": "json_schema", "json_schema": {
+                "name": fmt.name or "response", "schema": fmt.schema_ or {}, "strict": fmt.strict}}
+        return body
+
+
+class OutputText(BaseModel):
+    type: Literal["output_text"] = "output_text"
+    text: str
+    annotations: list = Field(default_factory=list)
+    logprobs: list = Field(default_factory=list)
+
+
+class OutputMessage(BaseModel):
+    type: Literal["message"] = "message"
+    id: str
+    status: Literal["in_progress", "completed", "incomplete"]
+    role: Literal["assistant"] = "assistant"
+    content: list[OutputText] = Field(default_factory=list)
+
+
+class ResponseUsage(BaseModel):
+    input_tokens: int
+    output_tokens: int
+    total_tokens: int
+    input_tokens_details: dict = Field(default_factory=lambda: {"cached_tokens": 0})
+    output_tokens_details: dict = Field(default_factory=lambda: {"reasoning_tokens": 0})
+
+
+class Response(BaseModel):
+    id: str
+    object: Literal["response"] = "response"
+    created_at: int = Field(default_factory=lambda: int(time.time()))
+    status: Literal["in_progress", "completed", "incomplete", "failed"]
+    model: str
+    output: list[OutputMessage] = Field(default_factory=list)
+    usage: ResponseUsage | None = None
+    incomplete_details: dict | None = None
+    error: dict | None = None
+    instructions: str | None = None
+    max_output_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    parallel_tool_calls: bool = True
+    tool_choice: str = "none"
+    tools: list = Field(default_factory=list)
+    text: dict = Field(default_factory=lambda: {"format": {"type": "text"}})
+    metadata: dict = Field(default_factory=dict)
+    store: bool = False
+    truncation: str = "disabled"
