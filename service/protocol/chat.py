@@ -109,6 +109,8 @@ class ChatCompletionRequest(SamplingRequest):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    add_generation_prompt: bool = True  # vLLM's: open a new assistant turn after the messages
+    continue_final_message: bool = False  # vLLM's prefill: continue the last (assistant) message instead
     tools: list[ToolDefinition] | None = Field(default=None, max_length=128)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True
@@ -149,8 +151,16 @@ class ChatCompletionRequest(SamplingRequest):
                                   or self.structured_outputs is not None):
             raise ValueError("a required or named tool_choice constrains the output itself; drop response_format "
                              "or structured_outputs")
-        if self.messages[-1].role == "assistant":
-            raise ValueError("the last message must not be an assistant message")
+        if self.continue_final_message:
+            if self.add_generation_prompt:
+                raise ValueError("continue_final_message needs add_generation_prompt: false (as vLLM takes them)")
+            if self.messages[-1].role != "assistant":
+                raise ValueError("continue_final_message continues the last message, which must be an assistant one")
+            if self.forced_tools:
+                raise ValueError("a required or named tool_choice cannot continue a final message")
+        elif self.messages[-1].role == "assistant" and self.add_generation_prompt:
+            raise ValueError("the last message must not be an assistant message (to continue it, send "
+                             "continue_final_message: true and add_generation_prompt: false)")
         if self.max_tokens and self.max_completion_tokens and self.max_tokens != self.max_completion_tokens:
             raise ValueError("max_tokens and max_completion_tokens disagree; send one of them")
         return self

@@ -94,7 +94,9 @@ class ChatService(Generation):
         prefill = ""
         if mode in ("required", "named"):
             prefill = self.engine.tool_call_parser().call_prefix  # the call opening the model writes itself
-        prompt = self.renderer.render(req.messages, tools=req.tools if mode != "none" else None, prefill=prefill)
+        prompt = self.renderer.render(req.messages, tools=req.tools if mode != "none" else None, prefill=prefill,
+                                      add_generation_prompt=req.add_generation_prompt,
+                                      continue_final_message=req.continue_final_message)
         sizes = [im.size for im in images]
         if len(prompt) <= INLINE_TOKENIZE_CHARS:  # under a millisecond: cheaper than a thread hand-off
             prompt_tokens = self.renderer.prompt_tokens(prompt, sizes)

@@ -74,8 +74,9 @@ class ChatRenderer:
         return "tools" in (template or "")
 
     def render(self, messages: list[ChatMessage], tools: list[ToolDefinition] | None = None,
-               prefill: str = "") -> str:
-        """The prompt for `messages` (and `tools`, if any), ending with the assistant's turn and `prefill`."""
+               prefill: str = "", add_generation_prompt: bool = True, continue_final_message: bool = False) -> str:
+        """The prompt for `messages` (and `tools`, if any), ending with the assistant's turn and `prefill`, or
+        with the last (assistant) message left open to be continued."""
         kwargs = {}
         if tools:
             if not self.supports_tools:
@@ -83,7 +84,8 @@ class ChatRenderer:
             kwargs["tools"] = [t.model_dump(exclude_none=True) for t in tools]
         try:
             prompt = self.processor.apply_chat_template(
-                to_template_messages(messages), tokenize=False, add_generation_prompt=True, **kwargs
+                to_template_messages(messages), tokenize=False, add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message, **kwargs
             )
         except BadRequest:
             raise

@@ -58,3 +58,17 @@ def test_refusals_name_their_field(client, kw, param):
     with pytest.raises(openai.BadRequestError) as exc:
         client.completions.create(model="demo-a", **{"prompt": PROMPT, "max_tokens": 4, **kw})
     assert exc.value.body["param"] == param, exc.value.body
+
+
+@pytest.mark.parametrize("model", [BASE, "demo-a"])
+def test_prefill_continues_the_final_message_exactly_like_the_raw_prompt(client, model):
+    kw = dict(max_tokens=6, temperature=0, extra_body={"min_tokens": 6})
+    chat = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "What color?"},
+                               {"role": "assistant", "content": "The color is"}],
+        extra_body={"continue_final_message": True, "add_generation_prompt": False, "min_tokens": 6},
+        max_tokens=6, temperature=0)
+    raw = client.completions.create(model=model, prompt="<|im_start|>user\nWhat color?<|im_end|>\n"
+                                                        "<|im_start|>assistant\nThe color is", **kw)
+    assert chat.choices[0].message.content == raw.choices[0].text
+    assert chat.usage.prompt_tokens == raw.usage.prompt_tokens

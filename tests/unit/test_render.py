@@ -83,3 +83,11 @@ def test_tools_render_like_qwen3_vl_and_need_a_template_that_knows_them(renderer
     with pytest.raises(BadRequest) as exc:
         ChatRenderer(plain).render(req.messages, tools=req.tools)
     assert exc.value.param == "tools"
+
+
+def test_prefill_continues_the_final_assistant_message(renderer):
+    req = ChatCompletionRequest.model_validate({"model": "m", "continue_final_message": True,
+                                                "add_generation_prompt": False, "messages": [
+        {"role": "user", "content": "What color?"}, {"role": "assistant", "content": "The color is"}]})
+    prompt = renderer.render(req.messages, add_generation_prompt=False, continue_final_message=True)
+    assert prompt.endswith("<|im_start|>assistant\nThe color is")
