@@ -26,7 +26,7 @@ from service.lifecycle import Drain, RequestLifecycle
 from service.media import MediaLimits
 from service.metrics import Metrics
 from service.routes import adapters, chat, completions, models, ops, responses
-from service.serving.chat import ChatService
+from service.serving.chat import ChatService, VideoSampling
 from service.serving.completions import CompletionService
 from service.serving.golden import GoldenCheck
 from service.serving.render import ChatRenderer
@@ -145,6 +145,7 @@ def create_app(settings: ServiceSettings, engine: Engine, *, metrics: Metrics, r
         fetch_timeout_s=settings.image_fetch_timeout_s,
         max_redirects=settings.image_fetch_max_redirects,
         allowlist=tuple(settings.image_url_allowlist),
+        max_video_bytes=settings.max_video_bytes,
     )
     registry = AdapterRegistry(
         settings.base_name, engine, golden_check=GoldenCheck(engine, renderer), events=metrics,
@@ -155,8 +156,9 @@ def create_app(settings: ServiceSettings, engine: Engine, *, metrics: Metrics, r
     ring = keyring or KeyRing.from_settings(settings.api_keys, settings.admin_api_keys, settings.api_keys_file)
     if not ring.enabled:
         logger.warning("no API keys configured: every endpoint, the admin API included, is open")
+    video = VideoSampling(settings.max_videos_per_request, settings.video_fps, settings.video_max_frames)
     app.state.chat = ChatService(engine, registry, renderer, limits, settings.max_images_per_request,
-                                 metrics, settings.max_pending_requests, settings.retry_after_s)
+                                 metrics, settings.max_pending_requests, settings.retry_after_s, video)
     app.state.completions = CompletionService(app.state.chat, renderer)  # shares the chat service's admission
     app.state.responses = ResponsesService(app.state.chat)
     install_error_handlers(app)

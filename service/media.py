@@ -1,4 +1,7 @@
-"""Image inputs: data URIs and http(s) URLs, decoded to RGB PIL images within byte and pixel limits.
+"""Image and video inputs: data URIs and http(s) URLs, within byte (and, for images, pixel) limits.
+
+Images are decoded here to RGB PIL images; videos are fetched here, under the same address policy, byte cap
+and timeout, and decoded by the engine's own video loader (frames sampled as the model's processor expects).
 
 Every refusal is a typed error: 400 for what cannot be an image (bad base64, unknown format, truncated
 file, a URL we will not fetch), 413 for what is too large (bytes before decoding, pixels before the
@@ -38,6 +41,10 @@ class MediaLimits:
     fetch_timeout_s: float = 10.0
     max_redirects: int = 3
     allowlist: tuple[str, ...] = ()
+    max_video_bytes: int = 64 * 1024 * 1024
+
+    def max_bytes(self, kind: str) -> int:
+        return self.max_video_bytes if kind == "video" else self.max_image_bytes
 
 
 # -- address policy (pure functions: no connection is ever made here) ---------------------------------
@@ -102,26 +109,28 @@ def system_resolve(host: str, port: int) -> list[str]:
     return sorted({info[4][0] for info in infos})
 
 
-def check_url(url: str, allowlist: Iterable[str], resolve: Resolver = system_resolve) -> tuple[str, int, str]:
+def check_url(url: str, allowlist: Iterable[str], resolve: Resolver = system_resolve,
+              kind: str = "image") -> tuple[str, int, str]:
     """Validate scheme and every resolved address of `url`; returns (host, port, address to connect to)."""
+    param = f"{kind}_url"
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https"):
-        raise BadRequest(f"image URL scheme '{parts.scheme}' is not allowed (only http and https)", param="image_url")
+        raise BadRequest(f"{kind} URL scheme '{parts.scheme}' is not allowed (only http and https)", param=param)
     host = parts.hostname
     if not host:
-        raise BadRequest("image URL has no host", param="image_url")
+        raise BadRequest(f"{kind} URL has no host", param=param)
     port = parts.port or (443 if parts.scheme == "https" else 80)
     try:
         addresses = resolve(host, port)
     except (OSError, UnicodeError) as exc:
-        raise BadRequest(f"image URL host '{host}' does not resolve: {exc}", param="image_url") from None
+        raise BadRequest(f"{kind} URL host '{host}' does not resolve: {exc}", param=param) from None
     if not addresses:
-        raise BadRequest(f"image URL host '{host}' does not resolve", param="image_url")
+        raise BadRequest(f"{kind} URL host '{host}' does not resolve", param=param)
     for text in addresses:
         addr = ipaddress.ip_address(text.split("%")[0])
         if not address_allowed(addr, host, allowlist, port):
-            raise BadRequest(f"image URL host '{host}' resolves to a non-public address ({addr}); refused",
-                             param="image_url")
+            raise BadRequest(f"{kind} URL host '{host}' resolves to a non-public address ({addr}); refused",
+                             param=param)
     return host, port, addresses[0]
 
 
@@ -156,25 +165,27 @@ def decode_image(data: bytes, limits: MediaLimits) -> Image.Image:
         raise BadRequest(f"image could not be decoded: {exc}", param="image_url") from None
 
 
-def decode_data_uri(uri: str, limits: MediaLimits) -> bytes:
+def decode_data_uri(uri: str, limits: MediaLimits, kind: str = "image") -> bytes:
+    param, cap = f"{kind}_url", limits.max_bytes(kind)
     header, sep, payload = uri.partition(",")
     if not sep or not header.startswith("data:"):
-        raise BadRequest("malformed data URI", param="image_url")
+        raise BadRequest("malformed data URI", param=param)
     media_type = header[5:].split(";")[0].strip().lower()
-    if media_type and not media_type.startswith("image/"):
-        raise BadRequest(f"data URI media type '{media_type}' is not an image", param="image_url")
+    if media_type and not media_type.startswith(f"{kind}/"):
+        raise BadRequest(f"data URI media type '{media_type}' is not {'an' if kind == 'image' else 'a'} {kind}",
+                         param=param)
     if ";base64" not in header:
-        raise BadRequest("image data URIs must be base64-encoded", param="image_url")
+        raise BadRequest(f"{kind} data URIs must be base64-encoded", param=param)
     # Refuse from the encoded length, before allocating the decoded bytes.
-    if len(payload) * 3 // 4 > limits.max_image_bytes + 3:
-        raise PayloadTooLarge(f"image data URI decodes to more than {limits.max_image_bytes} bytes", param="image_url")
+    if len(payload) * 3 // 4 > cap + 3:
+        raise PayloadTooLarge(f"{kind} data URI decodes to more than {cap} bytes", param=param)
     try:
         return base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
-        raise BadRequest("image data URI is not valid base64", param="image_url") from None
+        raise BadRequest(f"{kind} data URI is not valid base64", param=param) from None
 
 
-def pin_to_address(url: str, host: str, port: int, address: str) -> tuple[str, dict, dict]:
+def pin_to_address(url: str, host: str, port: int, address: str, kind: str = "image") -> tuple[str, dict, dict]:
     """The request for `url` sent to the address that was checked, not to a second DNS answer (no DNS
     rebinding between check and connect): the URL names the IP, `Host` and TLS SNI/verification keep the
     original host name."""
@@ -187,51 +198,57 @@ def pin_to_address(url: str, host: str, port: int, address: str) -> tuple[str, d
         host_header = f"[{host}]" if port == default_port else f"[{host}]:{port}"
     pinned = parts._replace(netloc=netloc).geturl()
     extensions = {"sni_hostname": host} if parts.scheme == "https" else {}
-    return pinned, {"Accept": "image/*", "Host": host_header}, extensions
+    return pinned, {"Accept": f"{kind}/*", "Host": host_header}, extensions
 
 
-async def fetch_url(url: str, limits: MediaLimits, resolve: Resolver = system_resolve) -> bytes:
-    """GET an image over http(s), checking the address policy on the first URL and every redirect."""
+async def fetch_url(url: str, limits: MediaLimits, resolve: Resolver = system_resolve, kind: str = "image") -> bytes:
+    """GET an image (or video) over http(s), checking the address policy on the first URL and every redirect."""
     import httpx
 
+    param, cap = f"{kind}_url", limits.max_bytes(kind)
     deadline = time.monotonic() + limits.fetch_timeout_s
     timeout = httpx.Timeout(limits.fetch_timeout_s, connect=min(5.0, limits.fetch_timeout_s))
     async with httpx.AsyncClient(follow_redirects=False, timeout=timeout, trust_env=False) as client:
         for _ in range(limits.max_redirects + 1):
-            host, port, address = await asyncio.to_thread(check_url, url, limits.allowlist, resolve)
-            pinned, headers, extensions = pin_to_address(url, host, port, address)
+            host, port, address = await asyncio.to_thread(check_url, url, limits.allowlist, resolve, kind)
+            pinned, headers, extensions = pin_to_address(url, host, port, address, kind)
             try:
                 async with client.stream("GET", pinned, headers=headers, extensions=extensions) as response:
                     if response.is_redirect:
                         location = response.headers.get("location")
                         if not location:
-                            raise BadRequest("image URL redirected without a location", param="image_url")
+                            raise BadRequest(f"{kind} URL redirected without a location", param=param)
                         url = urljoin(url, location)
                         continue
                     if response.status_code != 200:
-                        raise BadRequest(f"image URL answered HTTP {response.status_code}", param="image_url")
+                        raise BadRequest(f"{kind} URL answered HTTP {response.status_code}", param=param)
                     ctype = response.headers.get("content-type", "").split(";")[0].strip().lower()
-                    if not ctype.startswith("image/"):
-                        raise BadRequest(f"image URL content type '{ctype or 'missing'}' is not an image",
-                                         param="image_url")
+                    if not ctype.startswith(f"{kind}/"):
+                        raise BadRequest(f"{kind} URL content type '{ctype or 'missing'}' is not "
+                                         f"{'an' if kind == 'image' else 'a'} {kind}", param=param)
                     declared = int(response.headers.get("content-length") or 0)
-                    if declared > limits.max_image_bytes:
-                        raise PayloadTooLarge(f"image URL body is {declared} bytes; the limit is "
-                                              f"{limits.max_image_bytes}", param="image_url")
+                    if declared > cap:
+                        raise PayloadTooLarge(f"{kind} URL body is {declared} bytes; the limit is {cap}", param=param)
                     body = bytearray()
                     async for chunk in response.aiter_bytes():
                         body.extend(chunk)
-                        if len(body) > limits.max_image_bytes:
-                            raise PayloadTooLarge(f"image URL body exceeds {limits.max_image_bytes} bytes",
-                                                  param="image_url")
+                        if len(body) > cap:
+                            raise PayloadTooLarge(f"{kind} URL body exceeds {cap} bytes", param=param)
                         if time.monotonic() > deadline:
-                            raise BadRequest("image URL download timed out", param="image_url")
+                            raise BadRequest(f"{kind} URL download timed out", param=param)
                     return bytes(body)
             except httpx.TimeoutException:
-                raise BadRequest("image URL download timed out", param="image_url") from None
+                raise BadRequest(f"{kind} URL download timed out", param=param) from None
             except httpx.HTTPError as exc:
-                raise BadRequest(f"image URL could not be fetched: {type(exc).__name__}", param="image_url") from None
-        raise BadRequest(f"image URL redirected more than {limits.max_redirects} times", param="image_url")
+                raise BadRequest(f"{kind} URL could not be fetched: {type(exc).__name__}", param=param) from None
+        raise BadRequest(f"{kind} URL redirected more than {limits.max_redirects} times", param=param)
+
+
+async def load_video_bytes(url: str, limits: MediaLimits) -> bytes:
+    """A video's bytes from a data URI or an http(s) URL (decoded by the engine's video loader)."""
+    if url.startswith("data:"):
+        return decode_data_uri(url, limits, "video")
+    return await fetch_url(url, limits, kind="video")
 
 
 # Images up to this many pixels are decoded on the event loop: that takes about a millisecond, less than

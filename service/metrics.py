@@ -63,6 +63,8 @@ class Metrics:
                                      ["adapter"], registry=r)
         self.image_tokens = Counter("vlora_image_tokens", "Prompt tokens that stand for images.", ["adapter"],
                                     registry=r)
+        self.video_tokens = Counter("vlora_video_tokens", "Prompt tokens that stand for videos.", ["adapter"],
+                                    registry=r)
         self.generation_tokens = Counter("vlora_generation_tokens", "Tokens generated.", ["adapter"], registry=r)
         self.ttft = Histogram("vlora_time_to_first_token_seconds", "Request arrival to its first token.",
                               ["adapter"], buckets=LATENCY_BUCKETS, registry=r)
@@ -96,10 +98,12 @@ class Metrics:
                                 ["reason"], registry=r)
 
     def observe_request(self, *, adapter: str, status: str, finish_reason: str, prompt_tokens: int,
-                        image_tokens: int, completion_tokens: int, ttft: float | None, e2e: float) -> None:
+                        image_tokens: int, completion_tokens: int, ttft: float | None, e2e: float,
+                        video_tokens: int = 0) -> None:
         self.requests.labels(adapter, status, finish_reason).inc()
         self.prompt_tokens.labels(adapter).inc(prompt_tokens)
         self.image_tokens.labels(adapter).inc(image_tokens)
+        self.video_tokens.labels(adapter).inc(video_tokens)
         self.generation_tokens.labels(adapter).inc(completion_tokens)
         if ttft is not None:
             self.ttft.labels(adapter).observe(ttft)

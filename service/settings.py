@@ -87,6 +87,10 @@ class ServiceSettings(BaseSettings):
 
     # Request limits
     max_images_per_request: int = Field(4, ge=0, description="Images one request may carry.")
+    max_videos_per_request: int = Field(1, ge=0, description="Videos one request may carry (0: no video input).")
+    max_video_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="Bytes of one video (encoded).")
+    video_fps: float = Field(2.0, gt=0, description="Frames sampled per second of video.")
+    video_max_frames: int = Field(32, ge=2, description="Frames sampled from one video at most.")
     max_image_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="Bytes of one image (encoded).")
     max_image_pixels: int = Field(4096 * 4096, ge=64 * 64, description="Pixels of one image (decoded).")
     max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="Bytes of one request body; beyond: 413.")

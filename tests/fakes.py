@@ -16,6 +16,7 @@ from service.engine.base import (
     NoEvents,
     ParsedToolCall,
     ToolCallDelta,
+    VideoClip,
 )
 from service.errors import ModelNotFound, NotReady
 
@@ -110,3 +111,8 @@ class FakeEngine:
 
     def tool_call_parser(self) -> _NoToolCalls:
         return _NoToolCalls()
+
+    def load_video(self, data: bytes, processor: str, fps: float, max_frames: int) -> VideoClip:
+        import numpy as np
+
+        return VideoClip(frames=np.zeros((2, 32, 32, 3), np.uint8), metadata={"fps": fps, "total_num_frames": 2})

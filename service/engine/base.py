@@ -46,10 +46,23 @@ class Sampling:
 
 
 @dataclass
+class VideoClip:
+    """A decoded video: the frames the model's processor will see (sampled), and their metadata."""
+
+    frames: Any  # (frames, height, width, 3) uint8 array
+    metadata: dict[str, Any]
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return int(self.frames.shape[2]), int(self.frames.shape[1])
+
+
+@dataclass
 class GenerationRequest:
     request_id: str
     prompt: str
     images: list[Any] = field(default_factory=list)  # PIL images, in prompt order
+    videos: list[VideoClip] = field(default_factory=list)  # in prompt order
     sampling: Sampling = field(default_factory=lambda: Sampling(max_tokens=16))
     adapter: str | None = None  # an engine adapter name (NAME@REV); None: the base model
 
@@ -178,4 +191,9 @@ class Engine(Protocol):
 
     def tool_call_parser(self) -> ToolCallParser:
         """A fresh parser of the served model's tool-call format."""
+        ...
+
+    def load_video(self, data: bytes, processor: str, fps: float, max_frames: int) -> VideoClip:
+        """Decode a video and sample its frames as the model's video processor (by class name) expects, at
+        most `fps` frames a second and `max_frames` in all (blocking: run it in a thread)."""
         ...

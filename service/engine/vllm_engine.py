@@ -25,6 +25,7 @@ from service.engine.base import (
     GenerationRequest,
     NoEvents,
     TokenLogprob,
+    VideoClip,
     adapter_of,
 )
 from service.engine.vllm_stats import stat_logger_factory
@@ -140,7 +141,7 @@ class VLLMEngine:
             tensor_parallel_size=s.tensor_parallel_size,
             gpu_memory_utilization=s.gpu_memory_utilization,
             enforce_eager=s.enforce_eager,
-            limit_mm_per_prompt={"image": max(s.max_images_per_request, 1), "video": 0},
+            limit_mm_per_prompt={"image": max(s.max_images_per_request, 1), "video": s.max_videos_per_request},
             disable_log_stats=False,
             structured_outputs_config={"backend": s.structured_outputs_backend,
                                        "disable_any_whitespace": not s.structured_outputs_any_whitespace},
@@ -291,8 +292,12 @@ class VLLMEngine:
                 raise ModelNotFound(f"adapter '{request.adapter}' is not loaded")
             lora = self._lora_request(info)
         prompt: dict = {"prompt": request.prompt}
+        if request.images or request.videos:
+            prompt["multi_modal_data"] = {}
         if request.images:
-            prompt["multi_modal_data"] = {"image": request.images}
+            prompt["multi_modal_data"]["image"] = request.images
+        if request.videos:
+            prompt["multi_modal_data"]["video"] = [(clip.frames, clip.metadata) for clip in request.videos]
         finished = False
         self._request_adapters[request.request_id] = request.adapter
         try:
@@ -323,6 +328,19 @@ class VLLMEngine:
                 await self._llm.abort(request.request_id)
             # Kept briefly: the engine's stats for a finished request arrive after its last output.
             asyncio.get_running_loop().call_later(30, self._request_adapters.pop, request.request_id, None)
+
+    def load_video(self, data: bytes, processor: str, fps: float, max_frames: int) -> VideoClip:
+        """vLLM's video loader for the model's processor (OpenCV decoding; Qwen3-VL's frame sampling)."""
+        from vllm.multimodal.video import VIDEO_LOADER_REGISTRY, get_video_loader_backend_for_processor
+
+        loader = VIDEO_LOADER_REGISTRY.load(get_video_loader_backend_for_processor(processor) or "opencv")
+        try:
+            frames, metadata = loader.load_bytes(data, fps=fps, num_frames=max_frames, max_frames=max_frames)
+        except Exception as exc:  # OpenCV and the loaders raise assorted types for what is not a video
+            raise BadRequest(f"video could not be decoded: {exc}", param="video_url") from None
+        if frames is None or len(frames) == 0:
+            raise BadRequest("video holds no decodable frames", param="video_url")
+        return VideoClip(frames=frames, metadata=metadata)
 
     def tool_call_parser(self) -> VLLMToolCallParser:
         if self._llm is None:

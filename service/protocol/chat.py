@@ -41,7 +41,21 @@ class ImagePart(_Lenient):
         return {"url": v} if isinstance(v, str) else v
 
 
-ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+class VideoURL(_Lenient):
+    url: str = Field(min_length=1)
+
+
+class VideoPart(_Lenient):
+    type: Literal["video_url"]
+    video_url: VideoURL
+
+    @field_validator("video_url", mode="before")
+    @classmethod
+    def _url_string(cls, v: Any) -> Any:
+        return {"url": v} if isinstance(v, str) else v
+
+
+ContentPart = Annotated[TextPart | ImagePart | VideoPart, Field(discriminator="type")]
 
 
 class FunctionCall(BaseModel):
@@ -71,12 +85,16 @@ class ChatMessage(_Lenient):
         if self.content is None and not self.tool_calls:
             raise ValueError(f"a {self.role} message needs content")
         if self.role in ("system", "developer", "assistant", "tool") and isinstance(self.content, list):
-            if any(isinstance(p, ImagePart) for p in self.content):
-                raise ValueError(f"images are only accepted in user messages, not in a {self.role} message")
+            if any(isinstance(p, ImagePart | VideoPart) for p in self.content):
+                raise ValueError(f"images and videos are only accepted in user messages, not in a {self.role} "
+                                 "message")
         return self
 
     def images(self) -> list[ImagePart]:
         return [p for p in self.content if isinstance(p, ImagePart)] if isinstance(self.content, list) else []
+
+    def videos(self) -> list[VideoPart]:
+        return [p for p in self.content if isinstance(p, VideoPart)] if isinstance(self.content, list) else []
 
 
 class FunctionDefinition(_Lenient):
@@ -171,6 +189,9 @@ class ChatCompletionRequest(SamplingRequest):
 
     def image_count(self) -> int:
         return sum(len(m.images()) for m in self.messages)
+
+    def video_count(self) -> int:
+        return sum(len(m.videos()) for m in self.messages)
 
     @property
     def tool_mode(self) -> str:

@@ -12,12 +12,13 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from dataclasses import dataclass
 
 from service.adapters.registry import AdapterRegistry, Revision
 from service.auth import OPEN, Tenant
 from service.engine.base import Delta, Engine, GenerationRequest
 from service.errors import APIError, BadRequest, ContextLengthExceeded
-from service.media import MediaLimits, load_image
+from service.media import MediaLimits, load_image, load_video_bytes
 from service.metrics import Metrics
 from service.protocol.chat import (
     ChatCompletion,
@@ -40,13 +41,22 @@ from service.serving.totals import Prepared, Totals
 INLINE_TOKENIZE_CHARS = 16_384
 
 
+@dataclass(frozen=True)
+class VideoSampling:
+    max_videos: int = 1
+    fps: float = 2.0
+    max_frames: int = 32
+
+
 class ChatService(Generation):
     def __init__(self, engine: Engine, registry: AdapterRegistry, renderer: ChatRenderer, limits: MediaLimits,
-                 max_images: int, metrics: Metrics, max_pending: int = 64, retry_after_s: int = 5):
+                 max_images: int, metrics: Metrics, max_pending: int = 64, retry_after_s: int = 5,
+                 video: VideoSampling | None = None):
         super().__init__(engine, registry, metrics, max_pending, retry_after_s)
         self.renderer = renderer
         self.limits = limits
         self.max_images = max_images
+        self.video = video or VideoSampling()
 
     async def handle(self, req: ChatCompletionRequest, tenant: Tenant = OPEN):
         """A whole request: admission, preparation, then a completion or an SSE body iterator."""
@@ -81,15 +91,19 @@ class ChatService(Generation):
 
     async def _prepare(self, req: ChatCompletionRequest, revision: Revision | None, request_id: str) -> Prepared:
         adapter = revision.key if revision is not None else None
-        n_images = req.image_count()
+        n_images, n_videos = req.image_count(), req.video_count()
         if n_images > self.max_images:
             raise BadRequest(f"{n_images} images in one request; the limit is {self.max_images}", param="messages")
+        if n_videos > self.video.max_videos:
+            raise BadRequest(f"{n_videos} videos in one request; the limit is {self.video.max_videos}",
+                             param="messages")
         urls = [part.image_url.url for m in req.messages for part in m.images()]
         started = time.perf_counter()
         images = list(await asyncio.gather(*(load_image(u, self.limits) for u in urls))) if urls else []
         image_tokens = sum(self.renderer.image_tokens(*im.size) for im in images)
         if urls:
             self.metrics.image_seconds.observe(time.perf_counter() - started)
+        videos, video_tokens = await self._videos(req) if n_videos else ([], [])
         mode = req.tool_mode
         prefill = ""
         if mode in ("required", "named"):
@@ -99,24 +113,40 @@ class ChatService(Generation):
                                       continue_final_message=req.continue_final_message)
         sizes = [im.size for im in images]
         if len(prompt) <= INLINE_TOKENIZE_CHARS:  # under a millisecond: cheaper than a thread hand-off
-            prompt_tokens = self.renderer.prompt_tokens(prompt, sizes)
+            prompt_tokens = self.renderer.prompt_tokens(prompt, sizes, video_tokens)
         else:
-            prompt_tokens = await asyncio.to_thread(self.renderer.prompt_tokens, prompt, sizes)
+            prompt_tokens = await asyncio.to_thread(self.renderer.prompt_tokens, prompt, sizes, video_tokens)
         room = self.engine.max_model_len - prompt_tokens
         wanted = req.output_limit
         if room < 1 or (wanted is not None and wanted > room):
             raise ContextLengthExceeded(
                 f"this model's maximum context length is {self.engine.max_model_len} tokens; the prompt has "
-                f"{prompt_tokens} tokens (images included) and {wanted or 1} were requested for the completion",
+                f"{prompt_tokens} tokens (images and videos included) and {wanted or 1} were requested for the "
+                "completion",
                 param="messages" if room < 1 else "max_tokens",
             )
         forced = forced_call_schema(req) if mode in ("required", "named") else None
         sampling = sampling_for(req, wanted or room, self.renderer.vocab_size, forced_tool_schema=forced)
-        gen = GenerationRequest(request_id=request_id, prompt=prompt, images=images,
+        gen = GenerationRequest(request_id=request_id, prompt=prompt, images=images, videos=videos,
                                 sampling=sampling, adapter=adapter)
         return Prepared(request=gen, model=req.model, revision=revision, image_tokens=image_tokens,
+                        video_tokens=sum(video_tokens),
                         adapter_label=self.adapter_label(revision),
                         tool_mode=mode, parallel_tool_calls=req.parallel_tool_calls)
+
+    async def _videos(self, req: ChatCompletionRequest) -> tuple[list, list[int]]:
+        """Each video fetched (address policy, byte cap), decoded and sampled by the engine's loader, and its
+        prompt tokens counted by the model's processor: blocking work, done in threads."""
+        processor = self.renderer.video_processor_name
+        urls = [part.video_url.url for m in req.messages for part in m.videos()]
+        blobs = await asyncio.gather(*(load_video_bytes(u, self.limits) for u in urls))
+
+        def decode(data: bytes):
+            clip = self.engine.load_video(data, processor, self.video.fps, self.video.max_frames)
+            return clip, self.renderer.video_tokens(clip)
+
+        decoded = await asyncio.gather(*(asyncio.to_thread(decode, b) for b in blobs))
+        return [clip for clip, _ in decoded], [tokens for _, tokens in decoded]
 
     async def complete(self, prep: Prepared) -> ChatCompletion:
         totals = await self.run(prep)

@@ -94,7 +94,7 @@ class Generation:
         e2e = time.perf_counter() - prep.started
         self.metrics.observe_request(
             adapter=prep.adapter_label, status=status, finish_reason=finish_reason,
-            prompt_tokens=totals.prompt_tokens, image_tokens=prep.image_tokens,
+            prompt_tokens=totals.prompt_tokens, image_tokens=prep.image_tokens, video_tokens=prep.video_tokens,
             completion_tokens=totals.completion_tokens, ttft=ttft, e2e=e2e,
         )
         itl = self.metrics.itl.labels(prep.adapter_label)
@@ -103,7 +103,8 @@ class Generation:
         logger.info(prep.kind, extra={
             "completion_id": prep.request.request_id, "model": prep.model, "adapter": prep.adapter_label,
             "status": status, "finish_reason": finish_reason, "prompt_tokens": totals.prompt_tokens,
-            "image_tokens": prep.image_tokens, "completion_tokens": totals.completion_tokens,
+            "image_tokens": prep.image_tokens, "video_tokens": prep.video_tokens,
+            "completion_tokens": totals.completion_tokens,
             "ttft_ms": round(ttft * 1000, 1) if ttft is not None else None, "e2e_ms": round(e2e * 1000, 1)})
 
     async def run(self, prep: Prepared) -> Totals:

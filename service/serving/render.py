@@ -12,7 +12,7 @@ import json
 from typing import Any
 
 from service.errors import BadRequest
-from service.protocol.chat import ChatMessage, ImagePart, TextPart, ToolDefinition
+from service.protocol.chat import ChatMessage, ImagePart, TextPart, ToolDefinition, VideoPart
 
 
 def to_template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
@@ -29,6 +29,8 @@ def to_template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
                     content.append({"type": "text", "text": part.text})
                 elif isinstance(part, ImagePart):
                     content.append({"type": "image"})
+                elif isinstance(part, VideoPart):
+                    content.append({"type": "video"})
             if role != "user" and all(p["type"] == "text" for p in content):
                 content = "".join(p["text"] for p in content)
         entry: dict[str, Any] = {"role": role, "content": content}
@@ -60,6 +62,8 @@ class ChatRenderer:
         self._merge = getattr(self.image_processor, "merge_size", 1) or 1
         self._image_pad = self.tokenizer.convert_tokens_to_ids("<|image_pad|>") if self.image_processor else None
         self.vocab_size = len(self.tokenizer)
+        self.video_processor = getattr(processor, "video_processor", None)
+        self._video_pad = self.tokenizer.convert_tokens_to_ids("<|video_pad|>") if self.video_processor else None
 
     @classmethod
     def from_pretrained(cls, model: str) -> ChatRenderer:
@@ -106,10 +110,29 @@ class ChatRenderer:
                              param="prompt")
         return len(ids)
 
-    def prompt_tokens(self, prompt: str, image_sizes: list[tuple[int, int]]) -> int:
+    @property
+    def video_processor_name(self) -> str:
+        if self.video_processor is None:
+            raise BadRequest("this model does not accept videos", param="messages")
+        return type(self.video_processor).__name__
+
+    def video_tokens(self, clip) -> int:
+        """Tokens one decoded video becomes in the prompt (its frames' tokens and the processor's timestamps),
+        counted by the model's own processor as the engine will expand it."""
+        metadata = {k: v for k, v in clip.metadata.items() if k != "do_sample_frames"}
+        snippet = "<|vision_start|><|video_pad|><|vision_end|>"
+        out = self.processor(text=[snippet], videos=[clip.frames], video_metadata=[metadata], do_sample_frames=False)
+        return len(out["input_ids"][0]) - 2  # the placeholder's expansion, without the start and end around it
+
+    def prompt_tokens(self, prompt: str, image_sizes: list[tuple[int, int]], video_tokens: list[int] = ()) -> int:
         ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
         placeholders = sum(1 for i in ids if i == self._image_pad) if self._image_pad is not None else 0
         if placeholders != len(image_sizes):
             raise BadRequest(f"the chat template produced {placeholders} image placeholders for "
                              f"{len(image_sizes)} images")
-        return len(ids) - placeholders + sum(self.image_tokens(w, h) for w, h in image_sizes)
+        video_pads = sum(1 for i in ids if i == self._video_pad) if self._video_pad is not None else 0
+        if video_pads != len(video_tokens):
+            raise BadRequest(f"the chat template produced {video_pads} video placeholders for "
+                             f"{len(video_tokens)} videos")
+        return (len(ids) - placeholders - video_pads + sum(self.image_tokens(w, h) for w, h in image_sizes)
+                + sum(video_tokens))

@@ -18,6 +18,7 @@ class Prepared:
     adapter_label: str
     revision: Revision | None = None  # held (registry.acquire) until the request ends
     image_tokens: int = 0
+    video_tokens: int = 0
     kind: str = "chat completion"  # which endpoint: the message of the request's log line
     tool_mode: str = "none"  # see serving/tools.py
     parallel_tool_calls: bool = True

@@ -146,3 +146,18 @@ def test_small_images_decode_inline_big_ones_in_a_thread(monkeypatch):
     for bad in (b"not an image", encode(shape_image("white", (2048, 2048)))):  # refusals as before
         with pytest.raises((BadRequest, PayloadTooLarge)):
             asyncio.run(media.load_image(data_uri(bad, "image/png"), LIMITS))
+
+
+def test_videos_have_their_own_byte_cap_and_the_same_address_policy():
+    limits = MediaLimits(max_image_bytes=1 << 20, max_image_pixels=1 << 20, max_video_bytes=2048)
+    small = "data:video/mp4;base64," + base64.b64encode(b"\0" * 1000).decode()
+    assert decode_data_uri(small, limits, "video") == b"\0" * 1000
+    big = "data:video/mp4;base64," + base64.b64encode(b"\0" * 4096).decode()
+    with pytest.raises(PayloadTooLarge) as exc:
+        decode_data_uri(big, limits, "video")
+    assert exc.value.param == "video_url"
+    with pytest.raises(BadRequest, match="not a video"):
+        decode_data_uri("data:image/png;base64,AAAA", limits, "video")
+    with pytest.raises(BadRequest) as exc:  # a private address: refused by the policy, nothing is connected
+        check_url("http://10.1.2.3/clip.mp4", [], lambda host, port: ["10.1.2.3"], kind="video")
+    assert exc.value.param == "video_url" and "non-public" in exc.value.message
