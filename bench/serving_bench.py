@@ -54,7 +54,8 @@ def wait_ready(url: str, path: str, proc: subprocess.Popen, timeout: float = 300
     raise TimeoutError(f"{url} not ready after {timeout}s")
 
 
-def start(kind: str, model: Path, adapters: dict[str, Path], out: Path) -> tuple[subprocess.Popen, str]:
+def start(kind: str, model: Path, adapters: dict[str, Path], out: Path,
+          extra: tuple[str, ...] = ()) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "PYTHONUNBUFFERED": "1"}
     if kind == "vllm":
@@ -70,6 +71,7 @@ def start(kind: str, model: Path, adapters: dict[str, Path], out: Path) -> tuple
         cmd += [x for n, p in adapters.items() for x in ("--adapter", f"{n}={p}")]
         cmd += [x for k, v in ENGINE.items() for x in (f"--{k}", v)]
         ready = "/ready"
+    cmd += list(extra)
     log = open(out / f"{kind}-server.log", "wb")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{port}"

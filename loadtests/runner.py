@@ -48,6 +48,8 @@ def request_body(s: Scenario, p: PlannedRequest) -> dict:
             "temperature": s.temperature, "stream": True, "stream_options": {"include_usage": True}}
     if s.ignore_eos:
         body["ignore_eos"] = True
+    if s.response_format is not None:
+        body["response_format"] = s.response_format
     return body
 
 

@@ -47,6 +47,7 @@ class Scenario:
     max_tokens: tuple[int, int] = (16, 64)
     ignore_eos: bool = True
     temperature: float = 0.0
+    response_format: dict | None = None  # sent as is (e.g. a json_schema constraint); needs ignore_eos: false
     seed: int = 0
     timeout_s: float = 120.0
 
@@ -73,6 +74,8 @@ class Scenario:
                 problems.append(f"image format must be PNG or JPEG, not {b.format!r}")
             if not 16 <= b.size <= 4096:
                 problems.append(f"image size {b.size} is outside 16..4096")
+        if self.response_format is not None and self.ignore_eos:
+            problems.append("response_format needs ignore_eos: false (a constrained answer ends where its grammar does)")
         self.prompt_words, self.max_tokens = tuple(self.prompt_words), tuple(self.max_tokens)
         for name in ("prompt_words", "max_tokens"):
             lo, hi = getattr(self, name)
