@@ -138,6 +138,17 @@ def load_run(url: str, scenario: Path, adapters: list[str], requests: int, out: 
     return json.loads((out / "summary.json").read_text())
 
 
+def demo_models() -> tuple[Path, dict[str, Path]]:
+    """The tiny model and the four adapters both servers serve: the trained demo ones and two random ones."""
+    from trainer.demo import ensure_demo_assets, ensure_random_adapters
+
+    models = ROOT / "models"
+    ensure_demo_assets(models)
+    model = models / "tiny-qwen3-vl"
+    return model, {"colors": models / "adapters" / "colors", "shapes": models / "adapters" / "shapes",
+                   **ensure_random_adapters(models / "test-adapters", model)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=160, help="requests per server and round")
@@ -148,13 +159,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=24, help="unrecorded requests per server first")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "serving")
     args = parser.parse_args()
-    from trainer.demo import ensure_demo_assets, ensure_random_adapters
-
-    models = ROOT / "models"
-    ensure_demo_assets(models)
-    model = models / "tiny-qwen3-vl"
-    adapters = {"colors": models / "adapters" / "colors", "shapes": models / "adapters" / "shapes",
-                **ensure_random_adapters(models / "test-adapters", model)}
+    model, adapters = demo_models()
     names = list(adapters)
     args.out.mkdir(parents=True, exist_ok=True)
     scenario = ROOT / "loadtests" / "scenarios" / "closed-c8.yaml"

@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.serving_bench import load_run, median_summary, start, stop  # noqa: E402
+from bench.serving_bench import demo_models, load_run, median_summary, start, stop  # noqa: E402
 from loadtests.report import compare, compare_table  # noqa: E402
 
 VLLM_STRUCTURED = ("--structured-outputs-config", json.dumps({"backend": "xgrammar", "disable_any_whitespace": True}))
@@ -38,13 +38,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=16)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "structured")
     args = parser.parse_args()
-    from trainer.demo import ensure_demo_assets, ensure_random_adapters
-
-    models = ROOT / "models"
-    ensure_demo_assets(models)
-    model = models / "tiny-qwen3-vl"
-    adapters = {"colors": models / "adapters" / "colors", "shapes": models / "adapters" / "shapes",
-                **ensure_random_adapters(models / "test-adapters", model)}
+    model, adapters = demo_models()
     names = list(adapters)
     args.out.mkdir(parents=True, exist_ok=True)
     scenarios = ROOT / "loadtests" / "scenarios"

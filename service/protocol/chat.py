@@ -30,15 +30,16 @@ class TextPart(_Lenient):
     text: str
 
 
+def _url_object(v: Any) -> Any:
+    """Some clients send the URL as a bare string."""
+    return {"url": v} if isinstance(v, str) else v
+
+
 class ImagePart(_Lenient):
     type: Literal["image_url"]
     image_url: ImageURL
 
-    @field_validator("image_url", mode="before")
-    @classmethod
-    def _url_string(cls, v: Any) -> Any:
-        # Some clients send the URL as a bare string.
-        return {"url": v} if isinstance(v, str) else v
+    _url = field_validator("image_url", mode="before")(_url_object)
 
 
 class VideoURL(_Lenient):
@@ -49,10 +50,7 @@ class VideoPart(_Lenient):
     type: Literal["video_url"]
     video_url: VideoURL
 
-    @field_validator("video_url", mode="before")
-    @classmethod
-    def _url_string(cls, v: Any) -> Any:
-        return {"url": v} if isinstance(v, str) else v
+    _url = field_validator("video_url", mode="before")(_url_object)
 
 
 ContentPart = Annotated[TextPart | ImagePart | VideoPart, Field(discriminator="type")]

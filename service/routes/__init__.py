@@ -1,6 +1,8 @@
 """Thin HTTP routers: parse, call `serving/`, return. `GENERATION_RESPONSES` tells the OpenAPI document what a
 generating endpoint sends besides its JSON body: the SSE stream, and every OpenAI-shaped error status."""
 
+from fastapi.responses import StreamingResponse
+
 from service.protocol.models import ErrorResponse
 
 _ERRORS = {
@@ -17,3 +19,11 @@ GENERATION_RESPONSES: dict = {
           "content": {"text/event-stream": {"schema": {"type": "string"}}}},
     **{status: {"model": ErrorResponse, "description": why} for status, why in _ERRORS.items()},
 }
+
+
+def answer(result, stream: bool):
+    """A generating endpoint's result: the JSON model, or the SSE body iterator as an event stream."""
+    if stream:
+        return StreamingResponse(result, media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return result

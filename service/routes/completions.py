@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
-from fastapi.responses import StreamingResponse
 
 from service.auth import tenant_of
 from service.protocol.completions import Completion, CompletionRequest
-from service.routes import GENERATION_RESPONSES
+from service.routes import GENERATION_RESPONSES, answer
 
 router = APIRouter()
 
@@ -15,8 +14,4 @@ router = APIRouter()
 @router.post("/v1/completions", response_model=Completion, response_model_exclude_none=True,
              responses=GENERATION_RESPONSES)
 async def completions(body: CompletionRequest, request: Request):
-    result = await request.app.state.completions.handle(body, tenant_of(request))
-    if body.stream:
-        return StreamingResponse(result, media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    return result
+    return answer(await request.app.state.completions.handle(body, tenant_of(request)), body.stream)

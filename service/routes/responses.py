@@ -3,19 +3,14 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
-from fastapi.responses import StreamingResponse
 
 from service.auth import tenant_of
 from service.protocol.responses import Response, ResponsesRequest
-from service.routes import GENERATION_RESPONSES
+from service.routes import GENERATION_RESPONSES, answer
 
 router = APIRouter()
 
 
 @router.post("/v1/responses", response_model=Response, responses=GENERATION_RESPONSES)
 async def responses(body: ResponsesRequest, request: Request):
-    result = await request.app.state.responses.handle(body, tenant_of(request))
-    if body.stream:
-        return StreamingResponse(result, media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    return result
+    return answer(await request.app.state.responses.handle(body, tenant_of(request)), body.stream)
