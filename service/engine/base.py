@@ -61,6 +61,7 @@ class VideoClip:
 class GenerationRequest:
     request_id: str
     prompt: str
+    prompt_token_ids: list[int] | None = None  # the prompt already tokenized (one image/video pad per item)
     images: list[Any] = field(default_factory=list)  # PIL images, in prompt order
     videos: list[VideoClip] = field(default_factory=list)  # in prompt order
     sampling: Sampling = field(default_factory=lambda: Sampling(max_tokens=16))

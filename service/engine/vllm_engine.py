@@ -291,7 +291,9 @@ class VLLMEngine:
             if info is None:
                 raise ModelNotFound(f"adapter '{request.adapter}' is not loaded")
             lora = self._lora_request(info)
-        prompt: dict = {"prompt": request.prompt}
+        # Token ids when the caller has them (it tokenized to check limits: vLLM need not tokenize again).
+        prompt: dict = ({"prompt_token_ids": request.prompt_token_ids} if request.prompt_token_ids is not None
+                        else {"prompt": request.prompt})
         if request.images or request.videos:
             prompt["multi_modal_data"] = {}
         if request.images:

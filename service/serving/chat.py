@@ -113,9 +113,10 @@ class ChatService(Generation):
                                       continue_final_message=req.continue_final_message)
         sizes = [im.size for im in images]
         if len(prompt) <= INLINE_TOKENIZE_CHARS:  # under a millisecond: cheaper than a thread hand-off
-            prompt_tokens = self.renderer.prompt_tokens(prompt, sizes, video_tokens)
+            ids = self.renderer.tokenize(prompt)
         else:
-            prompt_tokens = await asyncio.to_thread(self.renderer.prompt_tokens, prompt, sizes, video_tokens)
+            ids = await asyncio.to_thread(self.renderer.tokenize, prompt)
+        prompt_tokens = self.renderer.prompt_tokens(ids, sizes, video_tokens)
         room = self.engine.max_model_len - prompt_tokens
         wanted = req.output_limit
         if room < 1 or (wanted is not None and wanted > room):
@@ -127,7 +128,7 @@ class ChatService(Generation):
             )
         forced = forced_call_schema(req) if mode in ("required", "named") else None
         sampling = sampling_for(req, wanted or room, self.renderer.vocab_size, forced_tool_schema=forced)
-        gen = GenerationRequest(request_id=request_id, prompt=prompt, images=images, videos=videos,
+        gen = GenerationRequest(request_id=request_id, prompt=prompt, prompt_token_ids=ids, images=images, videos=videos,
                                 sampling=sampling, adapter=adapter)
         return Prepared(request=gen, model=req.model, revision=revision, image_tokens=image_tokens,
                         video_tokens=sum(video_tokens),

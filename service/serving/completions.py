@@ -63,7 +63,8 @@ class CompletionService:
     async def prepare(self, req: CompletionRequest, tenant: Tenant) -> Prepared:
         revision = await self.gen.resolve(req.model, tenant)
         try:
-            prompt_tokens = self.renderer.text_tokens(req.prompt)
+            ids = self.renderer.tokenize(req.prompt)
+            prompt_tokens = self.renderer.text_tokens(ids)
             room = self.gen.engine.max_model_len - prompt_tokens
             if room < 1 or req.max_tokens > room:
                 raise ContextLengthExceeded(
@@ -71,7 +72,8 @@ class CompletionService:
                     f"{prompt_tokens} tokens and {req.max_tokens} were requested for the completion",
                     param="prompt" if room < 1 else "max_tokens")
             sampling = sampling_for(req, req.max_tokens, self.renderer.vocab_size)
-            gen = GenerationRequest(request_id=f"cmpl-{uuid.uuid4().hex}", prompt=req.prompt, sampling=sampling,
+            gen = GenerationRequest(request_id=f"cmpl-{uuid.uuid4().hex}", prompt=req.prompt, prompt_token_ids=ids,
+                                    sampling=sampling,
                                     adapter=revision.key if revision is not None else None)
             return Prepared(request=gen, model=req.model, revision=revision, kind="completion",
                             adapter_label=self.gen.adapter_label(revision))

@@ -102,9 +102,12 @@ class ChatRenderer:
             raise BadRequest("this model does not accept images")
         return self.image_processor.get_number_of_image_patches(height, width, {}) // (self._merge**2)
 
-    def text_tokens(self, prompt: str) -> int:
+    def tokenize(self, prompt: str) -> list[int]:
+        """The prompt's token ids, as the engine would tokenize the text (handed to it, so it is done once)."""
+        return self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+
+    def text_tokens(self, ids: list[int]) -> int:
         """Tokens of a raw text prompt (completions), which must not hold vision placeholders."""
-        ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
         if self._image_pad is not None and self._image_pad in ids:
             raise BadRequest("the prompt holds image placeholders; send images through /v1/chat/completions",
                              param="prompt")
@@ -124,8 +127,8 @@ class ChatRenderer:
         out = self.processor(text=[snippet], videos=[clip.frames], video_metadata=[metadata], do_sample_frames=False)
         return len(out["input_ids"][0]) - 2  # the placeholder's expansion, without the start and end around it
 
-    def prompt_tokens(self, prompt: str, image_sizes: list[tuple[int, int]], video_tokens: list[int] = ()) -> int:
-        ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    def prompt_tokens(self, ids: list[int], image_sizes: list[tuple[int, int]], video_tokens: list[int] = ()) -> int:
+        """The prompt's length once the engine expands each image and video placeholder."""
         placeholders = sum(1 for i in ids if i == self._image_pad) if self._image_pad is not None else 0
         if placeholders != len(image_sizes):
             raise BadRequest(f"the chat template produced {placeholders} image placeholders for "

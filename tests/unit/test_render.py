@@ -55,13 +55,13 @@ def test_prompt_tokens_match_processor(renderer, tiny_processor, sizes):
     prompt = renderer.render(messages({"role": "user", "content": content}))
     images = [shape_image("red", size) for size in sizes] or None
     real = tiny_processor(text=[prompt], images=images, return_tensors="pt")["input_ids"].shape[1]
-    assert renderer.prompt_tokens(prompt, sizes) == real
+    assert renderer.prompt_tokens(renderer.tokenize(prompt), sizes) == real
 
 
 def test_placeholder_count_must_match_images(renderer):
     prompt = renderer.render(messages({"role": "user", "content": [IMG, {"type": "text", "text": "q"}]}))
     with pytest.raises(BadRequest):
-        renderer.prompt_tokens(prompt, [])
+        renderer.prompt_tokens(renderer.tokenize(prompt), [])
 
 
 def test_tools_render_like_qwen3_vl_and_need_a_template_that_knows_them(renderer, tiny_processor):
