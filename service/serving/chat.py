@@ -182,7 +182,7 @@ class ChatStream:
     def __init__(self, service: ChatService, prep: Prepared, include_usage: bool):
         self.prep, self.include_usage = prep, include_usage
         self.n, mode = prep.request.sampling.n, prep.tool_mode
-        self.calls = {i: StreamedCalls(mode, service.engine.tool_call_parser() if mode == "auto" else None,
+        self.calls = {i: StreamedCalls(service.engine.tool_call_parser(), forced=mode in ("required", "named"),
                                        parallel=prep.parallel_tool_calls)
                       for i in range(self.n)} if mode != "none" else {}
 
@@ -201,7 +201,6 @@ class ChatStream:
             content, tool_calls = state.feed(delta.text)
             if finish:
                 tool_calls += state.end()
-                content = (content or "") + (state.leftover_content() or "") or None
                 finish = "tool_calls" if state.called and finish == "stop" else finish
         if not (content or tool_calls or finish or delta.logprobs):
             return []

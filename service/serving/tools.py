@@ -7,7 +7,8 @@
   Qwen's `<tool_call>\\n`) and the output is constrained to the JSON object `{"name", "arguments"}` that the
   model's format puts there, so the model writes the call the way it was trained to. (vLLM's server
   constrains to a bare JSON list instead; on the tiny model its named calls came back with `null` arguments.)
-  With `required` that is one call, whatever `parallel_tool_calls` says.
+  With `required` that is one call, whatever `parallel_tool_calls` says. Streamed, the call's name comes
+  first and its arguments follow in fragments as they are generated, as in `auto`.
 - `none` or no tools: the tools are not rendered and nothing is parsed.
 """
 
@@ -60,33 +61,27 @@ def wire_calls(calls: list[ParsedToolCall]) -> list[ToolCall] | None:
 
 @dataclass
 class StreamedCalls:
-    """One choice's tool calls while streaming: content and call deltas out of text deltas."""
+    """One choice's tool calls while streaming: content and call deltas (the name first, then argument
+    fragments as they are written) out of text deltas, by the engine's parser of the model's format. A
+    constrained (required / named) output is the JSON after the prefilled call opening, so the parser is
+    first fed that opening and then reads the output like any call the model writes itself."""
 
-    mode: str
-    parser: ToolCallParser | None
+    parser: ToolCallParser
+    forced: bool = False
     parallel: bool = True  # False: only the first call is sent (parallel_tool_calls: false)
-    text: str = ""
     called: bool = False
     ids: dict[int, str] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        if self.forced:
+            self.parser.feed(self.parser.call_prefix)
+
     def feed(self, delta_text: str) -> tuple[str | None, list[DeltaToolCall]]:
-        if self.mode == "auto":
-            content, deltas = self.parser.feed(delta_text)
-            return content, self._wire(deltas)
-        self.text += delta_text  # constrained: the whole call is sent once it is complete
-        return None, []
+        content, deltas = self.parser.feed(delta_text)
+        return content, self._wire(deltas)
 
     def end(self) -> list[DeltaToolCall]:
-        if self.mode == "auto":
-            return self._wire(self.parser.rest())
-        call = forced_call(self.text)
-        if call is None:
-            return []
-        return self._wire([ToolCallDelta(index=0, name=call.name, arguments=call.arguments)])
-
-    def leftover_content(self) -> str | None:
-        """A constrained output that never became a call (cut short): sent as content at the end."""
-        return self.text if self.mode != "auto" and not self.called and self.text else None
+        return self._wire(self.parser.rest())
 
     def _wire(self, deltas: list[ToolCallDelta]) -> list[DeltaToolCall]:
         out = []

@@ -111,3 +111,15 @@ def test_bad_tool_requests_are_400(client, kw, param):
     with pytest.raises(openai.BadRequestError) as exc:
         _run(client, "demo-a", False, **kw)
     assert exc.value.body["param"] == param, exc.value.body
+
+
+def test_constrained_calls_stream_their_arguments_as_they_are_written(client):
+    named = {"type": "function", "function": {"name": "set_shape"}}
+    deltas = [t for chunk in client.chat.completions.create(model="demo-a", messages=MESSAGES, tools=TOOLS,
+                                                             tool_choice=named, max_tokens=120, temperature=0,
+                                                             stream=True)
+              if chunk.choices for t in chunk.choices[0].delta.tool_calls or []]
+    assert deltas[0].id.startswith("call_") and deltas[0].function.name == "set_shape"
+    fragments = [d.function.arguments for d in deltas if d.function and d.function.arguments]
+    assert len(fragments) > 2 and all(d.id is None for d in deltas[1:])  # fragments, not one late delta
+    jsonschema.validate(json.loads("".join(fragments)), SHAPE)
