@@ -1,6 +1,7 @@
 """Serving benchmark: vLLM's own OpenAI server vs vlora, same model, adapters, engine settings and traffic.
 
     .venv/bin/python bench/serving_bench.py [--rounds 7] [--requests 160] [--out bench/results/serving]
+                                            [--scenario loadtests/scenarios/closed-c8-features.yaml]
 
 On this machine (127.0.0.1 only, bounded in time):
   (a) `python -m vllm.entrypoints.openai.api_server` with the tiny model and 4 LoRA adapters,
@@ -64,6 +65,9 @@ def start(kind: str, model: Path, adapters: dict[str, Path], out: Path,
                "--lora-modules", *[f"{n}={p}" for n, p in adapters.items()]]
         cmd += [x for k, v in ENGINE.items() for x in (f"--{k}", v)]
         cmd += ["--limit-mm-per-prompt", json.dumps({"image": 4, "video": 0}), "--seed", "0"]
+        # vlora's defaults, so that both serve the same outputs: compact constrained JSON, Qwen's tool format.
+        cmd += ["--structured-outputs-config", json.dumps({"backend": "xgrammar", "disable_any_whitespace": True}),
+                "--enable-auto-tool-choice", "--tool-call-parser", "hermes"]
         ready = "/health"
     else:
         cmd = [sys.executable, "-m", "service", "--model", str(model), "--host", "127.0.0.1", "--port", str(port),
@@ -158,11 +162,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7, help="measured rounds (server order alternates)")
     parser.add_argument("--warmup", type=int, default=24, help="unrecorded requests per server first")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "serving")
+    parser.add_argument("--scenario", type=Path, default=ROOT / "loadtests" / "scenarios" / "closed-c8.yaml",
+                        help="vlora-load workload (closed-c8-features.yaml: structured outputs, logprobs and "
+                             "tool calls in the mix)")
     args = parser.parse_args()
     model, adapters = demo_models()
     names = list(adapters)
     args.out.mkdir(parents=True, exist_ok=True)
-    scenario = ROOT / "loadtests" / "scenarios" / "closed-c8.yaml"
+    scenario = args.scenario
     started = time.monotonic()
     # Both servers are up at once (an idle one uses no CPU) so that rounds can alternate: drift over the
     # run (other load, caches, thermal) then hits both alike, and the first-served has no edge.
@@ -194,7 +201,7 @@ def main() -> None:
             stop(proc)
     load_a, load_b = median_summary(loads["vllm"]), median_summary(loads["vlora"])
     rows = compare(load_a, load_b)
-    text = [f"vlora-load, closed loop c=8, images, 4 adapters; median of {args.rounds} alternating rounds of "
+    text = [f"vlora-load ({scenario.name}), closed loop c=8, images, 4 adapters; median of {args.rounds} alternating rounds of "
             f"{args.requests} requests after {args.warmup} warm-up (A = vLLM's server, B = vlora):",
             compare_table([r for r in rows if "/" not in r[0]])]
     if bench["vllm"] and bench["vlora"]:

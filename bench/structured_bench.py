@@ -9,7 +9,7 @@ Both servers run at once on 127.0.0.1; each round runs, in alternating order, th
 enum/boolean schema) on each server and the unconstrained one (`closed-c8.yaml`) on vlora. The table compares
 per-figure medians over rounds. Targets: vlora's constrained output tok/s >= 1.00x vLLM's server's;
 vlora's constrained TPOT p50 <= 1.15x its unconstrained TPOT p50. Both servers use xgrammar with compact JSON
-(vlora's default; `--structured-outputs-config` for vLLM's server).
+(vlora's default; `--structured-outputs-config` for vLLM's server, set by serving_bench.start).
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ sys.path.insert(0, str(ROOT))
 from bench.serving_bench import demo_models, load_run, median_summary, start, stop  # noqa: E402
 from loadtests.report import compare, compare_table  # noqa: E402
 
-VLLM_STRUCTURED = ("--structured-outputs-config", json.dumps({"backend": "xgrammar", "disable_any_whitespace": True}))
 FIGURES = ("requests_per_s", "output_tokens_per_s", "ttft.p50", "ttft.p90", "tpot.p50", "tpot.p90", "e2e.p50",
            "error_rate")
 
@@ -48,7 +47,7 @@ def main() -> None:
     started = time.monotonic()
     servers = {}
     try:
-        servers["vllm"] = start("vllm", model, adapters, args.out, VLLM_STRUCTURED)
+        servers["vllm"] = start("vllm", model, adapters, args.out)
         servers["vlora"] = start("vlora", model, adapters, args.out)
         for kind, workload, scenario in runs:  # warm-up: adapters loaded, grammars compiled once
             load_run(servers[kind][1], scenario, names, args.warmup, args.out / f"{kind}-{workload}-warmup")

@@ -50,6 +50,11 @@ def request_body(s: Scenario, p: PlannedRequest) -> dict:
         body["ignore_eos"] = True
     if s.response_format is not None:
         body["response_format"] = s.response_format
+    if p.extra is not None:
+        extra = s.extras[p.extra]["body"]
+        body.update(extra)
+        if "response_format" in extra or "tool_choice" in extra:  # the constraint decides where it ends
+            body.pop("ignore_eos", None)
     return body
 
 
@@ -81,7 +86,8 @@ async def send_one(client: httpx.AsyncClient, url: str, s: Scenario, p: PlannedR
                     break
                 now = time.perf_counter() - t0
                 for choice in chunk.get("choices", []):
-                    if choice.get("delta", {}).get("content"):
+                    delta = choice.get("delta", {})
+                    if delta.get("content") or delta.get("tool_calls"):
                         if rec.ttft is None:
                             rec.ttft = now - rec.start
                         rec.token_times.append(now)

@@ -48,6 +48,10 @@ class Scenario:
     ignore_eos: bool = True
     temperature: float = 0.0
     response_format: dict | None = None  # sent as is (e.g. a json_schema constraint); needs ignore_eos: false
+    # A feature mix: each request takes one entry (by weight) and merges its `body` into the request, e.g.
+    # {weight: 1, body: {logprobs: true, top_logprobs: 2}}; a body that constrains the output (response_format,
+    # tool_choice) is sent without ignore_eos.
+    extras: list[dict] = field(default_factory=list)
     seed: int = 0
     timeout_s: float = 120.0
 
@@ -81,6 +85,10 @@ class Scenario:
             lo, hi = getattr(self, name)
             if not 1 <= lo <= hi:
                 problems.append(f"{name} must be [min, max] with 1 <= min <= max")
+        for extra in self.extras:
+            if not isinstance(extra, dict) or set(extra) - {"weight", "body", "name"} or \
+                    not isinstance(extra.get("body"), dict) or float(extra.get("weight", 1)) <= 0:
+                problems.append("each extras entry is {name?, weight > 0, body: {...}}")
         if self.cold_burst and not self.cold_adapters:
             problems.append("cold_burst needs cold_adapters (adapters the rest of the run does not use)")
         if problems:
@@ -114,6 +122,7 @@ class PlannedRequest:
     max_tokens: int
     images: list[ImageBucket]
     image_seed: int
+    extra: int | None = None  # which scenario extras entry the request carries
 
 
 WORDS = ("what color shape is the image describe object left right top bottom large small please tell me "
@@ -150,7 +159,9 @@ def plan(s: Scenario, adapters: list[str]) -> list[PlannedRequest]:
         n_words = rng.randint(*s.prompt_words)
         prompt = " ".join(rng.choice(WORDS) for _ in range(n_words)).capitalize() + "?"
         buckets = rng.choices(s.images, [b.weight for b in s.images], k=s.images_per_request) if s.images else []
+        extra = rng.choices(range(len(s.extras)), [float(e.get("weight", 1)) for e in s.extras])[0] \
+            if s.extras else None
         out.append(PlannedRequest(index=i, at=t if s.mode == "open" else None, model=model, cold=cold, prompt=prompt,
                                   max_tokens=rng.randint(*s.max_tokens), images=buckets,
-                                  image_seed=rng.randrange(1 << 30)))
+                                  image_seed=rng.randrange(1 << 30), extra=extra))
     return out

@@ -151,3 +151,22 @@ def test_progress_is_plain_lines_off_a_terminal_and_a_bar_on_one():
         progress(records[:n], 6)
     progress.close()
     assert "\r" in tty.getvalue() and "6/6" in tty.getvalue() and "TTFT p50 100 ms" in tty.getvalue()
+
+
+def test_feature_extras_are_planned_by_weight_and_merged_into_the_body(tmp_path):
+    from loadtests.runner import request_body
+    from loadtests.scenario import plan
+
+    path = tmp_path / "s.yaml"
+    path.write_text("max_requests: 40\nextras:\n  - {weight: 3, body: {logprobs: true}}\n"
+                    "  - {weight: 1, body: {response_format: {type: json_object}}}\n")
+    s = Scenario.from_yaml(path)
+    planned = plan(s, ["a"])
+    assert [p.extra for p in planned] == [p.extra for p in plan(s, ["a"])]  # deterministic from the seed
+    assert 20 < sum(p.extra == 0 for p in planned) < 40 and any(p.extra == 1 for p in planned)
+    logprobs = request_body(s, next(p for p in planned if p.extra == 0))
+    constrained = request_body(s, next(p for p in planned if p.extra == 1))
+    assert logprobs["logprobs"] and logprobs["ignore_eos"]
+    assert constrained["response_format"] == {"type": "json_object"} and "ignore_eos" not in constrained
+    with pytest.raises(ScenarioError, match="extras"):
+        Scenario(extras=[{"weight": 0, "body": {}}])
