@@ -117,6 +117,9 @@ class NamedToolChoice(_Lenient):
 
 
 _UNSUPPORTED = ("functions", "audio")
+# Template variables vlora sets itself (or the processor's own arguments): not settable by a client.
+TEMPLATE_RESERVED = {"messages", "tools", "documents", "add_generation_prompt", "continue_final_message", "tokenize",
+                     "return_dict", "chat_template", "tokenizer", "processor"}
 
 
 class ChatCompletionRequest(SamplingRequest):
@@ -127,6 +130,7 @@ class ChatCompletionRequest(SamplingRequest):
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     add_generation_prompt: bool = True  # vLLM's: open a new assistant turn after the messages
     continue_final_message: bool = False  # vLLM's prefill: continue the last (assistant) message instead
+    chat_template_kwargs: dict[str, Any] | None = None  # vLLM's: extra variables for the chat template
     tools: list[ToolDefinition] | None = Field(default=None, max_length=128)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True
@@ -147,6 +151,15 @@ class ChatCompletionRequest(SamplingRequest):
     def _top_logprobs(cls, v: int | None, info: ValidationInfo) -> int | None:
         if v is not None and not info.data.get("logprobs"):
             raise ValueError("top_logprobs needs logprobs: true")
+        return v
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _template_kwargs(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        reserved = sorted(set(v or {}) & TEMPLATE_RESERVED)
+        if reserved:
+            raise ValueError(f"{', '.join(reserved)} cannot be set through chat_template_kwargs (they have their own "
+                             "request fields or are the server's)")
         return v
 
     @field_validator("tool_choice")

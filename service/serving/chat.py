@@ -110,7 +110,8 @@ class ChatService(Generation):
             prefill = self.engine.tool_call_parser().call_prefix  # the call opening the model writes itself
         prompt = self.renderer.render(req.messages, tools=req.tools if mode != "none" else None, prefill=prefill,
                                       add_generation_prompt=req.add_generation_prompt,
-                                      continue_final_message=req.continue_final_message)
+                                      continue_final_message=req.continue_final_message,
+                                      template_kwargs=req.chat_template_kwargs)
         sizes = [im.size for im in images]
         if len(prompt) <= INLINE_TOKENIZE_CHARS:  # under a millisecond: cheaper than a thread hand-off
             ids = self.renderer.tokenize(prompt)

@@ -78,10 +78,11 @@ class ChatRenderer:
         return "tools" in (template or "")
 
     def render(self, messages: list[ChatMessage], tools: list[ToolDefinition] | None = None,
-               prefill: str = "", add_generation_prompt: bool = True, continue_final_message: bool = False) -> str:
+               prefill: str = "", add_generation_prompt: bool = True, continue_final_message: bool = False,
+               template_kwargs: dict[str, Any] | None = None) -> str:
         """The prompt for `messages` (and `tools`, if any), ending with the assistant's turn and `prefill`, or
         with the last (assistant) message left open to be continued."""
-        kwargs = {}
+        kwargs = dict(template_kwargs or {})  # e.g. Qwen3's enable_thinking
         if tools:
             if not self.supports_tools:
                 raise BadRequest("this model's chat template does not render tools", param="tools")

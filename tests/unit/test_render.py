@@ -91,3 +91,18 @@ def test_prefill_continues_the_final_assistant_message(renderer):
         {"role": "user", "content": "What color?"}, {"role": "assistant", "content": "The color is"}]})
     prompt = renderer.render(req.messages, add_generation_prompt=False, continue_final_message=True)
     assert prompt.endswith("<|im_start|>assistant\nThe color is")
+
+
+def test_chat_template_kwargs_reach_the_template(tiny_processor):
+    import copy
+
+    processor = copy.deepcopy(tiny_processor)
+    processor.chat_template = ("{% for m in messages %}{{ m['content'] }}{% endfor %}"
+                               "{% if enable_thinking is defined and not enable_thinking %}<no-think>{% endif %}")
+    req = ChatCompletionRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "q"}],
+                                                "chat_template_kwargs": {"enable_thinking": False}})
+    prompt = ChatRenderer(processor).render(req.messages, template_kwargs=req.chat_template_kwargs)
+    assert prompt == "q<no-think>"
+    with pytest.raises(ValueError, match="add_generation_prompt cannot be set"):
+        ChatCompletionRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "q"}],
+                                              "chat_template_kwargs": {"add_generation_prompt": False}})
