@@ -58,14 +58,15 @@ def _token_logprobs(choice, wanted: int | None) -> list[TokenLogprob] | None:
     """OpenAI-shaped logprobs of a delta's new tokens from vLLM's per-position {token id: Logprob} maps."""
     if wanted is None or choice.logprobs is None:
         return None
+    def entry(lp) -> tuple[str, float, list[int]]:
+        token = lp.decoded_token or ""
+        return token, max(lp.logprob, -9999.0), _token_bytes(token)  # -inf is no JSON number
+
     out = []
     for token_id, alternatives in zip(choice.token_ids, choice.logprobs, strict=False):
-        sampled = alternatives[token_id]
-        ranked = sorted(alternatives.values(), key=lambda lp: lp.rank or 0)[:wanted]
-        token = sampled.decoded_token or ""
-        out.append(TokenLogprob(token=token, logprob=max(sampled.logprob, -9999.0), bytes=_token_bytes(token),
-                                top=[(lp.decoded_token or "", max(lp.logprob, -9999.0), _token_bytes(lp.decoded_token or ""))
-                                     for lp in ranked] if wanted else []))
+        ranked = sorted(alternatives.values(), key=lambda lp: lp.rank or 0)[:wanted]  # none when wanted is 0
+        token, logprob, data = entry(alternatives[token_id])
+        out.append(TokenLogprob(token=token, logprob=logprob, bytes=data, top=[entry(lp) for lp in ranked]))
     return out
 
 

@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, ValidationInfo, field_validator, model_validator
 
-from service.protocol.sampling import SamplingRequest, Usage, _Lenient
+from service.protocol.sampling import SamplingRequest, Usage, _Lenient, refuse_if_set
 
 
 class ImageURL(_Lenient):
@@ -142,9 +142,7 @@ class ChatCompletionRequest(SamplingRequest):
     @field_validator(*_UNSUPPORTED)
     @classmethod
     def _unsupported(cls, v: Any, info: ValidationInfo) -> Any:
-        if v not in (None, False, []):
-            raise ValueError(f"'{info.field_name}' is not supported by this server")
-        return v
+        return refuse_if_set(v, info.field_name)
 
     @field_validator("top_logprobs")
     @classmethod

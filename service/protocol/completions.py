@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, ValidationInfo, field_validator
 
-from service.protocol.sampling import SamplingRequest, Usage
+from service.protocol.sampling import SamplingRequest, Usage, refuse_if_set
 
 
 class CompletionRequest(SamplingRequest):
@@ -37,10 +37,9 @@ class CompletionRequest(SamplingRequest):
     @field_validator("echo", "suffix", "best_of")
     @classmethod
     def _unsupported(cls, v: Any, info: ValidationInfo) -> Any:
-        n = info.data.get("n", 1)
-        if v not in (None, False) and not (info.field_name == "best_of" and v == n):
-            raise ValueError(f"'{info.field_name}' is not supported by this server")
-        return v
+        if info.field_name == "best_of" and v == info.data.get("n", 1):
+            return v  # best_of equal to n is what is served anyway
+        return refuse_if_set(v, info.field_name)
 
     @property
     def output_limit(self) -> int | None:

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, ValidationInfo, field_validator
 
-from service.protocol.sampling import _Lenient
+from service.protocol.sampling import _Lenient, refuse_if_set
 
 
 class InputText(_Lenient):
@@ -82,11 +82,9 @@ class ResponsesRequest(_Lenient):
     @field_validator(*_REFUSED)
     @classmethod
     def _refused(cls, v: Any, info: ValidationInfo) -> Any:
-        if v not in (None, False, []):
-            why = ("this server stores no responses; send the whole conversation as input"
-                   if info.field_name in ("previous_response_id", "conversation") else "not supported by this server")
-            raise ValueError(f"'{info.field_name}': {why}")
-        return v
+        stored = info.field_name in ("previous_response_id", "conversation")
+        return refuse_if_set(v, info.field_name,
+                             "this server stores no responses; send the whole conversation as input" if stored else None)
 
     def chat_body(self) -> dict:
         """The same request as a chat completion (what the engine path serves)."""

@@ -12,6 +12,13 @@ class _Lenient(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
+def refuse_if_set(value: Any, field: str, why: str | None = None) -> Any:
+    """For fields accepted only to be refused by name (a clear 400 rather than silently ignored)."""
+    if value not in (None, False, []):
+        raise ValueError(f"'{field}': {why}" if why else f"'{field}' is not supported by this server")
+    return value
+
+
 class StreamOptions(_Lenient):
     include_usage: bool = False
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from service.adapters.registry import AdapterRegistry, Revision
 from service.auth import OPEN, Tenant
 from service.engine.base import Delta, Engine, GenerationRequest
-from service.errors import APIError, BadRequest, ContextLengthExceeded
+from service.errors import BadRequest
 from service.media import MediaLimits, load_image, load_video_bytes
 from service.metrics import Metrics
 from service.protocol.chat import (
@@ -60,22 +60,8 @@ class ChatService(Generation):
 
     async def handle(self, req: ChatCompletionRequest, tenant: Tenant = OPEN):
         """A whole request: admission, preparation, then a completion or an SSE body iterator."""
-        self.admit()
-        handed_over = False
-        try:
-            try:
-                prep = await self.prepare(req, tenant)
-            except APIError as exc:
-                self.metrics.count_refusal(self.label_for(req.model), exc.status)
-                raise
-            if req.stream:
-                body = await self.open(prep, ChatStream(self, prep, req.include_usage))
-                handed_over = True  # the SSE body releases the slot when it ends
-                return body
-            return await self.complete(prep)
-        finally:
-            if not handed_over:
-                self.release()
+        stream = (lambda prep: ChatStream(self, prep, req.include_usage)) if req.stream else None
+        return await self.serve(req.model, lambda: self.prepare(req, tenant), stream, self.completion)
 
     async def prepare(self, req: ChatCompletionRequest, tenant: Tenant = OPEN, *,
                       request_id: str | None = None, kind: str = "chat completion") -> Prepared:
@@ -105,9 +91,8 @@ class ChatService(Generation):
             self.metrics.image_seconds.observe(time.perf_counter() - started)
         videos, video_tokens = await self._videos(req) if n_videos else ([], [])
         mode = req.tool_mode
-        prefill = ""
-        if mode in ("required", "named"):
-            prefill = self.engine.tool_call_parser().call_prefix  # the call opening the model writes itself
+        # A forced call starts with the call opening the model writes itself (see serving/tools.py).
+        prefill = self.engine.tool_call_parser().call_prefix if req.forced_tools else ""
         prompt = self.renderer.render(req.messages, tools=req.tools if mode != "none" else None, prefill=prefill,
                                       add_generation_prompt=req.add_generation_prompt,
                                       continue_final_message=req.continue_final_message,
@@ -118,16 +103,9 @@ class ChatService(Generation):
         else:
             ids = await asyncio.to_thread(self.renderer.tokenize, prompt)
         prompt_tokens = self.renderer.prompt_tokens(ids, sizes, video_tokens)
-        room = self.engine.max_model_len - prompt_tokens
         wanted = req.output_limit
-        if room < 1 or (wanted is not None and wanted > room):
-            raise ContextLengthExceeded(
-                f"this model's maximum context length is {self.engine.max_model_len} tokens; the prompt has "
-                f"{prompt_tokens} tokens (images and videos included) and {wanted or 1} were requested for the "
-                "completion",
-                param="messages" if room < 1 else "max_tokens",
-            )
-        forced = forced_call_schema(req) if mode in ("required", "named") else None
+        room = self.room_for(prompt_tokens, wanted, "messages", " (images and videos included)")
+        forced = forced_call_schema(req) if req.forced_tools else None
         sampling = sampling_for(req, wanted or room, self.renderer.vocab_size, forced_tool_schema=forced)
         gen = GenerationRequest(request_id=request_id, prompt=prompt, prompt_token_ids=ids, images=images, videos=videos,
                                 sampling=sampling, adapter=adapter)
@@ -150,8 +128,7 @@ class ChatService(Generation):
         decoded = await asyncio.gather(*(asyncio.to_thread(decode, b) for b in blobs))
         return [clip for clip, _ in decoded], [tokens for _, tokens in decoded]
 
-    async def complete(self, prep: Prepared) -> ChatCompletion:
-        totals = await self.run(prep)
+    def completion(self, prep: Prepared, totals: Totals) -> ChatCompletion:
         wants_logprobs = prep.request.sampling.logprobs is not None
         choices = []
         for i in range(prep.request.sampling.n):
@@ -167,7 +144,7 @@ class ChatService(Generation):
         content: str | None = text
         if prep.tool_mode == "auto":
             content, calls = self.engine.tool_call_parser().parse(text)
-        elif prep.tool_mode in ("required", "named") and (call := forced_call(text)) is not None:
+        elif prep.forced_tools and (call := forced_call(text)) is not None:
             content, calls = None, [call]
         if not prep.parallel_tool_calls:
             calls = calls[:1]
@@ -176,16 +153,15 @@ class ChatService(Generation):
         return ResponseMessage(content=content, tool_calls=wire_calls(calls)), finish
 
 
-
 class ChatStream:
     """Chat-completion chunks: the role first, content, tool-call and logprob deltas, usage last, [DONE]."""
 
     def __init__(self, service: ChatService, prep: Prepared, include_usage: bool):
         self.prep, self.include_usage = prep, include_usage
-        self.n, mode = prep.request.sampling.n, prep.tool_mode
-        self.calls = {i: StreamedCalls(service.engine.tool_call_parser(), forced=mode in ("required", "named"),
+        self.n = prep.request.sampling.n
+        self.calls = {i: StreamedCalls(service.engine.tool_call_parser(), forced=prep.forced_tools,
                                        parallel=prep.parallel_tool_calls)
-                      for i in range(self.n)} if mode != "none" else {}
+                      for i in range(self.n)} if prep.tool_mode != "none" else {}
 
     def _chunk(self, choices: list[ChunkChoice], usage: Usage | None = None) -> str:
         p = self.prep

@@ -8,7 +8,6 @@ import uuid
 
 from service.auth import OPEN, Tenant
 from service.engine.base import Delta, GenerationRequest, TokenLogprob
-from service.errors import APIError, ContextLengthExceeded
 from service.protocol.completions import Completion, CompletionChoice, CompletionLogprobs, CompletionRequest
 from service.serving.generation import Generation, sse_error
 from service.serving.render import ChatRenderer
@@ -37,41 +36,25 @@ class CompletionService:
         self.renderer = renderer
 
     async def handle(self, req: CompletionRequest, tenant: Tenant = OPEN):
-        self.gen.admit()
-        handed_over = False
-        try:
-            try:
-                prep = await self.prepare(req, tenant)
-            except APIError as exc:
-                self.gen.metrics.count_refusal(self.gen.label_for(req.model), exc.status)
-                raise
-            if req.stream:
-                body = await self.gen.open(prep, CompletionStream(prep, req.include_usage))
-                handed_over = True
-                return body
-            totals = await self.gen.run(prep)
-            choices = [CompletionChoice(index=i, text="".join(totals.text.get(i, [])), finish_reason=totals.finish.get(i),
-                                        logprobs=legacy_logprobs(totals.logprobs.get(i, []))
-                                        if req.logprobs is not None else None)
-                       for i in range(req.n)]
-            return Completion(id=prep.request.request_id, created=prep.created, model=prep.model, choices=choices,
-                              usage=totals.usage())
-        finally:
-            if not handed_over:
-                self.gen.release()
+        stream = (lambda prep: CompletionStream(prep, req.include_usage)) if req.stream else None
+        return await self.gen.serve(req.model, lambda: self.prepare(req, tenant), stream,
+                                    lambda prep, totals: self.completion(req, prep, totals))
+
+    @staticmethod
+    def completion(req: CompletionRequest, prep: Prepared, totals: Totals) -> Completion:
+        choices = [CompletionChoice(index=i, text="".join(totals.text.get(i, [])), finish_reason=totals.finish.get(i),
+                                    logprobs=legacy_logprobs(totals.logprobs.get(i, []))
+                                    if req.logprobs is not None else None)
+                   for i in range(req.n)]
+        return Completion(id=prep.request.request_id, created=prep.created, model=prep.model, choices=choices,
+                          usage=totals.usage())
 
     async def prepare(self, req: CompletionRequest, tenant: Tenant) -> Prepared:
         revision = await self.gen.resolve(req.model, tenant)
         try:
             ids = self.renderer.tokenize(req.prompt)
-            prompt_tokens = self.renderer.text_tokens(ids)
-            room = self.gen.engine.max_model_len - prompt_tokens
-            if room < 1 or req.max_tokens > room:
-                raise ContextLengthExceeded(
-                    f"this model's maximum context length is {self.gen.engine.max_model_len} tokens; the prompt has "
-                    f"{prompt_tokens} tokens and {req.max_tokens} were requested for the completion",
-                    param="prompt" if room < 1 else "max_tokens")
-            sampling = sampling_for(req, req.max_tokens, self.renderer.vocab_size)
+            room = self.gen.room_for(self.renderer.text_tokens(ids), req.max_tokens, "prompt")
+            sampling = sampling_for(req, req.max_tokens or room, self.renderer.vocab_size)
             gen = GenerationRequest(request_id=f"cmpl-{uuid.uuid4().hex}", prompt=req.prompt, prompt_token_ids=ids,
                                     sampling=sampling,
                                     adapter=revision.key if revision is not None else None)

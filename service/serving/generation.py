@@ -11,17 +11,24 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
-from typing import Protocol
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, Protocol
 
 import anyio
 
 from service.adapters.registry import AdapterRegistry, Revision
 from service.auth import OPEN, Tenant
 from service.engine.base import Delta, Engine
-from service.errors import APIError, ModelNotFound, Overloaded, error_body, internal_error_body
+from service.errors import (
+    APIError,
+    ContextLengthExceeded,
+    ModelNotFound,
+    Overloaded,
+    error_body,
+    internal_error_body,
+)
 from service.metrics import Metrics
-from service.serving.sse import sse_json
+from service.serving.sse import DONE, sse_json
 from service.serving.totals import Prepared, Totals
 
 logger = logging.getLogger("vlora.generation")
@@ -83,6 +90,39 @@ class Generation:
 
     def adapter_label(self, revision: Revision | None) -> str:
         return self.metrics.labels(revision.name if revision is not None else None)
+
+    def room_for(self, prompt_tokens: int, wanted: int | None, prompt_param: str, counted: str = "") -> int:
+        """Tokens left for the completion; ContextLengthExceeded when the prompt (`counted` says what it
+        includes) leaves none, or fewer than `wanted`."""
+        room = self.engine.max_model_len - prompt_tokens
+        if room < 1 or (wanted is not None and wanted > room):
+            raise ContextLengthExceeded(
+                f"this model's maximum context length is {self.engine.max_model_len} tokens; the prompt has "
+                f"{prompt_tokens} tokens{counted} and {wanted or 1} were requested for the completion",
+                param=prompt_param if room < 1 else "max_tokens")
+        return room
+
+    async def serve(self, model: str, prepare: Callable[[], Awaitable[Prepared]],
+                    stream: Callable[[Prepared], StreamFormat] | None,
+                    complete: Callable[[Prepared, Totals], Any]):
+        """A whole request of any endpoint: admission, `prepare` (its refusals counted), then the SSE body in
+        the `stream` format (which releases the admission slot when it ends), or `complete(prep, totals)`."""
+        self.admit()
+        handed_over = False
+        try:
+            try:
+                prep = await prepare()
+            except APIError as exc:
+                self.metrics.count_refusal(self.label_for(model), exc.status)
+                raise
+            if stream is not None:
+                body = await self.open(prep, stream(prep))
+                handed_over = True
+                return body
+            return complete(prep, await self.run(prep))
+        finally:
+            if not handed_over:
+                self.release()
 
     # running ------------------------------------------------------------------------------------
 
@@ -171,6 +211,4 @@ class Generation:
 
 def sse_error(body: dict) -> list[str]:
     """The chat/completions error ending: the error object, then `data: [DONE]`."""
-    from service.serving.sse import DONE
-
     return [sse_json(body), DONE]

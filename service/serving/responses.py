@@ -13,7 +13,7 @@ from pydantic import ValidationError
 
 from service.auth import OPEN, Tenant
 from service.engine.base import Delta
-from service.errors import APIError, BadRequest
+from service.errors import BadRequest
 from service.protocol.chat import ChatCompletionRequest
 from service.protocol.responses import OutputMessage, OutputText, Response, ResponsesRequest, ResponseUsage
 from service.serving.chat import ChatService
@@ -51,26 +51,16 @@ class ResponsesService:
             raise BadRequest(f"input: {where}: {err.get('msg', 'invalid')}", param="input") from None
 
     async def handle(self, req: ResponsesRequest, tenant: Tenant = OPEN):
-        gen = self.chat
-        gen.admit()
-        handed_over = False
-        try:
-            try:
-                prep = await gen.prepare(self._chat_request(req), tenant, request_id=f"resp_{uuid.uuid4().hex}",
-                                         kind="response")
-            except APIError as exc:
-                gen.metrics.count_refusal(gen.label_for(req.model), exc.status)
-                raise
-            if req.stream:
-                body = await gen.open(prep, ResponsesStream(req, prep))
-                handed_over = True
-                return body
-            totals = await gen.run(prep)
+        async def prepare() -> Prepared:
+            return await self.chat.prepare(self._chat_request(req), tenant, request_id=f"resp_{uuid.uuid4().hex}",
+                                           kind="response")
+
+        def complete(prep: Prepared, totals: Totals) -> Response:
             status = "incomplete" if totals.finish.get(0) == "length" else "completed"
             return _response(req, prep, status, "".join(totals.text.get(0, [])), totals, f"msg_{uuid.uuid4().hex}")
-        finally:
-            if not handed_over:
-                gen.release()
+
+        stream = (lambda prep: ResponsesStream(req, prep)) if req.stream else None
+        return await self.chat.serve(req.model, prepare, stream, complete)
 
 
 class ResponsesStream:

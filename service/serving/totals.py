@@ -22,6 +22,11 @@ class Prepared:
     kind: str = "chat completion"  # which endpoint: the message of the request's log line
     tool_mode: str = "none"  # see serving/tools.py
     parallel_tool_calls: bool = True
+
+    @property
+    def forced_tools(self) -> bool:
+        """A required or named tool_choice: the output is constrained to one call."""
+        return self.tool_mode in ("required", "named")
     created: int = field(default_factory=lambda: int(time.time()))
     started: float = field(default_factory=time.perf_counter)
 
