@@ -244,11 +244,16 @@ async def fetch_url(url: str, limits: MediaLimits, resolve: Resolver = system_re
         raise BadRequest(f"{kind} URL redirected more than {limits.max_redirects} times", param=param)
 
 
-async def load_video_bytes(url: str, limits: MediaLimits) -> bytes:
-    """A video's bytes from a data URI or an http(s) URL (decoded by the engine's video loader)."""
+async def load_bytes(url: str, limits: MediaLimits, kind: str = "image") -> bytes:
+    """An image's or video's bytes from a data URI or an http(s) URL, within that kind's byte cap."""
     if url.startswith("data:"):
-        return decode_data_uri(url, limits, "video")
-    return await fetch_url(url, limits, kind="video")
+        return decode_data_uri(url, limits, kind)
+    return await fetch_url(url, limits, kind=kind)
+
+
+async def load_video_bytes(url: str, limits: MediaLimits) -> bytes:
+    """A video's bytes (decoded by the engine's video loader)."""
+    return await load_bytes(url, limits, "video")
 
 
 # Images up to this many pixels are decoded on the event loop: that takes about a millisecond, less than
@@ -268,10 +273,7 @@ def header_pixels(data: bytes) -> int | None:
 
 
 async def load_image(url: str, limits: MediaLimits) -> Image.Image:
-    if url.startswith("data:"):
-        data = decode_data_uri(url, limits)
-    else:
-        data = await fetch_url(url, limits)
+    data = await load_bytes(url, limits)
     pixels = header_pixels(data)  # a header only; decode_image checks bytes and pixels again, either way
     if pixels is not None and pixels <= INLINE_DECODE_PIXELS:
         return decode_image(data, limits)
