@@ -77,6 +77,10 @@ class ServiceSettings(BaseSettings):
                            "ramble in whitespace until max_tokens).")
     tool_call_parser: str = Field(
         "hermes", description="vLLM tool-call parser of the model's format (hermes: Qwen3 / Qwen3-VL <tool_call>).")
+    reasoning_parser: str | None = Field(
+        None, description="vLLM reasoning parser of a thinking model's format (qwen3: <think>...</think>), which "
+                          "splits the reasoning into reasoning_content; constrained output then starts after it. "
+                          "Off by default.")
     engine_args: dict[str, Any] = Field(
         default_factory=dict,
         description="Any other vLLM engine argument, --engine-arg KEY=VALUE (repeatable; VALUE parsed as JSON when "

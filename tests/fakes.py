@@ -112,6 +112,9 @@ class FakeEngine:
     def tool_call_parser(self) -> _NoToolCalls:
         return _NoToolCalls()
 
+    def reasoning_parser(self, template_kwargs: dict) -> None:
+        return None  # the fake model does not think
+
     def load_video(self, data: bytes, processor: str, fps: float, max_frames: int) -> VideoClip:
         import numpy as np
 

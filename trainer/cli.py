@@ -21,7 +21,7 @@ from pathlib import Path
 def _tiny_model(args) -> None:
     from trainer.tiny import make_tiny_model, weights_digest
 
-    out = make_tiny_model(args.out, seed=args.seed, overwrite=args.overwrite)
+    out = make_tiny_model(args.out, seed=args.seed, overwrite=args.overwrite, thinking=args.thinking)
     print(f"tiny model written to {out} (weights sha256 {weights_digest(out)[:16]})")
 
 
@@ -164,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="output directory")
     p.add_argument("--seed", type=int, default=0, help="weights seed (same seed: byte-identical weights)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--thinking", action="store_true",
+                   help="the reasoning variant: <think> tokens and a template that opens the reasoning")
     p.set_defaults(func=_tiny_model)
 
     p = sub.add_parser("random-adapter", help="write a peft LoRA with random non-zero weights on the LLM layers")

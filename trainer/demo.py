@@ -16,18 +16,19 @@ DEMO_TASKS = ("colors", "shapes")
 DEMO_DATA = {"colors": {"n_train": 800, "image_size": 128}, "shapes": {"n_train": 2000, "image_size": 128}}
 
 
-def ensure_tiny_model(root: Path, seed: int = 0) -> Path:
-    """The tiny model under `root`, built if absent; a chat template older than the kit's is replaced (the
-    weights and config, and so the base fingerprint adapters were trained against, stay as they are)."""
-    from trainer.tiny import CHAT_TEMPLATE, make_tiny_model
+def ensure_tiny_model(root: Path, seed: int = 0, thinking: bool = False) -> Path:
+    """The tiny model under `root` (its thinking variant beside it), built if absent; a chat template older than
+    the kit's is replaced (the weights and config, and so the base fingerprint adapters were trained against,
+    stay as they are)."""
+    from trainer.tiny import chat_template, make_tiny_model
 
-    model = root / "tiny-qwen3-vl"
+    model = root / ("tiny-qwen3-vl-thinking" if thinking else "tiny-qwen3-vl")
     if not (model / "config.json").is_file():
-        make_tiny_model(model, seed=seed, overwrite=True)  # absent or incomplete
+        make_tiny_model(model, seed=seed, overwrite=True, thinking=thinking)  # absent or incomplete
     template = model / "chat_template.jinja"
-    if template.read_text() != CHAT_TEMPLATE:
+    if template.read_text() != chat_template(thinking):
         fresh = template.with_name(template.name + ".new")
-        fresh.write_text(CHAT_TEMPLATE)
+        fresh.write_text(chat_template(thinking))
         os.replace(fresh, template)
     return model
 

@@ -90,6 +90,27 @@ CHAT_TEMPLATE = (
     "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
 )
 
+# The thinking variant (as Qwen3-VL-*-Thinking next to -Instruct): `<think>` / `</think>` in the vocabulary as
+# Qwen3 has them (added, not special, so they stay in the decoded text), the generation prompt opening the
+# reasoning (`<think>\n`), or closing it at once when `enable_thinking` is false (Qwen3's switch), and earlier
+# assistant turns rendered without their reasoning, as the official templates do.
+THINK_TOKENS = ["<think>", "</think>"]
+THINKING_CHAT_TEMPLATE = CHAT_TEMPLATE.replace(
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}",
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}"
+    "{%- if enable_thinking is defined and enable_thinking is false -%}{{- '<think>\\n\\n</think>\\n\\n' -}}"
+    "{%- else -%}{{- '<think>\\n' -}}{%- endif -%}{%- endif -%}",
+).replace(
+    "{{- '<|im_start|>' + message['role'] + '\\n' -}}" + _CONTENT,
+    "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
+    "{%- if message['role'] == 'assistant' and message['content'] is string -%}"
+    "{{- message['content'].split('</think>')[-1].lstrip('\\n') -}}{%- else -%}" + _CONTENT + "{%- endif -%}",
+)
+
+
+def chat_template(thinking: bool = False) -> str:
+    return THINKING_CHAT_TEMPLATE if thinking else CHAT_TEMPLATE
+
 COLORS = ["red", "green", "blue", "yellow", "purple", "orange", "white", "black", "cyan", "pink"]
 SHAPES = ["circle", "square", "triangle", "star", "cross", "diamond", "ring", "rectangle"]
 
@@ -116,8 +137,9 @@ def _corpus() -> list[str]:
     return lines * 4
 
 
-def build_tokenizer(vocab_size: int = 1024):
-    """Train a byte-level BPE with Qwen's pre-tokenizer and wrap it as a `Qwen2Tokenizer`."""
+def build_tokenizer(vocab_size: int = 1024, thinking: bool = False):
+    """Train a byte-level BPE with Qwen's pre-tokenizer and wrap it as a `Qwen2Tokenizer` (with the reasoning
+    tokens for the thinking variant)."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import Qwen2Tokenizer
 
@@ -151,7 +173,9 @@ def build_tokenizer(vocab_size: int = 1024):
         bos_token=None,
     )
     tokenizer.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS[1:]})
-    tokenizer.chat_template = CHAT_TEMPLATE
+    if thinking:
+        tokenizer.add_tokens(THINK_TOKENS, special_tokens=False)
+    tokenizer.chat_template = chat_template(thinking)
     tokenizer.model_max_length = 4096
     return tokenizer
 
@@ -206,7 +230,7 @@ def build_config(tokenizer):
     return config, ids
 
 
-def build_processor(tokenizer):
+def build_processor(tokenizer, thinking: bool = False):
     from transformers import Qwen2VLImageProcessor, Qwen3VLProcessor, Qwen3VLVideoProcessor
 
     size = {"shortest_edge": MIN_PIXELS, "longest_edge": MAX_PIXELS}
@@ -223,7 +247,7 @@ def build_processor(tokenizer):
         image_processor=image_processor,
         video_processor=video_processor,
         tokenizer=tokenizer,
-        chat_template=CHAT_TEMPLATE,
+        chat_template=chat_template(thinking),
     )
 
 
@@ -239,12 +263,13 @@ def build_model(config, seed: int):
     return model
 
 
-def make_tiny_model(out: str | Path, seed: int = 0, overwrite: bool = False) -> Path:
-    """Build and save the tiny model, tokenizer and processor to `out`; atomic (built in `out.partial`, then renamed)."""
+def make_tiny_model(out: str | Path, seed: int = 0, overwrite: bool = False, thinking: bool = False) -> Path:
+    """Build and save the tiny model, tokenizer and processor to `out`; atomic (built in `out.partial`, then renamed).
+    `thinking`: the reasoning variant (see THINKING_CHAT_TEMPLATE)."""
     from transformers import GenerationConfig
 
     with atomic_dir(out, overwrite) as tmp:
-        tokenizer = build_tokenizer()
+        tokenizer = build_tokenizer(thinking=thinking)
         config, ids = build_config(tokenizer)
         model = build_model(config, seed)
         model.generation_config = GenerationConfig(
@@ -253,8 +278,9 @@ def make_tiny_model(out: str | Path, seed: int = 0, overwrite: bool = False) -> 
             do_sample=False,
         )
         model.save_pretrained(tmp, safe_serialization=True)
-        build_processor(tokenizer).save_pretrained(tmp)
-        (tmp / "vlora_tiny.json").write_text(json.dumps({"seed": seed, "kind": "tiny-qwen3-vl"}, indent=2))
+        build_processor(tokenizer, thinking).save_pretrained(tmp)
+        kind = "tiny-qwen3-vl-thinking" if thinking else "tiny-qwen3-vl"
+        (tmp / "vlora_tiny.json").write_text(json.dumps({"seed": seed, "kind": kind}, indent=2))
     return Path(out)
 
 

@@ -10,7 +10,7 @@ Adapters are named by the caller; the registry gives every revision its own engi
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -66,6 +66,10 @@ class GenerationRequest:
     videos: list[VideoClip] = field(default_factory=list)  # in prompt order
     sampling: Sampling = field(default_factory=lambda: Sampling(max_tokens=16))
     adapter: str | None = None  # an engine adapter name (NAME@REV); None: the base model
+    # The chat template variables of a request whose output is split into reasoning and answer (the engine's
+    # reasoning parser reads them, e.g. enable_thinking, and constrained output starts after the reasoning);
+    # None: no split, a constraint holds from the first token.
+    reasoning: dict[str, Any] | None = None
 
 
 @dataclass
@@ -86,6 +90,7 @@ class Delta:
     finish_reason: str | None = None
     prompt_tokens: int | None = None
     logprobs: list[TokenLogprob] | None = None  # one per new token, when the request asked for them
+    token_ids: Sequence[int] = ()  # the new tokens
 
 
 @dataclass
@@ -111,6 +116,26 @@ class ToolCallParser(Protocol):
     def feed(self, delta_text: str) -> tuple[str | None, list[ToolCallDelta]]: ...
 
     def rest(self) -> list[ToolCallDelta]: ...
+
+
+class ReasoningParser(Protocol):
+    """Splits a thinking model's completion into its reasoning and its answer (one parser per request)."""
+
+    def split(self, text: str, token_ids: Sequence[int]) -> tuple[str | None, str | None]:
+        """(reasoning, content) of a whole completion (its text and tokens)."""
+        ...
+
+    def feed(self, delta_text: str, delta_ids: Sequence[int]) -> tuple[str | None, str | None]:
+        """(new reasoning, new content) after `delta_text` (tokens `delta_ids`) more of the completion."""
+        ...
+
+    def end(self) -> tuple[str | None, str | None]:
+        """What the parser still holds back at the end of the completion (e.g. a partial end tag)."""
+        ...
+
+    def reasoning_tokens(self) -> int:
+        """Tokens of reasoning split or fed so far."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -192,6 +217,11 @@ class Engine(Protocol):
 
     def tool_call_parser(self) -> ToolCallParser:
         """A fresh parser of the served model's tool-call format."""
+        ...
+
+    def reasoning_parser(self, template_kwargs: dict[str, Any]) -> ReasoningParser | None:
+        """A fresh parser of the served model's reasoning format for a request rendered with these template
+        variables; None when the server splits no reasoning out."""
         ...
 
     def load_video(self, data: bytes, processor: str, fps: float, max_frames: int) -> VideoClip:

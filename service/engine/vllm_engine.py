@@ -16,6 +16,7 @@ import os
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 from service.engine.base import (
     AdapterInfo,
@@ -28,6 +29,7 @@ from service.engine.base import (
     VideoClip,
     adapter_of,
 )
+from service.engine.vllm_reasoning import VLLMReasoningParser, reasoning_parser_class
 from service.engine.vllm_stats import stat_logger_factory
 from service.engine.vllm_tools import VLLMToolCallParser, parser_class
 from service.errors import BadRequest, ContextLengthExceeded, EngineFailure, ModelNotFound, NotReady
@@ -147,6 +149,10 @@ class VLLMEngine:
             structured_outputs_config={"backend": s.structured_outputs_backend,
                                        "disable_any_whitespace": not s.structured_outputs_any_whitespace},
         )
+        if s.reasoning_parser:
+            reasoning_parser_class(s.reasoning_parser)  # an unknown --reasoning-parser is a start-up error
+            # Constrained output starts once the reasoning has ended (as with `vllm serve --reasoning-parser`).
+            kwargs["structured_outputs_config"]["reasoning_parser"] = s.reasoning_parser
         if s.max_num_batched_tokens:
             kwargs["max_num_batched_tokens"] = s.max_num_batched_tokens
         if s.quantization:
@@ -283,6 +289,18 @@ class VLLMEngine:
             output_kind=RequestOutputKind.DELTA,
         )
 
+    def _reasoning_kwargs(self, request: GenerationRequest) -> dict:
+        """Where a constraint starts, for the engine's structured-output manager: after the reasoning when the
+        request's output is split (unless its prompt already closed the reasoning), else from the first token."""
+        if not self.settings.reasoning_parser or request.sampling.constraint is None:
+            return {}
+        if request.reasoning is None:
+            return {"reasoning_ended": True}
+        ended = None  # None: the engine checks the prompt itself
+        if request.prompt_token_ids is not None:
+            ended = self.reasoning_parser(request.reasoning).reasoning_ended(request.prompt_token_ids)
+        return {"reasoning_ended": ended, "reasoning_parser_kwargs": {"chat_template_kwargs": request.reasoning}}
+
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
         if self._llm is None:
             raise NotReady("engine not started")
@@ -304,13 +322,15 @@ class VLLMEngine:
         finished = False
         self._request_adapters[request.request_id] = request.adapter
         try:
-            stream = self._llm.generate(prompt, self._sampling_params(request), request.request_id, lora_request=lora)
+            stream = self._llm.generate(prompt, self._sampling_params(request), request.request_id, lora_request=lora,
+                                        **self._reasoning_kwargs(request))
             async for out in stream:
                 prompt_tokens = len(out.prompt_token_ids) if out.prompt_token_ids is not None else None
                 for choice in out.outputs:
                     yield Delta(index=choice.index, text=choice.text, new_tokens=len(choice.token_ids),
                                 finish_reason=choice.finish_reason, prompt_tokens=prompt_tokens,
-                                logprobs=_token_logprobs(choice, request.sampling.logprobs))
+                                logprobs=_token_logprobs(choice, request.sampling.logprobs),
+                                token_ids=choice.token_ids)
                 finished = out.finished
                 # When outputs are already queued, neither vLLM's collector nor the response writer yields
                 # to the event loop: one fast stream would starve every other request (health checks,
@@ -349,6 +369,13 @@ class VLLMEngine:
         if self._llm is None:
             raise NotReady("engine not started")
         return VLLMToolCallParser(self.settings.tool_call_parser, self._llm.tokenizer)
+
+    def reasoning_parser(self, template_kwargs: dict[str, Any]) -> VLLMReasoningParser | None:
+        if not self.settings.reasoning_parser:
+            return None
+        if self._llm is None:
+            raise NotReady("engine not started")
+        return VLLMReasoningParser(self.settings.reasoning_parser, self._llm.tokenizer, template_kwargs)
 
     async def abort(self, request_id: str) -> None:
         if self._llm is not None:

@@ -134,6 +134,7 @@ class ChatCompletionRequest(SamplingRequest):
     tools: list[ToolDefinition] | None = Field(default=None, max_length=128)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True
+    include_reasoning: bool = True  # vLLM's: false leaves a thinking model's reasoning out of the answer
     # Accepted so we can name them in a clear refusal instead of silently ignoring them.
     functions: Any = None
     audio: Any = None
@@ -241,6 +242,10 @@ class ChoiceLogprobs(BaseModel):
 class ResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
+    # A thinking model's reasoning (with --reasoning-parser), under both names clients read: reasoning_content
+    # (DeepSeek's, and vLLM's until 0.10) and reasoning (vLLM's since). OpenAI's Chat Completions has neither.
+    reasoning_content: str | None = None
+    reasoning: str | None = None
     tool_calls: list[ToolCall] | None = None
 
 
@@ -276,6 +281,8 @@ class DeltaToolCall(BaseModel):
 class DeltaMessage(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    reasoning_content: str | None = None  # see ResponseMessage
+    reasoning: str | None = None
     tool_calls: list[DeltaToolCall] | None = None
 
 

@@ -2,7 +2,8 @@
 
 Supported: `input` as a string or message items (`input_text`, `input_image` parts; `output_text` in earlier
 assistant turns), `instructions`, `max_output_tokens`, `temperature`, `top_p`, `text.format` (text,
-json_object, json_schema), `stream` (the typed events), `metadata`. Nothing is stored: `store` is accepted
+json_object, json_schema), `stream` (the typed events), `metadata`; a thinking model's reasoning (with
+--reasoning-parser) comes as a `reasoning` output item before the message. Nothing is stored: `store` is accepted
 and the answer says `store: false`; `previous_response_id`, `conversation`, `tools`, `reasoning` and
 `background` are refused with a 400 naming the field (tools are served by /v1/chat/completions).
 """
@@ -126,6 +127,21 @@ class OutputMessage(BaseModel):
     content: list[OutputText] = Field(default_factory=list)
 
 
+class ReasoningText(BaseModel):
+    type: Literal["reasoning_text"] = "reasoning_text"
+    text: str
+
+
+class OutputReasoning(BaseModel):
+    """A thinking model's reasoning (with --reasoning-parser), before the message, as OpenAI's reasoning item."""
+
+    type: Literal["reasoning"] = "reasoning"
+    id: str
+    status: Literal["in_progress", "completed", "incomplete"]
+    summary: list = Field(default_factory=list)
+    content: list[ReasoningText] = Field(default_factory=list)
+
+
 class ResponseUsage(BaseModel):
     input_tokens: int
     output_tokens: int
@@ -140,7 +156,7 @@ class Response(BaseModel):
     created_at: int = Field(default_factory=lambda: int(time.time()))
     status: Literal["in_progress", "completed", "incomplete", "failed"]
     model: str
-    output: list[OutputMessage] = Field(default_factory=list)
+    output: list[OutputReasoning | OutputMessage] = Field(default_factory=list)
     usage: ResponseUsage | None = None
     incomplete_details: dict | None = None
     error: dict | None = None

@@ -107,12 +107,16 @@ class ChatService(Generation):
         room = self.room_for(prompt_tokens, wanted, "messages", " (images and videos included)")
         forced = forced_call_schema(req) if req.forced_tools else None
         sampling = sampling_for(req, wanted or room, self.renderer.vocab_size, forced_tool_schema=forced)
+        # A thinking model's reasoning is split out (a forced call skips it: the call is the whole output).
+        template_kwargs = dict(req.chat_template_kwargs or {})
+        thinking = not req.forced_tools and self.engine.reasoning_parser(template_kwargs) is not None
         gen = GenerationRequest(request_id=request_id, prompt=prompt, prompt_token_ids=ids, images=images, videos=videos,
-                                sampling=sampling, adapter=adapter)
+                                sampling=sampling, adapter=adapter, reasoning=template_kwargs if thinking else None)
         return Prepared(request=gen, model=req.model, revision=revision, image_tokens=image_tokens,
                         video_tokens=sum(video_tokens),
                         adapter_label=self.adapter_label(revision),
-                        tool_mode=mode, parallel_tool_calls=req.parallel_tool_calls)
+                        tool_mode=mode, parallel_tool_calls=req.parallel_tool_calls,
+                        include_reasoning=req.include_reasoning)
 
     async def _videos(self, req: ChatCompletionRequest) -> tuple[list, list[int]]:
         """Each video fetched (address policy, byte cap), decoded and sampled by the engine's loader, and its
@@ -128,29 +132,50 @@ class ChatService(Generation):
         decoded = await asyncio.gather(*(asyncio.to_thread(decode, b) for b in blobs))
         return [clip for clip, _ in decoded], [tokens for _, tokens in decoded]
 
+    def split(self, prep: Prepared, totals: Totals, index: int) -> tuple[str | None, str | None, int | None]:
+        """(reasoning, content, reasoning tokens) of one choice; no reasoning (None) unless the server splits it."""
+        text = "".join(totals.text.get(index, []))
+        parser = self.engine.reasoning_parser(prep.request.reasoning) if prep.request.reasoning is not None else None
+        if parser is None:
+            return None, text, None
+        reasoning, content = parser.split(text, totals.token_ids.get(index, []))
+        return reasoning, content, parser.reasoning_tokens()
+
     def completion(self, prep: Prepared, totals: Totals) -> ChatCompletion:
         wants_logprobs = prep.request.sampling.logprobs is not None
-        choices = []
+        choices, reasoning_tokens = [], None
         for i in range(prep.request.sampling.n):
-            message, finish = self.message(prep, "".join(totals.text.get(i, [])), totals.finish.get(i))
+            reasoning, content, tokens = self.split(prep, totals, i)
+            if tokens is not None:
+                reasoning_tokens = (reasoning_tokens or 0) + tokens
+            message, finish = self.message(prep, content, totals.finish.get(i), reasoning)
             choices.append(Choice(index=i, message=message, finish_reason=finish,
                                   logprobs=wire_logprobs(totals.logprobs.get(i, [])) if wants_logprobs else None))
         return ChatCompletion(id=prep.request.request_id, created=prep.created, model=prep.model, choices=choices,
-                              usage=totals.usage())
+                              usage=totals.usage(reasoning_tokens))
 
-    def message(self, prep: Prepared, text: str, finish: str | None) -> tuple[ResponseMessage, str | None]:
+    def message(self, prep: Prepared, text: str | None, finish: str | None,
+                reasoning: str | None = None) -> tuple[ResponseMessage, str | None]:
         """The assistant message of one choice: its text, or the content and tool calls found in it."""
         calls = []
-        content: str | None = text
-        if prep.tool_mode == "auto":
+        content = text
+        if prep.tool_mode == "auto" and text:
             content, calls = self.engine.tool_call_parser().parse(text)
-        elif prep.forced_tools and (call := forced_call(text)) is not None:
+        elif prep.forced_tools and (call := forced_call(text or "")) is not None:
             content, calls = None, [call]
         if not prep.parallel_tool_calls:
             calls = calls[:1]
         if calls and finish == "stop":
             finish = "tool_calls"
-        return ResponseMessage(content=content, tool_calls=wire_calls(calls)), finish
+        if not prep.include_reasoning:
+            reasoning = None
+        return ResponseMessage(content=content, tool_calls=wire_calls(calls), reasoning_content=reasoning,
+                               reasoning=reasoning), finish
+
+
+def join_text(a: str | None, b: str | None) -> str | None:
+    """Two optional pieces of text as one (None when both are empty)."""
+    return (a or "") + (b or "") or None
 
 
 class ChatStream:
@@ -162,6 +187,8 @@ class ChatStream:
         self.calls = {i: StreamedCalls(service.engine.tool_call_parser(), forced=prep.forced_tools,
                                        parallel=prep.parallel_tool_calls)
                       for i in range(self.n)} if prep.tool_mode != "none" else {}
+        self.thinking = {i: service.engine.reasoning_parser(prep.request.reasoning)
+                         for i in range(self.n)} if prep.request.reasoning is not None else {}
 
     def _chunk(self, choices: list[ChunkChoice], usage: Usage | None = None) -> str:
         p = self.prep
@@ -173,20 +200,32 @@ class ChatStream:
                              for i in range(self.n)])]
 
     def delta(self, delta: Delta) -> list[str]:
-        content, tool_calls, finish = delta.text or None, [], delta.finish_reason
+        content, reasoning, tool_calls, finish = delta.text or None, None, [], delta.finish_reason
+        if (thinker := self.thinking.get(delta.index)) is not None:
+            reasoning, content = thinker.feed(delta.text, delta.token_ids)
+            if finish:
+                held_reasoning, held_content = thinker.end()
+                reasoning, content = join_text(reasoning, held_reasoning), join_text(content, held_content)
+            if not self.prep.include_reasoning:
+                reasoning = None
         if (state := self.calls.get(delta.index)) is not None:
-            content, tool_calls = state.feed(delta.text)
+            if content:
+                content, tool_calls = state.feed(content)
             if finish:
                 tool_calls += state.end()
                 finish = "tool_calls" if state.called and finish == "stop" else finish
-        if not (content or tool_calls or finish or delta.logprobs):
+        if not (content or reasoning or tool_calls or finish or delta.logprobs):
             return []
-        return [self._chunk([ChunkChoice(index=delta.index, finish_reason=finish,
-                                         delta=DeltaMessage(content=content, tool_calls=tool_calls or None),
+        message = DeltaMessage(content=content, reasoning_content=reasoning, reasoning=reasoning,
+                               tool_calls=tool_calls or None)
+        return [self._chunk([ChunkChoice(index=delta.index, finish_reason=finish, delta=message,
                                          logprobs=wire_logprobs(delta.logprobs))])]
 
     def end(self, totals: Totals) -> list[str]:
-        return ([self._chunk([], usage=totals.usage())] if self.include_usage else []) + [DONE]
+        if not self.include_usage:
+            return [DONE]
+        reasoning_tokens = sum(t.reasoning_tokens() for t in self.thinking.values()) if self.thinking else None
+        return [self._chunk([], usage=totals.usage(reasoning_tokens)), DONE]
 
     def error(self, body: dict) -> list[str]:
         return sse_error(body)

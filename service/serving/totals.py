@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from service.adapters.registry import Revision
 from service.engine.base import Delta, GenerationRequest, TokenLogprob
-from service.protocol.chat import Usage
+from service.protocol.sampling import CompletionTokensDetails, Usage
 
 
 @dataclass
@@ -22,6 +22,7 @@ class Prepared:
     kind: str = "chat completion"  # which endpoint: the message of the request's log line
     tool_mode: str = "none"  # see serving/tools.py
     parallel_tool_calls: bool = True
+    include_reasoning: bool = True
 
     @property
     def forced_tools(self) -> bool:
@@ -38,6 +39,7 @@ class Totals:
     finish: dict[int, str] = field(default_factory=dict)
     text: dict[int, list[str]] = field(default_factory=dict)
     logprobs: dict[int, list[TokenLogprob]] = field(default_factory=dict)
+    token_ids: dict[int, list[int]] = field(default_factory=dict)
     first_token_at: float | None = None
     last_token_at: float | None = None
     gaps: list[tuple[float, int]] = field(default_factory=list)  # (seconds since previous tokens, new tokens)
@@ -47,6 +49,7 @@ class Totals:
             self.prompt_tokens = delta.prompt_tokens
         self.completion_tokens += delta.new_tokens
         self.text.setdefault(delta.index, []).append(delta.text)
+        self.token_ids.setdefault(delta.index, []).extend(delta.token_ids)
         if delta.logprobs is not None:
             self.logprobs.setdefault(delta.index, []).extend(delta.logprobs)
         if delta.finish_reason:
@@ -59,6 +62,8 @@ class Totals:
                 self.gaps.append((now - self.last_token_at, delta.new_tokens))
             self.last_token_at = now
 
-    def usage(self) -> Usage:
+    def usage(self, reasoning_tokens: int | None = None) -> Usage:
+        """The usage object; `reasoning_tokens` (of all choices) when the output was split into reasoning."""
+        details = CompletionTokensDetails(reasoning_tokens=reasoning_tokens) if reasoning_tokens is not None else None
         return Usage(prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens,
-                     total_tokens=self.prompt_tokens + self.completion_tokens)
+                     total_tokens=self.prompt_tokens + self.completion_tokens, completion_tokens_details=details)

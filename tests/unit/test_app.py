@@ -119,6 +119,11 @@ def test_engine_args_reach_vllm_and_vlora_settings_keep_precedence(demo_assets):
         args("--engine-arg", "max_model_len=10")
     with pytest.raises(ValueError, match="unknown vLLM engine arg.*no_such_arg"):
         args("--engine-arg", "no_such_arg=1")
+    thinking = args("--reasoning-parser", "qwen3")  # constrained output starts after the reasoning
+    assert thinking.structured_outputs_config["reasoning_parser"] == "qwen3"
+    assert "reasoning_parser" not in made.structured_outputs_config
+    with pytest.raises(ValueError, match="unknown reasoning parser 'nope'.*qwen3"):
+        args("--reasoning-parser", "nope")
     with pytest.raises(SystemExit, match="max_num_seqs"):  # the same refusal before anything starts
         __import__("service.main").main.main(["--model", str(demo_assets["model"]), "--engine-arg", "max_num_seqs=2"])
 
