@@ -122,7 +122,26 @@ class ChatRenderer:
 
     def video_tokens(self, clip) -> int:
         """Tokens one decoded video becomes in the prompt (its frames' tokens and the processor's timestamps),
-        counted by the model's own processor as the engine will expand it."""
+        counted as the engine will expand it: from the frames' count and size by the processor's own arithmetic
+        (Qwen3-VL's `get_num_of_video_patches` and `replace_video_token`), so that the frames are processed
+        once, by the engine; other processors run whole."""
+        processor, videos = self.processor, self.video_processor
+        if not (hasattr(processor, "replace_video_token") and hasattr(videos, "get_num_of_video_patches")):
+            return self._video_tokens_processed(clip)
+        import torch
+        from transformers.video_utils import VideoMetadata
+
+        frames, height, width = (int(n) for n in clip.frames.shape[:3])
+        patches = videos.get_num_of_video_patches(frames, height, width)
+        groups = -(-frames // videos.temporal_patch_size)
+        fields = VideoMetadata.__dataclass_fields__
+        metadata = VideoMetadata(**{k: v for k, v in clip.metadata.items() if k in fields})
+        grid = torch.tensor([[groups, patches // groups, 1]])  # frames' patches per group: all replace_ reads
+        placeholder = processor.replace_video_token({"video_grid_thw": grid, "video_metadata": [metadata]}, 0)
+        return len(self.tokenizer(placeholder, add_special_tokens=False)["input_ids"])
+
+    def _video_tokens_processed(self, clip) -> int:
+        """The count from the whole processor (frames resized and patched)."""
         metadata = {k: v for k, v in clip.metadata.items() if k != "do_sample_frames"}
         snippet = "<|vision_start|><|video_pad|><|vision_end|>"
         out = self.processor(text=[snippet], videos=[clip.frames], video_metadata=[metadata], do_sample_frames=False)

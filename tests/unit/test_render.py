@@ -106,3 +106,16 @@ def test_chat_template_kwargs_reach_the_template(tiny_processor):
     with pytest.raises(ValueError, match="add_generation_prompt cannot be set"):
         ChatCompletionRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "q"}],
                                               "chat_template_kwargs": {"add_generation_prompt": False}})
+
+
+@pytest.mark.parametrize(("frames", "size", "fps"), [(16, (96, 96), 8), (9, (160, 90), 5), (40, (64, 200), 30),
+                                                     (3, (320, 240), 1)])
+def test_video_tokens_come_from_the_processors_arithmetic_without_processing_the_frames(tiny_processor, frames, size,
+                                                                                       fps):
+    from service.engine.vllm_engine import VLLMEngine
+    from tests.videos import moving_circle_mp4
+
+    clip = VLLMEngine.load_video(None, moving_circle_mp4(frames=frames, size=size, fps=fps),
+                                 type(tiny_processor.video_processor).__name__, fps=2.0, max_frames=32)
+    renderer = ChatRenderer(tiny_processor)
+    assert renderer.video_tokens(clip) == renderer._video_tokens_processed(clip)  # the processor run whole
