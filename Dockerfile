@@ -39,7 +39,7 @@ COPY trainer ./trainer
 COPY loadtests ./loadtests
 ARG PIP_ARGS=""
 # hadolint ignore=SC2086
-RUN /opt/vlora/bin/pip install $PIP_ARGS ".[cpu,serve,train]" \
+RUN /opt/vlora/bin/pip install $PIP_ARGS ".[cpu,serve,train,tracking]" \
     && /opt/vlora/bin/python tools/venv_fixes.py
 
 FROM ${PYTHON_IMAGE} AS cpu-runtime
@@ -96,7 +96,7 @@ RUN /opt/vlora/bin/pip install ".[gpu,serve]" && /opt/vlora/bin/python tools/ven
 FROM gpu-build AS gpu-train-build
 COPY trainer ./trainer
 COPY loadtests ./loadtests
-RUN /opt/vlora/bin/pip install ".[gpu,serve,train,train-gpu]" && /opt/vlora/bin/python tools/venv_fixes.py
+RUN /opt/vlora/bin/pip install ".[gpu,serve,train,train-gpu,tracking]" && /opt/vlora/bin/python tools/venv_fixes.py
 
 FROM ${CUDA_IMAGE} AS gpu-runtime
 ENV DEBIAN_FRONTEND=noninteractive

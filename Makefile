@@ -20,8 +20,8 @@ help:
 # Runtime environment: the project with the CPU or GPU vLLM stack, both sides (`serve`, and `train`: the
 # embedded default trains its demo adapters), then the detected environment fixes. The serving image
 # installs only `serve` (see Dockerfile).
-EXTRAS_cpu := cpu,serve,train
-EXTRAS_gpu := gpu,serve,train,train-gpu
+EXTRAS_cpu := cpu,serve,train,tracking
+EXTRAS_gpu := gpu,serve,train,train-gpu,tracking
 $(VENV)/.runtime-$(STACK): $(SETUP_INPUTS)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@echo "setting up $(VENV) ($(STACK) stack; log in $(VENV)/install.log)"

@@ -81,6 +81,9 @@ class Manifest(_Part):
     chat_template_sha256: str | None = None
     training: dict[str, Any] = Field(default_factory=dict)
     eval: dict[str, Any] = Field(default_factory=dict)
+    # What it was trained on: source (files or hub id), split, format detected, record counts, content
+    # fingerprint (sha256 over the stored records), records dropped as overlong.
+    dataset: dict[str, Any] = Field(default_factory=dict)
     golden_samples: list[GoldenSample] = Field(default_factory=list)
 
     @property

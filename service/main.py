@@ -16,6 +16,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from artifacts.logs import quiet_optional_kernels
 from service.lifecycle import configure_logging
 from service.settings import DEFAULT_ADAPTER_DIR, DEFAULT_MODEL_DIR, ServiceSettings
 
@@ -54,6 +55,7 @@ def _draining_server_class():
 
 
 def main(argv: list[str] | None = None) -> None:
+    quiet_optional_kernels()
     settings = build_settings(argv)
     configure_logging(settings.log_level, settings.log_format)
     import uvicorn

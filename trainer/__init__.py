@@ -1,0 +1,3 @@
+from artifacts.logs import quiet_optional_kernels
+
+quiet_optional_kernels()

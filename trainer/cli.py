@@ -66,20 +66,68 @@ def _train(args) -> None:
 
 
 def _validate(args) -> None:
-    from trainer.data import load_dataset_file
+    import sys
 
-    records = load_dataset_file(args.data, args.max_pixels)
-    print(f"{args.data}: {len(records)} records, all valid")
+    from trainer.data import DataError, scan
+    from trainer.sources import SourceError, open_rows
+
+    processor = None
+    if args.model:
+        from transformers import AutoProcessor
+
+        from trainer.model import resolve_base_model
+
+        resolve_base_model(args.model)
+        processor = AutoProcessor.from_pretrained(args.model)
+    try:
+        rows = open_rows(args.data, args.split)
+    except SourceError as exc:
+        raise DataError(args.data, [str(exc)]) from None
+    max_pixels = args.max_pixels or (getattr(processor.image_processor, "size", {}).get("longest_edge")
+                                     if processor is not None else None)
+    found = scan(rows, args.format, processor, args.max_length, max_pixels, limit=args.limit,
+                 progress=sys.stderr.isatty())
+    print(found.summary(args.max_length))
+    if processor is None:
+        print("  (token lengths: pass --model to count them with the model's processor, images included)")
+    if found.problems:
+        raise DataError(args.data, found.problems)
+    print("all records valid")
 
 
 def _convert(args) -> None:
     import json
+    import os
 
-    from trainer.data import convert_simple, read_records
+    from trainer.data import ChatRecords, DataError, scan
+    from trainer.sources import open_rows
 
-    records = convert_simple(read_records(args.input))
+    rows = open_rows(str(args.input))
+    found = scan(rows, args.format, check_images=False)
+    if found.problems:
+        raise DataError(args.input, found.problems)
+
+    def ref(value):  # paths relative to the output file; embedded bytes as data URIs
+        if isinstance(value, bytes | bytearray):
+            import base64
+            import io
+
+            from PIL import Image
+
+            kind = (Image.open(io.BytesIO(value)).format or "png").lower()
+            return f"data:image/{kind};base64," + base64.b64encode(bytes(value)).decode()
+        if isinstance(value, str) and not value.startswith(("http://", "https://", "data:")):
+            return os.path.relpath(value, Path(args.out).resolve().parent)
+        return value
+
+    def plain(chat: dict) -> dict:
+        return {"messages": [{"role": m["role"], "content": [
+            {**p, p["type"]: ref(p[p["type"]])} if p["type"] != "text" else p for p in m["content"]]}
+            for m in chat["messages"]]}
+
+    records = [plain(c) for c in ChatRecords(rows, found.format)]
     Path(args.out).write_text("".join(json.dumps(r) + "\n" for r in records))
-    print(f"{len(records)} records written to {args.out}")
+    print(f"{len(records)} records ({found.format}) written to {args.out}")
 
 
 def _eval(args) -> None:
@@ -122,13 +170,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(p)
     p.set_defaults(func=_train)
 
-    p = sub.add_parser("validate", help="check every record of a dataset and report every problem")
-    p.add_argument("data", type=Path)
+    p = sub.add_parser("validate", help="check every record of a dataset, report every problem and a summary")
+    p.add_argument("data", help="file, files (a,b), glob, save_to_disk folder, hub-layout folder or hub id")
+    p.add_argument("--split", default="train", help="split of a folder or hub id")
+    p.add_argument("--format", default="auto", choices=["auto", "messages", "llava", "sharegpt", "qa"])
+    p.add_argument("--model", help="processor to count tokens with (images included), e.g. the base model")
+    p.add_argument("--max-length", type=int, default=None, help="count the records longer than this")
     p.add_argument("--max-pixels", type=int, default=None, help="processor max_pixels (images far above are refused)")
+    p.add_argument("--limit", type=int, default=None, help="check only the first N records (a sample)")
     p.set_defaults(func=_validate)
 
-    p = sub.add_parser("convert", help="convert {image_path, question, answer} records to the chat format")
-    p.add_argument("input", type=Path)
+    p = sub.add_parser("convert", help="write any supported layout (qa, llava, sharegpt, ...) as chat-format JSONL")
+    p.add_argument("input")
+    p.add_argument("--format", default="auto", choices=["auto", "messages", "llava", "sharegpt", "qa"])
     p.add_argument("--out", required=True, type=Path)
     p.set_defaults(func=_convert)
 

@@ -33,9 +33,26 @@ def _f(default: Any, help: str, **kw):  # noqa: A002 - dataclass field with help
 @dataclass
 class TrainConfig:
     base_model: str = _f("models/tiny-qwen3-vl", "Base model directory or hub id.")
-    train_data: str = _f("", "Training dataset (JSON array or JSONL in the chat format).")
-    eval_data: str | None = _f(None, "Validation dataset; default: split from train_data by val_fraction.")
-    val_fraction: float = _f(0.1, "Fraction of train_data held out when eval_data is not given.")
+    train_data: str = _f("", "Training data: a file (JSONL, JSON, parquet, arrow), files (a,b) or a glob, a "
+                         "save_to_disk folder, a folder laid out like a hub dataset, or a hub id (see trainer/sources.py).")
+    train_split: str = _f("train", "Split of train_data (folders and hub ids).")
+    eval_data: str | None = _f(None, "Validation data (as train_data); default: eval_split of train_data if given, "
+                               "else held out from train_data by val_fraction.")
+    eval_split: str | None = _f(None, "Split of train_data (or of eval_data) to validate on, e.g. 'validation'.")
+    val_fraction: float = _f(0.1, "Fraction of train_data held out when no validation data is given (streaming: "
+                             "the first eval_max_samples records are held out instead).")
+    format: str = _f("auto", "Record layout: auto (detected and reported), messages, llava, sharegpt or qa.")
+    streaming: bool = _f(False, "Train from a stream (datasets' IterableDataset) for data larger than memory; needs "
+                         "max_steps; --resume continues from the next unseen record.")
+    shuffle_buffer: int = _f(1000, "Streaming: records in the shuffle buffer (deterministic from seed).")
+    truncation: str = _f("error", "Records over max_length: 'error' (refuse, naming them) or 'drop' (leave them "
+                         "out, counted in the manifest). Never cut.")
+    validate_limit: int = _f(0, "Check only the first N records before training (0: all; streaming sets that "
+                             "are too long to scan first).")
+    report_to: str = _f("none", "Trackers: none, or a comma list of tensorboard, mlflow, wandb (the Trainer's "
+                        "integrations).")
+    run_name: str | None = _f(None, "Run name for the trackers (default: the output directory's name).")
+    run_tags: str | None = _f(None, "Comma list of tags for the trackers (MLflow tags, W&B tags).")
     output_dir: str = _f("", "Where the adapter, manifest and reports are written (atomically).")
     # LoRA
     lora_r: int = _f(16, "LoRA rank.")
@@ -94,7 +111,7 @@ class TrainConfig:
     # Data
     min_pixels: int | None = _f(None, "Processor min_pixels override.")
     max_pixels: int | None = _f(None, "Processor max_pixels override.")
-    max_length: int | None = _f(None, "Refuse batches longer than this many tokens.")
+    max_length: int | None = _f(None, "Longest record in tokens (images counted); longer ones per truncation.")
     pad_to_multiple_of: int | None = _f(None, "Pad each batch to a multiple of this many tokens (few distinct batch "
                                         "shapes, e.g. for cuda_graphs).")
     augment: bool = _f(False, "Random resized crop + colour jitter (no flips).")
@@ -143,6 +160,16 @@ class TrainConfig:
             problems.append("pad_to_multiple_of must be >= 1")
         if self.gc_every < 0:
             problems.append("gc_every must be >= 0")
+        if self.format not in ("auto", "messages", "llava", "sharegpt", "qa"):
+            problems.append(f"format must be auto, messages, llava, sharegpt or qa, not {self.format!r}")
+        if self.truncation not in ("error", "drop"):
+            problems.append(f"truncation must be 'error' or 'drop', not {self.truncation!r}")
+        if self.streaming and self.max_steps <= 0:
+            problems.append("streaming needs max_steps (a stream has no length to count epochs by)")
+        unknown_trackers = sorted(set(self.trackers) - {"tensorboard", "mlflow", "wandb"})
+        if unknown_trackers:
+            problems.append(f"report_to: unknown tracker(s) {', '.join(unknown_trackers)} (use none, tensorboard, "
+                            "mlflow, wandb)")
         if self.learning_rate <= 0:
             problems.append("learning_rate must be positive")
         if problems:
@@ -156,6 +183,10 @@ class TrainConfig:
         if self.kernels in ("auto", "liger"):
             return LIGER_PARTS
         return tuple(p.strip() for p in self.kernels.split(",") if p.strip())
+
+    @property
+    def trackers(self) -> list[str]:
+        return [t.strip() for t in self.report_to.split(",") if t.strip() and t.strip() != "none"]
 
     @property
     def target_regex(self) -> str:

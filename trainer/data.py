@@ -1,27 +1,37 @@
-"""Datasets of image+text chats: loading, validation with record numbers, conversion, collation, masking.
+"""Training records: validation with each record's place, lazy datasets for the Trainer, collation, masking.
 
-Format (JSON array or JSONL; image paths relative to the dataset file, or http(s) URLs):
+Records come from `trainer.sources` (files, shards, folders, hub ids, in the project's chat format or the
+layouts it maps: see there) as chats:
 
-    {"messages": [{"role": "user", "content": [{"type": "image", "image": "img/1.png"},
-                                               {"type": "text", "text": "What is shown?"}]},
-                  {"role": "assistant", "content": "A red circle."}]}
+    {"messages": [{"role": "user", "content": [{"type": "image", "image": REF}, {"type": "text", "text": "?"}]},
+                  {"role": "assistant", "content": [{"type": "text", "text": "A red circle."}]}]}
 
-`vlora-train convert` turns the simple `{"image_path", "question", "answer"}` format into this one.
-Labels are -100 everywhere except the assistant turns' tokens and their end-of-turn token.
+REF is a resolved path, an http(s) URL or data URI (fetched and decoded by `artifacts.media`, the service's
+implementation: the same address policy and caps), bytes or a PIL image; images are opened by the collator,
+per batch (in the dataloader workers), never all at once. Labels are -100 everywhere except the assistant
+turns' tokens and their end-of-turn token.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import random
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
+from artifacts.media import MediaError, MediaLimits, decode_data_uri, decode_image, load_bytes_sync
+from trainer.sources import Rows, SourceError, detect_format, open_rows, to_chat
+
 ROLES = {"system", "user", "assistant"}
 IGNORE_INDEX = -100
+# The service's defaults (--max-image-bytes, --max-image-pixels, --image-fetch-timeout-s, redirects).
+MEDIA_LIMITS = MediaLimits(max_image_bytes=20 * 1024 * 1024, max_image_pixels=4096 * 4096)
 
 
 class DataError(ValueError):
@@ -34,166 +44,308 @@ class DataError(ValueError):
         super().__init__(f"{path}: {len(problems)} problem(s):\n{shown}{more}")
 
 
-def read_records(path: str | Path) -> list[dict]:
-    """Records from a JSON array or JSONL file (each JSONL line is one record)."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(path, [f"dataset file '{path}' does not exist"])
-    text = path.read_text()
-    if text.lstrip().startswith("["):
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise DataError(path, [f"not valid JSON: {exc}"]) from None
-        return records
-    records, problems = [], []
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as exc:
-            problems.append(f"line {n}: not valid JSON ({exc.msg})")
-    if problems:
-        raise DataError(path, problems)
-    return records
-
-
-def _image_ref(part: dict) -> str | None:
-    ref = part.get("image") or part.get("image_url") or part.get("path")
-    if isinstance(ref, dict):
-        ref = ref.get("url")
-    return ref
-
-
-def resolve_image(ref: str, base_dir: Path) -> str:
-    if ref.startswith(("http://", "https://", "data:")):
-        return ref
-    path = Path(ref)
-    return str(path if path.is_absolute() else base_dir / path)
-
-
-def open_image(ref: str) -> Image.Image:
+def open_image(ref: Any, limits: MediaLimits = MEDIA_LIMITS) -> Image.Image:
+    """An RGB image from any REF (see the module docstring)."""
+    if isinstance(ref, Image.Image):
+        return ref.convert("RGB")
+    if isinstance(ref, bytes | bytearray):
+        return decode_image(bytes(ref), limits)
+    if ref.startswith("data:"):
+        return decode_image(decode_data_uri(ref, limits), limits)
     if ref.startswith(("http://", "https://")):
-        import io
-
-        import httpx
-
-        return Image.open(io.BytesIO(httpx.get(ref, timeout=30, follow_redirects=True).content)).convert("RGB")
+        return decode_image(load_bytes_sync(ref, limits), limits)
     with Image.open(ref) as im:
         return im.convert("RGB")
 
 
-def validate_records(records: list, base_dir: Path, max_pixels: int | None = None, check_images: bool = True) -> list[str]:
-    """Every problem of every record, each as 'record N: ...' (N counts from 1)."""
-    problems: list[str] = []
-    if not isinstance(records, list):
-        return ["the dataset must be a JSON array or JSONL of records"]
-    if not records:
-        return ["the dataset has no records"]
-    for n, record in enumerate(records, 1):
-        where = f"record {n}"
-        messages = record.get("messages") if isinstance(record, dict) else None
-        if not isinstance(messages, list) or not messages:
-            problems.append(f"{where}: needs a non-empty 'messages' list")
-            continue
-        if not any(isinstance(m, dict) and m.get("role") == "assistant" for m in messages):
-            problems.append(f"{where}: has no assistant turn (nothing to learn)")
-        for i, message in enumerate(messages, 1):
-            at = f"{where}, message {i}"
-            if not isinstance(message, dict):
-                problems.append(f"{at}: must be an object")
-                continue
-            role = message.get("role")
-            if role not in ROLES:
-                problems.append(f"{at}: unknown role {role!r} (use system, user or assistant)")
-            content = message.get("content")
-            parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
-            if not isinstance(parts, list) or not parts:
-                problems.append(f"{at}: content must be a string or a non-empty list of parts")
-                continue
-            for part in parts:
-                kind = part.get("type") if isinstance(part, dict) else None
-                if kind == "text":
-                    if not isinstance(part.get("text"), str) or not part["text"].strip():
-                        problems.append(f"{at}: empty text")
-                elif kind in ("image", "image_url"):
-                    if role != "user":
-                        problems.append(f"{at}: images are only allowed in user turns")
-                    ref = _image_ref(part)
-                    if not isinstance(ref, str) or not ref:
-                        problems.append(f"{at}: image part without a path or URL")
-                    elif check_images and not ref.startswith(("http://", "https://")):
-                        problems.extend(f"{at}: {p}" for p in _check_image(resolve_image(ref, base_dir), max_pixels))
-                else:
-                    problems.append(f"{at}: unknown content part type {kind!r}")
-    return problems
-
-
-def _check_image(path: str, max_pixels: int | None) -> list[str]:
+def image_size(ref: Any) -> tuple[int, int] | None:
+    """(width, height) from the header alone; None for a URL (not fetched to count) or what does not open."""
     try:
-        with Image.open(path) as im:
-            w, h = im.size
-            im.verify()
+        if isinstance(ref, Image.Image):
+            return ref.size
+        if isinstance(ref, bytes | bytearray):
+            with Image.open(io.BytesIO(ref)) as im:
+                return im.size
+        if isinstance(ref, str) and ref.startswith("data:"):
+            with Image.open(io.BytesIO(decode_data_uri(ref, MEDIA_LIMITS))) as im:
+                return im.size
+        if isinstance(ref, str) and not ref.startswith(("http://", "https://")):
+            with Image.open(ref) as im:
+                return im.size
+    except (OSError, MediaError, ValueError):
+        pass
+    return None
+
+
+def _check_image(ref: Any, max_pixels: int | None) -> list[str]:
+    name = f"image '{ref}'" if isinstance(ref, str) and not ref.startswith("data:") else "image"
+    if isinstance(ref, str) and ref.startswith(("http://", "https://")):
+        return []  # fetched (under the address policy) when its batch is built
+    try:
+        if isinstance(ref, Image.Image):
+            w, h = ref.size
+        else:
+            data = ref if isinstance(ref, bytes | bytearray) else \
+                decode_data_uri(ref, MEDIA_LIMITS) if ref.startswith("data:") else None
+            with Image.open(io.BytesIO(data) if data is not None else ref) as im:
+                w, h = im.size
+                im.verify()
     except FileNotFoundError:
-        return [f"image '{path}' is missing"]
+        return [f"{name} is missing"]
+    except MediaError as exc:
+        return [f"{name}: {exc.message}"]
     except Exception as exc:
-        return [f"image '{path}' is unreadable ({type(exc).__name__})"]
+        return [f"{name} is unreadable ({type(exc).__name__})"]
     if max_pixels and w * h > max_pixels * 64:
         # The processor resizes down to max_pixels; far larger files only waste I/O and memory.
-        return [f"image '{path}' is {w}x{h}, over the pixel limit ({max_pixels * 64} = 64 x max_pixels)"]
+        return [f"{name} is {w}x{h}, over the pixel limit ({max_pixels * 64} = 64 x max_pixels)"]
     return []
 
 
-def load_dataset_file(path: str | Path, max_pixels: int | None = None) -> list[dict]:
-    """Read, validate (refusing with every problem listed) and normalise a dataset file."""
-    path = Path(path)
-    records = read_records(path)
-    problems = validate_records(records, path.parent, max_pixels)
-    if problems:
-        raise DataError(path, problems)
-    return [normalise(r, path.parent) for r in records]
+def check_chat(chat: dict, max_pixels: int | None = None, check_images: bool = True) -> list[str]:
+    """Every problem of one chat record (as `trainer.sources.to_chat` makes them), each 'message N: ...'."""
+    problems: list[str] = []
+    messages = chat.get("messages") or []
+    if not messages:
+        return ["needs a non-empty 'messages' list"]
+    if not any(m.get("role") == "assistant" for m in messages):
+        problems.append("has no assistant turn (nothing to learn)")
+    for i, message in enumerate(messages, 1):
+        at = f"message {i}"
+        role = message.get("role")
+        if role not in ROLES:
+            problems.append(f"{at}: unknown role {role!r} (use system, user or assistant)")
+        if not message["content"]:
+            problems.append(f"{at}: content must be a string or a non-empty list of parts")
+        for part in message["content"]:
+            kind = part["type"]
+            if kind == "text":
+                if not isinstance(part.get("text"), str) or not part["text"].strip():
+                    problems.append(f"{at}: empty text")
+                continue
+            if role != "user":
+                problems.append(f"{at}: {kind}s are only allowed in user turns")
+            ref = part.get(kind)
+            if ref is None or ref == "":
+                problems.append(f"{at}: {kind} part without a path, URL or bytes")
+            elif kind == "image" and check_images:
+                problems.extend(f"{at}: {p}" for p in _check_image(ref, max_pixels))
+            elif kind == "video" and isinstance(ref, str) and not ref.startswith(("http", "data:")) \
+                    and not Path(ref).is_file():
+                problems.append(f"{at}: video '{ref}' is missing")
+    return problems
 
 
-def normalise(record: dict, base_dir: Path) -> dict:
-    """Messages with list content everywhere and image parts as {"type": "image", "image": resolved}."""
-    messages = []
-    for message in record["messages"]:
-        content = message["content"]
-        parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
-        out = []
-        for part in parts:
-            if part["type"] == "text":
-                out.append({"type": "text", "text": part["text"]})
-            else:
-                out.append({"type": "image", "image": resolve_image(_image_ref(part), base_dir)})
-        messages.append({"role": message["role"], "content": out})
-    return {"messages": messages}
+def validate_records(records: list, base_dir: Path, max_pixels: int | None = None, check_images: bool = True,
+                     fmt: str = "auto") -> list[str]:
+    """Every problem of every in-memory record, each as 'record N: ...' (N counts from 1)."""
+    if not isinstance(records, list) or not records:
+        return ["the dataset has no records"]
+    problems: list[str] = []
+    for n, record in enumerate(records, 1):
+        problems += [f"record {n}: {p}" for p in _record_problems(record, fmt, base_dir, max_pixels, check_images)[1]]
+    return problems
 
 
-def convert_simple(records: list[dict]) -> list[dict]:
-    """`{"image_path", "question", "answer"}` -> the chat format."""
-    out, problems = [], []
-    for n, r in enumerate(records, 1):
-        missing = [k for k in ("image_path", "question", "answer") if not r.get(k)]
-        if missing:
-            problems.append(f"record {n}: missing {', '.join(missing)}")
-            continue
-        out.append({"messages": [
-            {"role": "user", "content": [{"type": "image", "image": r["image_path"]},
-                                         {"type": "text", "text": r["question"]}]},
-            {"role": "assistant", "content": r["answer"]},
-        ]})
-    if problems:
-        raise DataError("input", problems)
-    return out
+def _record_problems(record: Any, fmt: str, base_dir: Path, max_pixels: int | None,
+                     check_images: bool) -> tuple[dict | None, list[str]]:
+    if not isinstance(record, dict):
+        return None, ["must be a JSON object"]
+    try:
+        chat, problems = to_chat(record, fmt, base_dir)
+    except ValueError as exc:
+        return None, [str(exc)]
+    problems += check_chat(chat, max_pixels, check_images) if chat["messages"] or not problems else []
+    return chat, problems
 
 
-def split(records: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
-    shuffled = records[:]
-    random.Random(seed).shuffle(shuffled)
-    n_val = max(1, int(len(shuffled) * fraction)) if fraction > 0 else 0
-    return shuffled[n_val:], shuffled[:n_val]
+@dataclass
+class Scan:
+    """What a pass over a dataset found: problems with their places, and the figures `validate` prints."""
+
+    origin: str
+    format: str = "auto"
+    records: int = 0
+    problems: list[str] = field(default_factory=list)
+    images: Counter = field(default_factory=Counter)  # images per record -> records
+    videos: Counter = field(default_factory=Counter)
+    lengths: list[int] = field(default_factory=list)  # tokens per record, images counted (with a processor)
+    too_long: list[int] = field(default_factory=list)  # row indices over max_length
+    duplicates: int = 0
+    fingerprint: str = ""  # sha256 over the stored records, in order
+    limited: bool = False  # stopped at `limit`
+
+    def summary(self, max_length: int | None = None) -> str:
+        def dist(counter: Counter) -> str:
+            return ", ".join(f"{k}: {v}" for k, v in sorted(counter.items())) or "none"
+
+        lines = [f"{self.origin}: {self.records} records{' (a sample: --limit)' if self.limited else ''}, "
+                 f"format {self.format}", f"  images per record  {dist(self.images)}",
+                 f"  videos per record  {dist(self.videos)}"]
+        if self.lengths:
+            import statistics
+
+            ordered = sorted(self.lengths)
+            pct = {p: ordered[min(len(ordered) - 1, int(len(ordered) * p / 100))] for p in (50, 90, 99)}
+            lines.append(f"  tokens per record  p50 {pct[50]}  p90 {pct[90]}  p99 {pct[99]}  max {ordered[-1]}  "
+                         f"mean {statistics.fmean(ordered):.0f} (images counted)")
+            if max_length:
+                lines.append(f"  over max_length {max_length}: {len(self.too_long)}")
+        lines.append(f"  duplicate records  {self.duplicates}")
+        lines.append(f"  problems           {len(self.problems)}")
+        return "\n".join(lines)
+
+
+class TokenCounter:
+    """Tokens of a chat as the collator will make them: the rendered text, each image's placeholder expanded."""
+
+    def __init__(self, processor: Any):
+        self.processor = processor
+        self.image_processor = processor.image_processor
+        self.merge = getattr(self.image_processor, "merge_size", 1) or 1
+
+    def __call__(self, chat: dict) -> int:
+        text = self.processor.apply_chat_template(chat["messages"], tokenize=False, add_generation_prompt=False)
+        tokens = len(self.processor.tokenizer(text, add_special_tokens=False)["input_ids"])
+        for message in chat["messages"]:
+            for part in message["content"]:
+                if part["type"] == "image" and (size := image_size(part["image"])) is not None:
+                    tokens += self.image_processor.get_number_of_image_patches(size[1], size[0], {}) // self.merge ** 2 - 1
+        return tokens
+
+
+def _digest(value: Any, h) -> None:
+    """Feed a stored record into a hash (bytes as they are, the rest as sorted JSON)."""
+    if isinstance(value, bytes | bytearray):
+        h.update(bytes(value))
+    elif isinstance(value, dict):
+        for key in sorted(value):
+            h.update(key.encode())
+            _digest(value[key], h)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            _digest(item, h)
+    else:
+        h.update(json.dumps(value, default=str).encode())
+
+
+def scan(rows: Rows, fmt: str = "auto", processor: Any = None, max_length: int | None = None,
+         max_pixels: int | None = None, limit: int | None = None, check_images: bool = True,
+         progress: bool = False) -> Scan:
+    """One pass over the rows: every problem (named by file and record), the figures of `Scan`, and the
+    indices of records over `max_length` (counted with the processor, images included)."""
+    from tqdm.auto import tqdm
+
+    result = Scan(origin=rows.origin, format=fmt)
+    counter = TokenCounter(processor) if processor is not None else None
+    seen: set[bytes] = set()
+    whole = hashlib.sha256()
+    total = None if rows.streaming else len(rows)
+    if limit:
+        total = min(total, limit) if total is not None else limit
+    bar = tqdm(total=total, desc="checking records", unit="rec", disable=not progress or None, leave=False)
+    try:
+        for index, row in enumerate(rows.dataset):
+            if limit and index >= limit:
+                result.limited = True
+                break
+            bar.update()
+            result.records += 1
+            where = rows.where(index)
+            try:
+                record = rows.raw(row)
+            except ValueError as exc:
+                result.problems.append(f"{where}: {exc}")
+                continue
+            if not record:
+                continue  # a blank line
+            h = hashlib.sha256()
+            _digest(record, h)
+            digest = h.digest()
+            whole.update(digest)
+            if digest in seen:
+                result.duplicates += 1
+            seen.add(digest)
+            if result.format == "auto":
+                try:
+                    result.format = detect_format(record)
+                except ValueError as exc:
+                    result.problems.append(f"{where}: {exc}")
+                    continue
+            chat, problems = _record_problems(record, result.format, rows.base_dir, max_pixels, check_images)
+            result.problems += [f"{where}: {p}" for p in problems]
+            if chat is None or problems:
+                continue
+            result.images[sum(p["type"] == "image" for m in chat["messages"] for p in m["content"])] += 1
+            result.videos[sum(p["type"] == "video" for m in chat["messages"] for p in m["content"])] += 1
+            if counter is not None:
+                length = counter(chat)
+                result.lengths.append(length)
+                if max_length and length > max_length:
+                    result.too_long.append(index)
+    finally:
+        bar.close()
+    if result.records == 0:
+        result.problems.append(f"{rows.origin}: the dataset has no records")
+    result.fingerprint = whole.hexdigest()
+    return result
+
+
+class ChatRecords:
+    """A map-style dataset of chats over stored rows, mapped when a record is asked for (lazily, in the
+    dataloader workers); `indices` picks and orders the rows (a split, overlong records dropped)."""
+
+    def __init__(self, rows: Rows, fmt: str, indices: list[int] | None = None):
+        self.rows, self.fmt = rows, fmt
+        self.indices = indices if indices is not None else list(range(len(rows)))
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict:
+        return to_chat(self.rows.raw(self.rows.dataset[self.indices[i]]), self.fmt, self.rows.base_dir)[0]
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+
+def streamed_chats(rows: Rows, fmt: str, seed: int, buffer_size: int = 1000, skip: int = 0, take: int | None = None,
+                   max_length: int | None = None, processor: Any = None, dropped: Counter | None = None):
+    """A `datasets.IterableDataset` of chats for training from a stream: the first `skip` records left out (held
+    out for evaluation), shuffled in a buffer (deterministic from the seed, so that a resumed run sees the same
+    order and skips exactly what it has trained on), overlong records dropped (counted in `dropped`)."""
+    stream = rows.dataset
+    if skip:
+        stream = stream.skip(skip)
+    if take is not None:
+        stream = stream.take(take)
+    base, raw = rows.base_dir, rows.raw
+    columns = list(getattr(stream, "column_names", None) or [])
+    stream = stream.map(lambda row: to_chat(raw(row), fmt, base)[0], remove_columns=columns or None)
+    if max_length and processor is not None:
+        counter = TokenCounter(processor)
+
+        def fits(chat: dict) -> bool:
+            ok = counter(chat) <= max_length
+            if not ok and dropped is not None:
+                dropped["overlong"] += 1
+            return ok
+
+        stream = stream.filter(fits)
+    return stream.shuffle(seed=seed, buffer_size=buffer_size) if buffer_size > 1 else stream
+
+
+def load_dataset_file(spec: str | Path, max_pixels: int | None = None, fmt: str = "auto",
+                      split: str = "train") -> list[dict]:
+    """All records of a (small) dataset as chats, refusing with every problem listed (eval, merge, tests)."""
+    try:
+        rows = open_rows(str(spec), split)
+    except SourceError as exc:
+        raise DataError(spec, [str(exc)]) from None
+    found = scan(rows, fmt, max_pixels=max_pixels)
+    if found.problems:
+        raise DataError(spec, found.problems)
+    return list(ChatRecords(rows, found.format))
 
 
 def message_images(messages: list[dict]) -> list[str]:

@@ -1,7 +1,9 @@
 """Evaluation: greedy generation on validation records for the base and the adapter.
 
-Metrics: exact match after normalisation (case, surrounding punctuation and whitespace), corpus BLEU
-(sacrebleu) and ROUGE-L F1 (rouge-score).
+Metrics: exact match after normalisation (case, surrounding punctuation and whitespace), BLEU and ROUGE-L F1
+(rouge-score). BLEU is sacrebleu's sentence BLEU with effective order, averaged over the samples: corpus BLEU
+is 0.0 for answers of one or two words that match exactly (there are no 3- and 4-grams to count), which is
+what adapters for short answers produce; effective order scores each answer on the n-grams it has.
 
     vlora-train eval --adapter out/colors --data data/colors/val.jsonl
 """
@@ -25,9 +27,11 @@ def scores(predictions: list[str], references: list[str]) -> dict:
     exact = sum(normalise(p) == normalise(r) for p, r in zip(predictions, references, strict=True))
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
     rouge = [scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references, strict=True)]
-    bleu = sacrebleu.corpus_bleu(predictions, [references]).score if predictions else 0.0
+    bleu = [sacrebleu.sentence_bleu(p, [r], use_effective_order=True).score
+            for p, r in zip(predictions, references, strict=True)]
     n = max(len(predictions), 1)
-    return {"n": len(predictions), "exact_match": exact / n, "bleu": bleu, "rouge_l": sum(rouge) / n}
+    return {"n": len(predictions), "exact_match": exact / n, "bleu": sum(bleu) / n, "rouge_l": sum(rouge) / n,
+            "bleu_kind": "sentence BLEU, effective order, mean over samples"}
 
 
 def generate(model, processor, records: list[dict], max_new_tokens: int = 32, batch_size: int = 8) -> list[str]:
@@ -87,5 +91,5 @@ def evaluate_adapter(adapter_dir: str, data: str, base_model: str | None = None,
     config = TrainConfig(**{**saved, "base_model": base_model or saved.get("base_model", ""), "resume": False})
     processor = load_processor(config)
     model = PeftModel.from_pretrained(load_base(config), adapter)
-    records = load_dataset_file(data)[:max_samples]
+    records = load_dataset_file(data)[:max_samples]  # any source and format the trainer reads
     return evaluate_records(model, processor, records, max_new_tokens)

@@ -37,6 +37,32 @@ def resolve_optim(config: TrainConfig) -> str:
     return "adamw_torch_fused" if config.fsdp else "adamw_bnb_8bit" if has_cuda() else "adamw_torch"
 
 
+class ModelNotFound(ValueError):
+    pass
+
+
+def resolve_base_model(name: str) -> None:
+    """The base model exists: a local folder, or a hub id the hub (or its cache) answers; else one line saying
+    where it was looked for (a relative path is relative to the current directory, not to the recipe)."""
+    from pathlib import Path
+
+    from transformers import AutoConfig
+
+    local = Path(name).expanduser()
+    if local.is_dir():
+        if not (local / "config.json").is_file():
+            raise ModelNotFound(f"base model folder {local.resolve()} has no config.json")
+        return
+    try:
+        AutoConfig.from_pretrained(name)
+    except Exception:  # OSError, hub errors, offline mode: the message below says all that helps
+        offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "TRUE") else ""
+        raise ModelNotFound(
+            f"base model '{name}' was found neither locally (resolved: {local.resolve()}) nor on a reachable "
+            f"hub{offline}; give an absolute path, a path relative to the current directory, or a hub id"
+        ) from None
+
+
 def load_processor(config: TrainConfig):
     from transformers import AutoProcessor
 

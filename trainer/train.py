@@ -26,25 +26,83 @@ from trainer.speedups import Speedups
 logger = logging.getLogger("vlora.trainer")
 
 
-class ListDataset:
-    def __init__(self, records: list[dict]):
-        self.records = records
+@dataclass
+class Data:
+    """The records a run trains and validates on, checked, and what the manifest records about them."""
 
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def __getitem__(self, i: int) -> dict:
-        return self.records[i]
+    train: object  # a ChatRecords, or a datasets.IterableDataset of chats (streaming)
+    val: list[dict]
+    info: dict  # source, format, counts, fingerprint, dropped records
 
 
-def load_splits(config: TrainConfig, processor) -> tuple[list[dict], list[dict]]:
-    from trainer.data import load_dataset_file, split
+def _checked(config: TrainConfig, spec: str, split: str, processor, streaming: bool = False):
+    """The rows of one dataset after a full check (every problem listed; overlong records per truncation)."""
+    import sys
 
+    from trainer.data import DataError, scan
+    from trainer.sources import SourceError, open_rows
+
+    try:
+        rows = open_rows(spec, split, streaming)
+    except SourceError as exc:
+        raise DataError(spec, [str(exc)]) from None
     max_pixels = getattr(processor.image_processor, "size", {}).get("longest_edge")
-    records = load_dataset_file(config.train_data, max_pixels)
-    if config.eval_data:
-        return records, load_dataset_file(config.eval_data, max_pixels)
-    return split(records, config.val_fraction, config.seed)
+    found = scan(rows, config.format, processor, config.max_length, max_pixels,
+                 limit=config.validate_limit or None, progress=sys.stderr.isatty())
+    if found.problems:
+        raise DataError(spec, found.problems)
+    if found.too_long and config.truncation == "error":
+        raise DataError(spec, [f"{rows.where(i)}: {found.lengths[n]} tokens, over max_length {config.max_length} "
+                               "(truncation: drop leaves such records out; nothing is ever cut)"
+                               for n, i in enumerate(found.too_long)][:50])
+    print(f"data: {spec} ({split}): {found.records} records, format {found.format}"
+          + (" (detected)" if config.format == "auto" else "")
+          + (f", {len(found.too_long)} over max_length dropped" if found.too_long else ""))
+    return rows, found
+
+
+def load_data(config: TrainConfig, processor) -> Data:
+    """Open and check the training (and validation) data before anything is written."""
+    import random
+    from collections import Counter
+
+    from trainer.data import ChatRecords, streamed_chats
+
+    rows, found = _checked(config, config.train_data, config.train_split, processor, config.streaming)
+    info = {"source": config.train_data, "split": config.train_split, "format": found.format,
+            "records": found.records, "fingerprint": found.fingerprint, "checked": not found.limited,
+            "dropped_overlong": len(found.too_long), "streaming": config.streaming,
+            "files": [p.name for p in rows.files][:100]}
+    val: list[dict] = []
+    held_out = 0
+    if config.eval_data or config.eval_split:
+        eval_rows, eval_found = _checked(config, config.eval_data or config.train_data,
+                                         config.eval_split or config.train_split, processor)
+        val = list(ChatRecords(eval_rows, eval_found.format,
+                               [i for i in range(len(eval_rows)) if i not in set(eval_found.too_long)]))
+        info["eval"] = {"source": config.eval_data or config.train_data, "records": len(val),
+                        "fingerprint": eval_found.fingerprint}
+    elif config.streaming:
+        # A stream cannot be split at random: its first records are held out (and skipped by training).
+        held_out = min(config.eval_max_samples, max(1, int(found.records * config.val_fraction))) \
+            if config.val_fraction > 0 else 0
+        val = list(streamed_chats(rows, found.format, config.seed, 1, take=held_out)) if held_out else []
+    if config.streaming:
+        dropped = Counter()
+        train = streamed_chats(rows, found.format, config.seed, config.shuffle_buffer, skip=held_out,
+                               max_length=config.max_length if config.truncation == "drop" else None,
+                               processor=processor, dropped=dropped)
+        info["held_out"] = held_out
+        return Data(train, val, info)
+    keep = [i for i in range(len(rows)) if i not in set(found.too_long)]
+    if not val and config.val_fraction > 0:
+        random.Random(config.seed).shuffle(keep)
+        n_val = max(1, int(len(keep) * config.val_fraction))
+        val = list(ChatRecords(rows, found.format, sorted(keep[:n_val])))
+        keep = sorted(keep[n_val:])
+    info["train_records"] = len(keep)
+    info["val_records"] = len(val)
+    return Data(ChatRecords(rows, found.format, keep), val, info)
 
 
 def newest_checkpoint(work: Path) -> Path | None:
@@ -111,7 +169,10 @@ def training_arguments(config: TrainConfig, work: Path, has_eval: bool, model=No
         data_seed=config.seed,
         bf16=bf16,
         remove_unused_columns=False,
-        report_to=[],
+        report_to=config.trackers,
+        run_name=config.run_name or Path(config.output_dir).name,
+        logging_dir=str(work / "runs"),  # moved into the finished adapter directory
+        include_num_input_tokens_seen="non_padding",  # train_tokens_per_second counts real tokens only
         dataloader_num_workers=config.num_workers,
         gradient_checkpointing=False,  # applied by wrap_lora with use_reentrant=False
         save_only_model=False,
@@ -125,8 +186,7 @@ class Prepared:
     """Everything a run trains with, built in dependency order before the Trainer exists."""
 
     processor: object
-    train_records: list[dict]
-    val_records: list[dict]
+    data: Data
     model: object  # the peft model
     groups: dict[str, list[str]]
     speedups: Speedups
@@ -143,20 +203,65 @@ def prepare_model(config: TrainConfig) -> tuple[object, dict[str, list[str]], Sp
     return model, groups, apply_speedups(model, config)
 
 
-def prepare(config: TrainConfig) -> Prepared:
+def check_inputs(config: TrainConfig) -> tuple[object, Data]:
+    """The processor and the checked data: everything that can refuse a run, before anything is written."""
     from transformers import set_seed
 
     from trainer.model import load_processor
 
     set_seed(config.seed)
     processor = load_processor(config)
-    train_records, val_records = load_splits(config, processor)
-    print(f"data: {len(train_records)} training and {len(val_records)} validation records")
+    data = load_data(config, processor)
+    size = "streamed" if config.streaming else f"{len(data.train)} training"
+    print(f"data: {size} and {len(data.val)} validation records")
+    return processor, data
+
+
+def prepare(config: TrainConfig, processor=None, data: Data | None = None) -> Prepared:
+    if processor is None or data is None:
+        processor, data = check_inputs(config)
     model, groups, speedups = prepare_model(config)
-    return Prepared(processor, train_records, val_records, model, groups, speedups)
+    return Prepared(processor, data, model, groups, speedups)
 
 
-def fit(config: TrainConfig, run: Prepared, work: Path, resume_from: Path | None):
+class TrackRun:
+    """Names the run in the trackers and remembers the MLflow run, so that the manifest joins it at the end."""
+
+    def __init__(self):
+        self.mlflow_run_id: str | None = None
+
+    def callback(self):
+        from transformers import TrainerCallback
+
+        track = self
+
+        class _Callback(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kwargs):
+                if "mlflow" in (args.report_to or []) and state.is_world_process_zero:
+                    import mlflow
+
+                    run = mlflow.active_run()
+                    track.mlflow_run_id = run.info.run_id if run else None
+
+        return _Callback()
+
+    def attach(self, config: TrainConfig, files: list[Path], logging_dir: Path) -> None:
+        """The run's config and manifest, where the trackers keep files."""
+        if "mlflow" in config.trackers and self.mlflow_run_id:
+            from mlflow.tracking import MlflowClient
+
+            client = MlflowClient()
+            for f in files:
+                client.log_artifact(self.mlflow_run_id, str(f))
+        if "tensorboard" in config.trackers:
+            from torch.utils.tensorboard import SummaryWriter
+
+            with SummaryWriter(str(logging_dir)) as writer:
+                for f in files:
+                    writer.add_text(f.name, "```\n" + f.read_text()[:100_000] + "\n```")
+
+
+def fit(config: TrainConfig, run: Prepared, work: Path, resume_from: Path | None, track: TrackRun | None = None):
     """Train with the HF Trainer; returns (trainer, seconds)."""
     import torch
     from transformers import EarlyStoppingCallback, Trainer
@@ -164,17 +269,18 @@ def fit(config: TrainConfig, run: Prepared, work: Path, resume_from: Path | None
     from trainer.data import Augment, ChatCollator
     from trainer.speedups import gc_callback, training_speedups
 
-    collator = ChatCollator(run.processor, config.max_length, Augment(enabled=config.augment, seed=config.seed),
+    track = track or TrackRun()
+
+    collator = ChatCollator(run.processor, None, Augment(enabled=config.augment, seed=config.seed),
                             pad_to_multiple_of=config.pad_to_multiple_of)
-    callbacks = [c for c in (gc_callback(config),) if c is not None]
-    if config.early_stopping_patience and run.val_records:
+    callbacks = [c for c in (gc_callback(config), track.callback()) if c is not None]
+    if config.early_stopping_patience and run.data.val:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=config.early_stopping_patience))
-    args = training_arguments(config, work, bool(run.val_records), run.model)
+    args = training_arguments(config, work, bool(run.data.val), run.model)
     # DDP: only tower/connector adapters can go unused (text-only batches); otherwise skip the extra graph walk.
     args.ddp_find_unused_parameters = bool(run.groups["vision"] or run.groups["merger"])
     trainer = Trainer(
-        model=run.model, args=args, train_dataset=ListDataset(run.train_records),
-        eval_dataset=ListDataset(run.val_records) if run.val_records else None,
+        model=run.model, args=args, train_dataset=run.data.train, eval_dataset=run.data.val or None,
         data_collator=collator, callbacks=callbacks,
     )
     if resume_from:
@@ -196,7 +302,7 @@ def fit(config: TrainConfig, run: Prepared, work: Path, resume_from: Path | None
 
 
 def finalize(config: TrainConfig, run: Prepared, trainer, work: Path, out: Path, train_seconds: float,
-             main_process: bool) -> None:
+             main_process: bool, track: TrackRun | None = None) -> None:
     """Save the adapter, reports, eval and manifest into `work/final`, then rename it to `out`."""
     from trainer.evaluate import evaluate_records
     from trainer.manifest import write_manifest
@@ -216,7 +322,9 @@ def finalize(config: TrainConfig, run: Prepared, trainer, work: Path, out: Path,
     (final / "log_history.json").write_text(json.dumps(history, indent=2))
     plot_loss(history, final / "loss_curve.png")
 
-    val = run.val_records
+    if (work / "runs").is_dir():  # the trackers' local logs (TensorBoard event files) stay with the adapter
+        shutil.move(str(work / "runs"), str(final / "runs"))
+    val = run.data.val
     if config.fsdp and val:  # generating needs the whole model in one process
         print(f"fsdp: no generation eval after training; run `vlora-train eval --adapter {out}` on a machine "
               "that holds the model")
@@ -227,7 +335,8 @@ def finalize(config: TrainConfig, run: Prepared, trainer, work: Path, out: Path,
         eval_result["train_seconds"] = round(train_seconds, 1)
         (final / "eval.json").write_text(json.dumps(
             {k: v for k, v in eval_result.items() if k != "records"}, indent=2))
-    write_manifest(final, config, run.groups, run.processor, eval_result)
+    write_manifest(final, config, run.groups, run.processor, eval_result, run.data.info)
+    (track or TrackRun()).attach(config, [final / "manifest.json", final / "train_config.json"], final / "runs")
     final.chmod(0o755)
     os.replace(final, out)
     shutil.rmtree(work, ignore_errors=True)
@@ -238,7 +347,10 @@ def finalize(config: TrainConfig, run: Prepared, trainer, work: Path, out: Path,
 
 
 def train(config: TrainConfig) -> Path:
-    """Train an adapter; returns the finished output directory."""
+    """Train an adapter; returns the finished output directory. The base model and the data are checked
+    before anything is written: a refused run leaves nothing behind."""
+    from trainer.model import resolve_base_model
+
     out = Path(config.output_dir)
     if not config.output_dir or not config.train_data:
         raise ValueError("train_data and output_dir are required")
@@ -250,11 +362,23 @@ def train(config: TrainConfig) -> Path:
     main_process = int(os.environ.get("RANK", "0")) == 0
     if work.exists() and main_process and not config.resume:
         raise FileExistsError(f"an interrupted run is in '{work}'; pass --resume to continue it or delete it")
+    resolve_base_model(config.base_model)
+    _tracker_env(config)
+    processor, data = check_inputs(config)
     resume_from = newest_checkpoint(work) if config.resume and work.exists() else None
     if main_process:
         work.mkdir(parents=True, exist_ok=True)
         (work / "train_config.json").write_text(json.dumps(config.to_dict(), indent=2))
-    run = prepare(config)
-    trainer, seconds = fit(config, run, work, resume_from)
-    finalize(config, run, trainer, work, out, seconds, main_process)
+    run = prepare(config, processor, data)
+    track = TrackRun()
+    trainer, seconds = fit(config, run, work, resume_from, track)
+    finalize(config, run, trainer, work, out, seconds, main_process, track)
     return out
+
+
+def _tracker_env(config: TrainConfig) -> None:
+    """Tags as the Trainer's integrations read them (MLflow: MLFLOW_TAGS as JSON; W&B: WANDB_TAGS)."""
+    tags = [t.strip() for t in (config.run_tags or "").split(",") if t.strip()]
+    if tags:
+        os.environ.setdefault("MLFLOW_TAGS", json.dumps({t: "true" for t in tags}))
+        os.environ.setdefault("WANDB_TAGS", ",".join(tags))

@@ -7,15 +7,8 @@ import json
 import pytest
 
 from tests.images import shape_image
-from trainer.data import (
-    IGNORE_INDEX,
-    ChatCollator,
-    DataError,
-    convert_simple,
-    load_dataset_file,
-    read_records,
-    validate_records,
-)
+from trainer.data import IGNORE_INDEX, ChatCollator, DataError, load_dataset_file, scan, validate_records
+from trainer.sources import open_rows
 
 
 @pytest.fixture()
@@ -59,25 +52,25 @@ def test_load_refuses_invalid_file_with_the_report(image_dir):
     path.write_text(json.dumps({"messages": [user("q", "missing.png"), {"role": "assistant", "content": "a"}]}) + "\n")
     with pytest.raises(DataError) as exc:
         load_dataset_file(path)
-    assert "record 1" in str(exc.value) and "missing" in str(exc.value)
+    assert "line 1" in str(exc.value) and "missing" in str(exc.value)
 
 
-def test_json_array_and_jsonl_and_bad_lines(tmp_path):
-    (tmp_path / "a.json").write_text(json.dumps([{"messages": []}]))
-    assert read_records(tmp_path / "a.json") == [{"messages": []}]
-    (tmp_path / "b.jsonl").write_text('{"messages": []}\n{oops\n')
-    with pytest.raises(DataError, match="line 2"):
-        read_records(tmp_path / "b.jsonl")
+def test_json_array_and_jsonl_and_every_problem_beside_a_bad_line(image_dir):
+    record = {"messages": [user("q", "red.png"), {"role": "assistant", "content": "a"}]}
+    (image_dir / "a.json").write_text(json.dumps([record, record]))
+    assert [len(r["messages"]) for r in load_dataset_file(image_dir / "a.json")] == [2, 2]
+    lines = [json.dumps(record), "{oops", json.dumps({"messages": [user("q", "missing.png"),
+                                                                    {"role": "assistant", "content": "a"}]}),
+             json.dumps({"messages": [{"role": "robot", "content": "x"}, {"role": "assistant", "content": "a"}]}),
+             json.dumps({"messages": [user("only a question", "red.png")]})]
+    (image_dir / "b.jsonl").write_text("\n".join(lines) + "\n")
+    found = scan(open_rows(str(image_dir / "b.jsonl")))
+    assert found.records == 5
+    for line, needle in [(2, "not valid JSON"), (3, "missing"), (4, "unknown role"), (5, "no assistant turn")]:
+        assert any(p.startswith(f"line {line}:") and needle in p for p in found.problems), (line, found.problems)
+    assert not any(p.startswith("line 1:") for p in found.problems)
     with pytest.raises(DataError, match="does not exist"):
-        read_records(tmp_path / "none.jsonl")
-
-
-def test_convert_simple():
-    out = convert_simple([{"image_path": "a.png", "question": "q?", "answer": "a"}])
-    assert out[0]["messages"][0]["content"][0] == {"type": "image", "image": "a.png"}
-    assert out[0]["messages"][1] == {"role": "assistant", "content": "a"}
-    with pytest.raises(DataError, match="record 1: missing answer"):
-        convert_simple([{"image_path": "a.png", "question": "q?"}])
+        load_dataset_file(image_dir / "none.jsonl")
 
 
 @pytest.mark.parametrize("side", ["right", "left"])

@@ -62,7 +62,8 @@ def test_dockerfile_runs_non_root_with_healthcheck():
     assert stages[-1].split()[2] == "gpu"  # the default target
 
 
-TRAINING_PACKAGES = {"peft", "accelerate", "bitsandbytes", "matplotlib", "sacrebleu", "rouge-score", "liger-kernel"}
+TRAINING_PACKAGES = {"peft", "accelerate", "bitsandbytes", "matplotlib", "sacrebleu", "rouge-score", "liger-kernel",
+                     "datasets", "tensorboard", "mlflow-skinny"}
 
 
 def _names(requirements: list[str]) -> set[str]:
@@ -78,7 +79,7 @@ def test_the_serving_side_installs_no_training_package():
     extras = project["optional-dependencies"]
     serving = _names(project["dependencies"] + extras["serve"] + extras["cpu"] + extras["gpu"])
     assert not serving & TRAINING_PACKAGES
-    assert TRAINING_PACKAGES <= _names(extras["train"] + extras["train-gpu"])
+    assert TRAINING_PACKAGES <= _names(extras["train"] + extras["train-gpu"] + extras["tracking"])
     stages = {s.split()[2]: s for s in ("\n" + (ROOT / "Dockerfile").read_text()).split("\nFROM ")[1:]}
     for build in ("cpu-build", "gpu-build"):  # what the cpu and gpu serving images copy their venv from
         assert "COPY trainer" not in stages[build] and "train" not in stages[build].split("pip install", 1)[1]
