@@ -171,8 +171,10 @@ def training_arguments(config: TrainConfig, work: Path, has_eval: bool, model=No
         remove_unused_columns=False,
         report_to=config.trackers,
         run_name=config.run_name or Path(config.output_dir).name,
-        logging_dir=str(work / "runs"),  # moved into the finished adapter directory
         include_num_input_tokens_seen="non_padding",  # train_tokens_per_second counts real tokens only
+        # A stream is read by every process itself: accelerate's dispatcher would slice each batch tensor to the
+        # batch size along dim 0, which for pixel_values (patches x features) cuts the images.
+        accelerator_config={"dispatch_batches": False} if config.streaming else None,
         dataloader_num_workers=config.num_workers,
         gradient_checkpointing=False,  # applied by wrap_lora with use_reentrant=False
         save_only_model=False,
@@ -256,7 +258,8 @@ class TrackRun:
         if "tensorboard" in config.trackers:
             from torch.utils.tensorboard import SummaryWriter
 
-            with SummaryWriter(str(logging_dir)) as writer:
+            runs = sorted((p for p in logging_dir.glob("*") if p.is_dir()), key=lambda p: p.stat().st_mtime)
+            with SummaryWriter(str(runs[-1] if runs else logging_dir)) as writer:  # beside the run's scalars
                 for f in files:
                     writer.add_text(f.name, "```\n" + f.read_text()[:100_000] + "\n```")
 
@@ -377,7 +380,10 @@ def train(config: TrainConfig) -> Path:
 
 
 def _tracker_env(config: TrainConfig) -> None:
-    """Tags as the Trainer's integrations read them (MLflow: MLFLOW_TAGS as JSON; W&B: WANDB_TAGS)."""
+    """The experiment and tags as the Trainer's integrations read them (MLFLOW_EXPERIMENT_NAME, MLFLOW_TAGS as
+    JSON, WANDB_TAGS); what the user set already wins."""
+    if "mlflow" in config.trackers:
+        os.environ.setdefault("MLFLOW_EXPERIMENT_NAME", "vlora")  # created when absent (a fresh store has none)
     tags = [t.strip() for t in (config.run_tags or "").split(",") if t.strip()]
     if tags:
         os.environ.setdefault("MLFLOW_TAGS", json.dumps({t: "true" for t in tags}))

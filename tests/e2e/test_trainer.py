@@ -67,7 +67,7 @@ def test_invalid_data_is_refused_with_the_report_and_no_output(demo_assets, tmp_
     proc = run_train("--base-model", str(demo_assets["model"]), "--train-data", str(data),
                      "--output-dir", str(tmp_path / "out"), check=False)
     assert proc.returncode != 0
-    assert "record 1" in proc.stderr and "missing" in proc.stderr and "no assistant turn" in proc.stderr
+    assert "line 1" in proc.stderr and "missing" in proc.stderr and "no assistant turn" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "out").exists()
 
