@@ -135,13 +135,14 @@ def _eval(args) -> None:
 
     from trainer.evaluate import evaluate_adapter
 
-    result = evaluate_adapter(args.adapter, args.data, args.base, args.max_samples, args.max_new_tokens)
+    result = evaluate_adapter(args.adapter, args.data, args.base, args.max_samples, args.max_new_tokens, args.backend)
     result.pop("records", None)
     text = json.dumps(result, indent=2)
     (Path(args.out) if args.out else Path(args.adapter) / "eval.json").write_text(text)
     for who in ("adapter", "base"):
         r = result[who]
-        print(f"{who:8s} exact match {r['exact_match']:.1%}  BLEU {r['bleu']:.1f}  ROUGE-L {r['rouge_l']:.3f}  (n={r['n']})")
+        print(f"{who:8s} exact match {r['exact_match']:.1%}  BLEU {r['bleu']:.1f}  ROUGE-L {r['rouge_l']:.3f}  (n={r['n']}, "
+              f"{result['backend']})")
 
 
 def _merge(args) -> None:
@@ -192,6 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", help="base model (default: the one the adapter was trained on)")
     p.add_argument("--max-samples", type=int, default=200)
     p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--backend", default="auto", choices=["auto", "vllm", "transformers"],
+                   help="generation through vLLM's offline engine (auto: when installed) or transformers")
     p.add_argument("--out", help="where to write eval.json (default: in the adapter directory)")
     p.set_defaults(func=_eval)
 

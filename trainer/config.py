@@ -115,10 +115,14 @@ class TrainConfig:
     pad_to_multiple_of: int | None = _f(None, "Pad each batch to a multiple of this many tokens (few distinct batch "
                                         "shapes, e.g. for cuda_graphs).")
     augment: bool = _f(False, "Random resized crop + colour jitter (no flips).")
+    video_fps: float = _f(2.0, "Video parts: frames sampled per second by the model's video processor.")
+    video_max_frames: int = _f(32, "Video parts: frames sampled from one video at most.")
     num_workers: int = _f(0, "DataLoader worker processes.")
     golden_samples: int = _f(4, "Validation samples stored in the manifest for load-time checks.")
     eval_max_samples: int = _f(200, "Validation samples used by the final generation eval.")
     eval_max_new_tokens: int = _f(32, "Max new tokens in the final generation eval.")
+    eval_backend: str = _f("auto", "Generation for the final eval: 'vllm' (vLLM's offline engine, the serving engine), "
+                           "'transformers', or 'auto' (vllm when installed).")
     # Resume
     resume: bool = _f(False, "Continue from the newest checkpoint of an interrupted run in output_dir.")
 
@@ -162,6 +166,8 @@ class TrainConfig:
             problems.append("gc_every must be >= 0")
         if self.format not in ("auto", "messages", "llava", "sharegpt", "qa"):
             problems.append(f"format must be auto, messages, llava, sharegpt or qa, not {self.format!r}")
+        if self.eval_backend not in ("auto", "vllm", "transformers"):
+            problems.append(f"eval_backend must be auto, vllm or transformers, not {self.eval_backend!r}")
         if self.truncation not in ("error", "drop"):
             problems.append(f"truncation must be 'error' or 'drop', not {self.truncation!r}")
         if self.streaming and self.max_steps <= 0:

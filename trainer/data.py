@@ -58,6 +58,23 @@ def open_image(ref: Any, limits: MediaLimits = MEDIA_LIMITS) -> Image.Image:
         return im.convert("RGB")
 
 
+def open_video(ref: Any, limits: MediaLimits = MEDIA_LIMITS):
+    """(frames, metadata) of a video REF, every frame decoded by transformers' video loader (OpenCV, which
+    vLLM's loader uses too); URLs and data URIs are fetched under the address policy first."""
+    import tempfile
+
+    from transformers.video_utils import load_video
+
+    if isinstance(ref, str) and not ref.startswith(("http://", "https://", "data:")):
+        return load_video(ref, backend="opencv")
+    data = ref if isinstance(ref, bytes | bytearray) else \
+        decode_data_uri(ref, limits, "video") if ref.startswith("data:") else load_bytes_sync(ref, limits, "video")
+    with tempfile.NamedTemporaryFile(suffix=".mp4") as f:
+        f.write(data)
+        f.flush()
+        return load_video(f.name, backend="opencv")
+
+
 def image_size(ref: Any) -> tuple[int, int] | None:
     """(width, height) from the header alone; None for a URL (not fetched to count) or what does not open."""
     try:
@@ -414,8 +431,10 @@ class ChatCollator:
     """Renders chats with the model's template, runs the processor, and masks labels to assistant turns."""
 
     def __init__(self, processor: Any, max_length: int | None = None, augment: Augment | None = None,
-                 padding_side: str = "right", pad_to_multiple_of: int | None = None):
+                 padding_side: str = "right", pad_to_multiple_of: int | None = None, video_fps: float = 2.0,
+                 video_max_frames: int = 32):
         self.processor = processor
+        self.video_fps, self.video_max_frames = video_fps, video_max_frames
         self.pad_to_multiple_of = pad_to_multiple_of
         self.tokenizer = processor.tokenizer
         self.max_length = max_length
@@ -428,14 +447,20 @@ class ChatCollator:
     def __call__(self, records: list[dict]) -> dict:
         import torch
 
-        texts, images = [], []
+        texts, images, videos = [], [], []
         for record in records:
             texts.append(self.processor.apply_chat_template(record["messages"], tokenize=False,
                                                             add_generation_prompt=False))
             images.extend(self.augment(open_image(ref)) for ref in record_images(record))
+            videos.extend(open_video(p["video"]) for m in record["messages"] for p in m["content"]
+                          if p["type"] == "video")
         self.tokenizer.padding_side = self.padding_side
+        video_kwargs = {}
+        if videos:  # the model's video processor samples the frames (at most video_fps a second)
+            video_kwargs = {"videos": [v for v, _ in videos], "video_metadata": [m for _, m in videos],
+                            "do_sample_frames": True, "fps": self.video_fps, "max_frames": self.video_max_frames}
         batch = self.processor(text=texts, images=images or None, return_tensors="pt", padding=True,
-                               pad_to_multiple_of=self.pad_to_multiple_of)
+                               pad_to_multiple_of=self.pad_to_multiple_of, **video_kwargs)
         labels = torch.full_like(batch["input_ids"], IGNORE_INDEX)
         for row, ids in enumerate(batch["input_ids"].tolist()):
             for start, end in assistant_spans(ids, self.header, self.end_id):

@@ -5,7 +5,10 @@ Metrics: exact match after normalisation (case, surrounding punctuation and whit
 is 0.0 for answers of one or two words that match exactly (there are no 3- and 4-grams to count), which is
 what adapters for short answers produce; effective order scores each answer on the n-grams it has.
 
-    vlora-train eval --adapter out/colors --data data/colors/val.jsonl
+    vlora-train eval --adapter out/colors --data data/colors/val.jsonl [--backend auto|vllm|transformers]
+
+Generation runs through vLLM's offline engine where vLLM is installed (`trainer/vllm_eval.py`: the engine the
+service serves with), else through transformers' `generate`; `eval.json` records which (`backend`).
 """
 
 from __future__ import annotations
@@ -60,36 +63,79 @@ def generate(model, processor, records: list[dict], max_new_tokens: int = 32, ba
     return answers
 
 
-def evaluate_records(model, processor, records: list[dict], max_new_tokens: int = 32, batch_size: int = 8) -> dict:
-    """Scores of the adapter and of the base (the same peft model with its adapter disabled)."""
+def resolve_backend(name: str) -> str:
+    """`auto`: vLLM's offline engine when vLLM is installed, else transformers."""
+    import importlib.util
+
+    installed = importlib.util.find_spec("vllm") is not None
+    if name == "auto":
+        return "vllm" if installed else "transformers"
+    if name == "vllm" and not installed:
+        raise ValueError("eval_backend vllm: vLLM is not installed here (the cpu or gpu extra); use transformers")
+    if name not in ("vllm", "transformers"):
+        raise ValueError(f"eval_backend must be auto, vllm or transformers, not {name!r}")
+    return name
+
+
+def _vllm_answers(base_model: str, adapter_dir: str, processor, records: list[dict],
+                  max_new_tokens: int) -> dict[str, list[str]]:
+    from trainer.data import TokenCounter, message_images, open_image, prompt_and_answer
+    from trainer.vllm_eval import generate as vllm_generate
+
+    prompts, longest = [], 0
+    count = TokenCounter(processor)
+    for record in records:
+        messages, _ = prompt_and_answer(record)
+        text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        prompts.append((text, [open_image(ref) for ref in message_images(messages)]))
+        longest = max(longest, count({"messages": messages}) + 8)
+    return vllm_generate(base_model, adapter_dir, processor, prompts, max_new_tokens, longest)
+
+
+def evaluate_records(model, processor, records: list[dict], max_new_tokens: int = 32, batch_size: int = 8,
+                     backend: str = "transformers", base_model: str | None = None,
+                     adapter_dir: str | None = None) -> dict:
+    """Scores of the adapter and of the base: with transformers, the same peft model with its adapter
+    disabled; with vLLM, the saved adapter (`adapter_dir`) as a LoRARequest on `base_model`."""
     from trainer.data import prompt_and_answer
 
     references = [prompt_and_answer(r)[1] for r in records]
-    tuned = generate(model, processor, records, max_new_tokens, batch_size)
-    with model.disable_adapter():
-        base = generate(model, processor, records, max_new_tokens, batch_size)
+    if backend == "vllm":
+        answers = _vllm_answers(base_model, adapter_dir, processor, records, max_new_tokens)
+        tuned, base = answers["adapter"], answers["base"]
+    else:
+        tuned = generate(model, processor, records, max_new_tokens, batch_size)
+        with model.disable_adapter():
+            base = generate(model, processor, records, max_new_tokens, batch_size)
     return {
         "adapter": scores(tuned, references),
         "base": scores(base, references),
+        "backend": backend,
         "samples": [{"reference": r, "adapter": t, "base": b} for r, t, b in zip(references, tuned, base, strict=True)],
         "records": records,
     }
 
 
 def evaluate_adapter(adapter_dir: str, data: str, base_model: str | None = None, max_samples: int = 200,
-                     max_new_tokens: int = 32) -> dict:
+                     max_new_tokens: int = 32, backend: str = "auto") -> dict:
     from pathlib import Path
-
-    from peft import PeftModel
 
     from trainer.config import TrainConfig
     from trainer.data import load_dataset_file
-    from trainer.model import load_base, load_processor
+    from trainer.model import load_processor
 
     adapter = Path(adapter_dir)
     saved = TrainConfig.saved_with(adapter)
     config = TrainConfig(**{**saved, "base_model": base_model or saved.get("base_model", ""), "resume": False})
     processor = load_processor(config)
-    model = PeftModel.from_pretrained(load_base(config), adapter)
     records = load_dataset_file(data)[:max_samples]  # any source and format the trainer reads
+    backend = resolve_backend(backend)
+    if backend == "vllm":  # the engine loads the base and the adapter itself
+        return evaluate_records(None, processor, records, max_new_tokens, backend="vllm",
+                                base_model=config.base_model, adapter_dir=str(adapter))
+    from peft import PeftModel
+
+    from trainer.model import load_base
+
+    model = PeftModel.from_pretrained(load_base(config), adapter)
     return evaluate_records(model, processor, records, max_new_tokens)

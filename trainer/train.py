@@ -275,7 +275,8 @@ def fit(config: TrainConfig, run: Prepared, work: Path, resume_from: Path | None
     track = track or TrackRun()
 
     collator = ChatCollator(run.processor, None, Augment(enabled=config.augment, seed=config.seed),
-                            pad_to_multiple_of=config.pad_to_multiple_of)
+                            pad_to_multiple_of=config.pad_to_multiple_of, video_fps=config.video_fps,
+                            video_max_frames=config.video_max_frames)
     callbacks = [c for c in (gc_callback(config), track.callback()) if c is not None]
     if config.early_stopping_patience and run.data.val:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=config.early_stopping_patience))
@@ -307,7 +308,7 @@ def fit(config: TrainConfig, run: Prepared, work: Path, resume_from: Path | None
 def finalize(config: TrainConfig, run: Prepared, trainer, work: Path, out: Path, train_seconds: float,
              main_process: bool, track: TrackRun | None = None) -> None:
     """Save the adapter, reports, eval and manifest into `work/final`, then rename it to `out`."""
-    from trainer.evaluate import evaluate_records
+    from trainer.evaluate import evaluate_records, resolve_backend
     from trainer.manifest import write_manifest
 
     final = work / "final"
@@ -331,9 +332,14 @@ def finalize(config: TrainConfig, run: Prepared, trainer, work: Path, out: Path,
     if config.fsdp and val:  # generating needs the whole model in one process
         print(f"fsdp: no generation eval after training; run `vlora-train eval --adapter {out}` on a machine "
               "that holds the model")
-    eval_result = evaluate_records(run.model, run.processor, val[: config.eval_max_samples],
-                                   max_new_tokens=config.eval_max_new_tokens, batch_size=8) \
-        if val and not config.fsdp else {}
+    eval_result = {}
+    if val and not config.fsdp:
+        backend = resolve_backend(config.eval_backend)
+        if backend == "vllm":  # the engine needs the memory the trained model holds
+            _release(run, trainer)
+        eval_result = evaluate_records(run.model, run.processor, val[: config.eval_max_samples],
+                                       max_new_tokens=config.eval_max_new_tokens, batch_size=8, backend=backend,
+                                       base_model=config.base_model, adapter_dir=str(final))
     if eval_result:
         eval_result["train_seconds"] = round(train_seconds, 1)
         (final / "eval.json").write_text(json.dumps(
@@ -347,6 +353,19 @@ def finalize(config: TrainConfig, run: Prepared, trainer, work: Path, out: Path,
     print(f"adapter written to {out} in {train_seconds:.0f}s"
           + (f"; exact match {summary.get('exact_match', 0):.1%} (base {eval_result['base']['exact_match']:.1%})"
              if summary else ""))
+
+
+def _release(run: Prepared, trainer) -> None:
+    """Free the accelerator memory of the trained model and its optimizer (the adapter is saved already)."""
+    import gc
+
+    import torch
+
+    trainer.optimizer = trainer.lr_scheduler = None
+    run.model.to("cpu")
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def train(config: TrainConfig) -> Path:
@@ -373,6 +392,8 @@ def train(config: TrainConfig) -> Path:
         work.mkdir(parents=True, exist_ok=True)
         (work / "train_config.json").write_text(json.dumps(config.to_dict(), indent=2))
     run = prepare(config, processor, data)
+    if "tensorboard" in config.trackers:  # one folder per run, kept across --resume (moved into OUT at the end)
+        os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(work / "runs" / (config.run_name or out.name)))
     track = TrackRun()
     trainer, seconds = fit(config, run, work, resume_from, track)
     finalize(config, run, trainer, work, out, seconds, main_process, track)

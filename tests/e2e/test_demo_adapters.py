@@ -84,3 +84,25 @@ def test_demo_adapter_accuracy_targets(trained_demo, task):
     assert result["adapter"]["n"] >= 200
     assert result["adapter"]["exact_match"] >= 0.90, result["adapter"]
     assert result["base"]["exact_match"] <= 0.30, result["base"]
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_eval_through_vllm_agrees_with_transformers(trained_demo, task, tmp_path):
+    import subprocess
+    import sys
+
+    adapter = trained_demo / "adapters" / task
+    trainer_eval = json.loads((adapter / "eval.json").read_text())  # the recipe's: transformers' generate
+    config = json.loads((adapter / "train_config.json").read_text())
+    out = tmp_path / "eval.json"
+    proc = subprocess.run([sys.executable, "-m", "trainer", "eval", "--adapter", str(adapter), "--data",
+                           str(trained_demo / "demo-data" / task / "val.jsonl"), "--backend", "vllm",
+                           "--max-samples", str(trainer_eval["adapter"]["n"]),
+                           "--max-new-tokens", str(config["eval_max_new_tokens"]), "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    through_vllm = json.loads(out.read_text())
+    assert through_vllm["backend"] == "vllm"
+    for who in ("adapter", "base"):  # within one point of exact match
+        assert abs(through_vllm[who]["exact_match"] - trainer_eval[who]["exact_match"]) <= 0.01, (who, through_vllm[who],
+                                                                                                 trainer_eval[who])

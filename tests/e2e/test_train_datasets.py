@@ -93,7 +93,8 @@ def test_streamed_parquet_resumes_after_kill_9_where_it_stopped(data, demo_asset
     after = [s for s in uninterrupted if s > saved]
     assert after and all(abs(resumed[s] - uninterrupted[s]) < 1e-4 for s in after), (resumed, uninterrupted)
     # TensorBoard's own reader finds the scalars and the attached manifest in the adapter's folder.
-    events = EventAccumulator(str(next((out / "runs").glob("*")))).Reload()
+    assert [p.name for p in (out / "runs").iterdir()] == ["streamed"]  # one folder, across the resume
+    events = EventAccumulator(str(out / "runs" / "streamed")).Reload()
     assert {"train/loss", "train/learning_rate", "train/grad_norm", "train/train_tokens_per_second"} <= \
         set(events.Tags()["scalars"])
     assert "manifest.json/text_summary" in events.Tags()["tensors"]

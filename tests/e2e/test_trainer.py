@@ -16,7 +16,8 @@ from trainer.demo_data import make_demo_dataset
 
 SHORT = ["--lora-r", "8", "--lora-alpha", "8", "--learning-rate", "1e-3", "--per-device-batch-size", "8",
          "--grad-accum", "1", "--no-gradient-checkpointing", "--eval-steps", "0", "--logging-steps", "2",
-         "--eval-max-new-tokens", "4", "--eval-max-samples", "24", "--golden-samples", "2"]
+         "--eval-max-new-tokens", "4", "--eval-max-samples", "24", "--golden-samples", "2", "--eval-backend",
+         "transformers"]
 
 
 def run_train(*args: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
@@ -164,6 +165,16 @@ def test_eval_cli_scores_adapter_and_base(trained, colors, tmp_path):
     for who in ("adapter", "base"):
         assert result[who]["n"] == 8 and {"exact_match", "bleu", "rouge_l"} <= set(result[who])
     assert len(result["samples"]) == 8 and "exact match" in proc.stdout
+
+
+def test_final_eval_through_vllms_offline_engine(demo_assets, colors, tmp_path):
+    out = tmp_path / "vllm-eval"
+    run_train("--base-model", str(demo_assets["model"]), "--train-data", str(colors / "train.jsonl"),
+              "--eval-data", str(colors / "val.jsonl"), "--output-dir", str(out), "--max-steps", "4", *SHORT,
+              "--eval-backend", "vllm")
+    result = json.loads((out / "eval.json").read_text())
+    assert result["backend"] == "vllm" and result["adapter"]["n"] == 24 and result["base"]["n"] == 24
+    assert json.loads((out / "manifest.json").read_text())["eval"]["backend"] == "vllm"
 
 
 def test_two_processes_through_torchrun(demo_assets, colors, tmp_path):

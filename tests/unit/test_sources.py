@@ -161,3 +161,24 @@ def test_bad_layouts_and_sources_are_named(folder):
     (folder / "markers.jsonl").write_text(json.dumps(markers) + "\n")
     with pytest.raises(DataError, match="more <image> markers than images"):
         load_dataset_file(folder / "markers.jsonl")
+
+
+def test_video_parts_are_collated_with_frames_sampled_by_the_processor(folder, tiny_processor):
+    from tests.videos import moving_circle_mp4
+
+    (folder / "clip.mp4").write_bytes(moving_circle_mp4(frames=16, fps=8))
+    record = {"messages": [{"role": "user", "content": [{"type": "video", "video": "clip.mp4"},
+                                                        {"type": "text", "text": "Where does it move?"}]},
+                           {"role": "assistant", "content": "right"}]}
+    (folder / "v.jsonl").write_text(json.dumps(record) + "\n")
+    found = scan(open_rows(str(folder / "v.jsonl")), processor=tiny_processor)
+    assert not found.problems and found.videos == {1: 1}
+    records = load_dataset_file(folder / "v.jsonl")
+    slow = ChatCollator(tiny_processor, video_fps=1.0)(records)
+    fast = ChatCollator(tiny_processor, video_fps=4.0)(records)
+    assert "pixel_values_videos" in slow and slow["video_grid_thw"][0, 0] < fast["video_grid_thw"][0, 0]
+    labels = slow["labels"][0][slow["labels"][0] != -100].tolist()
+    assert tiny_processor.tokenizer.decode(labels) == "right<|im_end|>"
+    (folder / "gone.jsonl").write_text(json.dumps({**record, "messages": [
+        {"role": "user", "content": [{"type": "video", "video": "gone.mp4"}]}, record["messages"][1]]}) + "\n")
+    assert any("video" in p and "missing" in p for p in scan(open_rows(str(folder / "gone.jsonl"))).problems)
