@@ -1,6 +1,6 @@
 """Data benchmark: how fast the trainer opens, checks and loads a large parquet dataset with embedded images.
 
-    .venv/bin/python bench/data_bench.py [--records 100000] [--out bench/results/data]
+    .venv/bin/python bench/data_bench.py [--records 100000] [--out bench/results/datasets]
 
 Builds a synthetic parquet set in the hub's VLM layout (`messages` with an image placeholder, an `images`
 column of PNG bytes: 128x128 shapes, each record its own question), then measures on this machine:
@@ -70,7 +70,7 @@ def main() -> None:
     parser.add_argument("--token-records", type=int, default=10_000, help="records scanned with the processor")
     parser.add_argument("--load-records", type=int, default=4_000, help="records loaded as training batches")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "data")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "datasets")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="vlora-data-bench-"))
