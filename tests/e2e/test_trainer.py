@@ -70,7 +70,36 @@ def test_invalid_data_is_refused_with_the_report_and_no_output(demo_assets, tmp_
     assert proc.returncode != 0
     assert "line 1" in proc.stderr and "missing" in proc.stderr and "no assistant turn" in proc.stderr
     assert "Traceback" not in proc.stderr
-    assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()  # nothing left behind
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "q"},
+                                             {"role": "assistant", "content": "a"}]}) + "\n")
+    fixed = run_train("--base-model", str(demo_assets["model"]), "--train-data", str(data), "--max-steps", "1",
+                      "--output-dir", str(tmp_path / "out"), "--val-fraction", "0", *SHORT, check=False)
+    assert fixed.returncode == 0, fixed.stderr[-2000:]  # the fixed data trains: no stale run is in the way
+
+
+def test_a_base_model_found_nowhere_is_one_line(tmp_path, colors):
+    proc = run_train("--base-model", "models/no-such-model", "--train-data", str(colors / "train.jsonl"),
+                     "--output-dir", str(tmp_path / "out"), check=False, cwd=tmp_path)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert "found neither locally" in proc.stderr and str(tmp_path / "models" / "no-such-model") in proc.stderr
+    assert not (tmp_path / "out.partial").exists()
+
+
+def test_overlong_records_are_refused_or_dropped_never_cut(demo_assets, colors, tmp_path):
+    records = [json.loads(line) for line in (colors / "train.jsonl").read_text().splitlines()[:16]]
+    for r in records[:3]:
+        r["messages"][-1]["content"] = "red " * 200  # far over the limit below
+    data = tmp_path / "mixed.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    args = ["--base-model", str(demo_assets["model"]), "--train-data", str(data), "--max-length", "160",
+            "--max-steps", "2", "--val-fraction", "0", *SHORT]
+    refused = run_train(*args, "--output-dir", str(tmp_path / "a"), check=False)
+    assert refused.returncode != 0 and "over max_length 160" in refused.stderr and "line 3" in refused.stderr
+    assert not (tmp_path / "a.partial").exists()
+    run_train(*args, "--truncation", "drop", "--output-dir", str(tmp_path / "b"))
+    dataset = json.loads((tmp_path / "b" / "manifest.json").read_text())["dataset"]
+    assert dataset["dropped_overlong"] == 3 and dataset["train_records"] == 13
 
 
 @pytest.mark.parametrize("args,needle", [
