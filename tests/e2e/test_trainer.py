@@ -90,7 +90,7 @@ def test_overlong_records_are_refused_or_dropped_never_cut(demo_assets, colors, 
     records = [json.loads(line) for line in (colors / "train.jsonl").read_text().splitlines()[:16]]
     for r in records[:3]:
         r["messages"][-1]["content"] = "red " * 200  # far over the limit below
-    data = tmp_path / "mixed.jsonl"
+    data = colors / "mixed.jsonl"  # beside the images its records name
     data.write_text("".join(json.dumps(r) + "\n" for r in records))
     args = ["--base-model", str(demo_assets["model"]), "--train-data", str(data), "--max-length", "160",
             "--max-steps", "2", "--val-fraction", "0", *SHORT]
