@@ -297,79 +297,81 @@ def _with_markers(text: str, media: dict[str, list], base_dir: Path, problems: l
 def to_chat(record: dict, fmt: str, base_dir: Path) -> tuple[dict, list[str]]:
     """The record in the chat format (content lists of text / image / video parts, references resolved), and the
     problems found mapping it (each 'message N: ...'; the caller prefixes the record's place)."""
-    problems: list[str] = []
     if fmt == "auto":
         fmt = detect_format(record)
-    media = {"image": _queue(record, "images", "image"), "video": _queue(record, "videos", "video")}
     if fmt == "qa":
-        missing = [k for k in ("question", "answer") if not record.get(k)]
-        image = record.get("image_path", record.get("image"))
-        if image is None:
-            missing.insert(0, "image_path")
-        if missing:
-            return {"messages": []}, [f"missing {', '.join(missing)}"]
-        user = [{"type": "image", "image": image_ref(image, base_dir)}, {"type": "text", "text": str(record["question"])}]
-        return {"messages": [{"role": "user", "content": user},
-                             {"role": "assistant", "content": [{"type": "text", "text": str(record["answer"])}]}]}, []
-    if fmt in ("llava", "sharegpt"):
-        turns = record.get("conversations")
-        if not isinstance(turns, list) or not turns:
-            return {"messages": []}, ["needs a non-empty 'conversations' list"]
-        messages = []
-        for i, turn in enumerate(turns, 1):
-            at = f"message {i}"
-            if not isinstance(turn, dict):
-                problems.append(f"{at}: must be an object")
-                continue
-            speaker = turn.get("from", turn.get("role"))
-            role = ROLE_ALIASES.get(str(speaker).lower()) if speaker is not None else None
-            if role is None:
-                problems.append(f"{at}: unknown speaker {speaker!r} (use human, gpt or system)")
-                continue
-            text = turn.get("value", turn.get("content"))
-            if not isinstance(text, str):
-                problems.append(f"{at}: 'value' must be a string")
-                continue
-            messages.append({"role": role, "content": _with_markers(text, media, base_dir, problems, at)})
-        first_user = next((m for m in messages if m["role"] == "user"), None)
-        if first_user is not None:  # images without markers open the first human turn
-            lead = [{"type": k, k: image_ref(v, base_dir)} for k in ("image", "video") for v in media[k]]
-            first_user["content"][:0] = lead
-            media = {"image": [], "video": []}
-        return {"messages": messages}, problems + _unplaced(media)
-    messages_in = record.get("messages")
-    if not isinstance(messages_in, list) or not messages_in:
-        return {"messages": []}, ["needs a non-empty 'messages' list"]
+        return _from_qa(record, base_dir)
+    media = {"image": _queue(record, "images", "image"), "video": _queue(record, "videos", "video")}
+    problems: list[str] = []
+    key, turn = ("conversations", _conversation_turn) if fmt in ("llava", "sharegpt") else ("messages", _message_turn)
+    items = record.get(key)
+    if not isinstance(items, list) or not items:
+        return {"messages": []}, [f"needs a non-empty '{key}' list"]
     messages = []
-    for i, message in enumerate(messages_in, 1):
+    for i, item in enumerate(items, 1):
         at = f"message {i}"
-        if not isinstance(message, dict):
+        if not isinstance(item, dict):
             problems.append(f"{at}: must be an object")
-            continue
-        role = message.get("role")
-        content = message.get("content")
-        if isinstance(content, str):
-            parts = _with_markers(content, media, base_dir, problems, at) if _MARKER.search(content) and \
-                (media["image"] or media["video"]) else [{"type": "text", "text": content}]
-        elif isinstance(content, list) and content:
-            parts = []
-            for part in content:
-                kind = part.get("type") if isinstance(part, dict) else None
-                if kind == "text":
-                    parts.append({"type": "text", "text": part.get("text")})
-                elif kind in ("image", "image_url", "video", "video_url"):
-                    kind = "video" if kind.startswith("video") else "image"
-                    ref = _part_ref(part)
-                    if ref is None and media[kind]:
-                        ref = media[kind].pop(0)
-                    parts.append({"type": kind, kind: image_ref(ref, base_dir)})
-                else:
-                    problems.append(f"{at}: unknown content part type {kind!r}")
-        else:
-            problems.append(f"{at}: content must be a string or a non-empty list of parts")
-            continue
-        messages.append({"role": role, "content": parts})
+        elif (message := turn(item, media, base_dir, problems, at)) is not None:
+            messages.append(message)
+    first_user = next((m for m in messages if m["role"] == "user"), None)
+    if key == "conversations" and first_user is not None:  # media without markers open the first human turn
+        first_user["content"][:0] = [{"type": k, k: image_ref(v, base_dir)} for k in ("image", "video")
+                                     for v in media[k]]
+        media = {"image": [], "video": []}
     return {"messages": messages}, problems + _unplaced(media)
+
+
+def _from_qa(record: dict, base_dir: Path) -> tuple[dict, list[str]]:
+    missing = [k for k in ("question", "answer") if not record.get(k)]
+    image = record.get("image_path", record.get("image"))
+    if image is None:
+        missing.insert(0, "image_path")
+    if missing:
+        return {"messages": []}, [f"missing {', '.join(missing)}"]
+    user = [{"type": "image", "image": image_ref(image, base_dir)}, {"type": "text", "text": str(record["question"])}]
+    return {"messages": [{"role": "user", "content": user},
+                         {"role": "assistant", "content": [{"type": "text", "text": str(record["answer"])}]}]}, []
+
+
+def _conversation_turn(turn: dict, media: dict, base_dir: Path, problems: list[str], at: str) -> dict | None:
+    """A LLaVA / ShareGPT turn (`from`, `value` with markers)."""
+    speaker = turn.get("from", turn.get("role"))
+    role = ROLE_ALIASES.get(str(speaker).lower()) if speaker is not None else None
+    if role is None:
+        problems.append(f"{at}: unknown speaker {speaker!r} (use human, gpt or system)")
+        return None
+    text = turn.get("value", turn.get("content"))
+    if not isinstance(text, str):
+        problems.append(f"{at}: 'value' must be a string")
+        return None
+    return {"role": role, "content": _with_markers(text, media, base_dir, problems, at)}
+
+
+def _message_turn(message: dict, media: dict, base_dir: Path, problems: list[str], at: str) -> dict | None:
+    """A chat message: string content (markers placing an images column), or a list of parts."""
+    content = message.get("content")
+    if isinstance(content, str):
+        parts = _with_markers(content, media, base_dir, problems, at) if _MARKER.search(content) and \
+            (media["image"] or media["video"]) else [{"type": "text", "text": content}]
+    elif isinstance(content, list) and content:
+        parts = []
+        for part in content:
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text":
+                parts.append({"type": "text", "text": part.get("text")})
+            elif kind in ("image", "image_url", "video", "video_url"):
+                kind = "video" if kind.startswith("video") else "image"
+                ref = _part_ref(part)
+                if ref is None and media[kind]:  # a placeholder takes the next of the images column
+                    ref = media[kind].pop(0)
+                parts.append({"type": kind, kind: image_ref(ref, base_dir)})
+            else:
+                problems.append(f"{at}: unknown content part type {kind!r}")
+    else:
+        problems.append(f"{at}: content must be a string or a non-empty list of parts")
+        return None
+    return {"role": message.get("role"), "content": parts}
 
 
 def _unplaced(media: dict[str, list]) -> list[str]:

@@ -12,16 +12,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from service.engine.vllm_tools import registered
+
 
 def reasoning_parser_class(name: str):
-    """vLLM's reasoning parser of that name; ValueError naming the known ones otherwise."""
+    """vLLM's reasoning parser of that name."""
     from vllm.reasoning import ReasoningParserManager
 
-    try:
-        return ReasoningParserManager.get_reasoning_parser(name)
-    except KeyError:
-        known = ", ".join(sorted(ReasoningParserManager.list_registered()))
-        raise ValueError(f"unknown reasoning parser '{name}' (vLLM has: {known})") from None
+    return registered(ReasoningParserManager, ReasoningParserManager.get_reasoning_parser, name, "reasoning parser")
 
 
 class VLLMReasoningParser:

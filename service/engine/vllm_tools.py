@@ -10,15 +10,20 @@ from __future__ import annotations
 from service.engine.base import ParsedToolCall, ToolCallDelta
 
 
+def registered(manager, get, name: str, what: str):
+    """The class `name` of a vLLM parser registry (`get` is its lookup); ValueError naming the known ones."""
+    try:
+        return get(name)
+    except KeyError:
+        known = ", ".join(sorted(manager.list_registered()))
+        raise ValueError(f"unknown {what} '{name}' (vLLM has: {known})") from None
+
+
 def parser_class(name: str):
-    """vLLM's tool parser of that name; ValueError naming the known ones otherwise."""
+    """vLLM's tool parser of that name."""
     from vllm.tool_parsers import ToolParserManager
 
-    try:
-        return ToolParserManager.get_tool_parser(name)
-    except KeyError:
-        known = ", ".join(sorted(ToolParserManager.list_registered()))
-        raise ValueError(f"unknown tool-call parser '{name}' (vLLM has: {known})") from None
+    return registered(ToolParserManager, ToolParserManager.get_tool_parser, name, "tool-call parser")
 
 
 class VLLMToolCallParser:

@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
-from tests.e2e.test_trainer import SHORT, run_train
+from tests.e2e.test_trainer import SHORT, kill_after_checkpoint, run_train
 from trainer.demo_data import make_demo_dataset
 
 STEPS = 40  # two passes over the 160 records at batch 8
@@ -75,18 +73,9 @@ def test_streamed_parquet_resumes_after_kill_9_where_it_stopped(data, demo_asset
     run_train(*common, "--output-dir", str(whole))
     # The same run, killed with SIGKILL after its first checkpoint, then resumed.
     out = tmp_path / "killed"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "trainer", "train", *common, "--output-dir", str(out)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    partial = out.with_name("killed.partial")
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and not (partial / "checkpoint-10" / "trainer_state.json").is_file():
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(30)
-    saved = max(int(p.name.split("-")[1]) for p in partial.glob("checkpoint-*") if (p / "trainer_state.json").is_file())
+    saved = kill_after_checkpoint([*common, "--output-dir", str(out)], out.with_name("killed.partial"), 10)[-1]
     assert saved < 20, "killed within the first pass over the stream"
-    done = run_train(*common, "--output-dir", str(out), "--resume", env=env)
+    done = run_train(*common, "--output-dir", str(out), "--resume", env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert "resuming from" in done.stdout
     # Continued from the next unseen record: every loss after the checkpoint is the uninterrupted run's.
     resumed, uninterrupted = _losses(out), _losses(whole)

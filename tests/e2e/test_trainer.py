@@ -28,6 +28,19 @@ def run_train(*args: str, check: bool = True, **kw) -> subprocess.CompletedProce
     return proc
 
 
+def kill_after_checkpoint(args: list[str], partial: Path, step: int) -> list[int]:
+    """Start `vlora-train train ARGS`, SIGKILL it once checkpoint-STEP is complete; the complete checkpoints."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "trainer", "train", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=env)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and not (partial / f"checkpoint-{step}" / "trainer_state.json").is_file():
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
+    return sorted(int(p.name.split("-")[1]) for p in partial.glob("checkpoint-*") if (p / "trainer_state.json").is_file())
+
+
 @pytest.fixture(scope="module")
 def colors(tmp_path_factory):
     return make_demo_dataset("colors", tmp_path_factory.mktemp("data") / "colors", seed=1, n_train=160, n_val=24)
@@ -123,18 +136,10 @@ def test_resume_after_kill_9(demo_assets, colors, tmp_path):
     args = ["--base-model", str(demo_assets["model"]), "--train-data", str(colors / "train.jsonl"),
             "--eval-data", str(colors / "val.jsonl"), "--output-dir", str(out), "--max-steps", "400",
             "--save-steps", "10", "--save-total-limit", "3", *SHORT]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "trainer", "train", *args], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env=env)
     partial = out.with_name("run.partial")
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and not (partial / "checkpoint-20" / "trainer_state.json").is_file():
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(30)
+    saved = kill_after_checkpoint(args, partial, 20)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     assert not out.exists(), "a killed run must not leave a complete-looking output directory"
-    saved = sorted(int(p.name.split("-")[1]) for p in partial.glob("checkpoint-*")
-                   if (p / "trainer_state.json").is_file())
     assert saved and saved[-1] >= 20
     # Without --resume the interrupted run is not silently overwritten.
     refused = run_train(*args, check=False)
