@@ -248,13 +248,23 @@ class TrackRun:
         return _Callback()
 
     def attach(self, config: TrainConfig, files: list[Path], logging_dir: Path) -> None:
-        """The run's config and manifest, where the trackers keep files."""
+        """The run's config and manifest, where the trackers keep files (MLflow artifacts, W&B run files,
+        TensorBoard text beside the run's scalars)."""
         if "mlflow" in config.trackers and self.mlflow_run_id:
             from mlflow.tracking import MlflowClient
 
             client = MlflowClient()
             for f in files:
                 client.log_artifact(self.mlflow_run_id, str(f))
+        if "wandb" in config.trackers:
+            import wandb
+
+            if wandb.run is not None:  # still open after training: the files join it, then it is finished
+                for f in files:  # copied (a link would point into OUT.partial, renamed a moment later)
+                    kept = Path(wandb.run.dir) / f.name
+                    shutil.copyfile(f, kept)
+                    wandb.save(str(kept), base_path=wandb.run.dir, policy="now")
+                wandb.finish()
         if "tensorboard" in config.trackers:
             from torch.utils.tensorboard import SummaryWriter
 

@@ -116,3 +116,18 @@ def test_mlflow_file_store_gets_metrics_tags_config_and_manifest(data, demo_asse
     assert {"loss", "learning_rate", "grad_norm", "train_tokens_per_second"} <= set(run.data.metrics)
     assert run.data.params["per_device_train_batch_size"] == "8"
     assert {"manifest.json", "train_config.json"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+
+
+def test_wandb_offline_run_gets_metrics_tags_and_the_manifest(data, demo_assets, tmp_path):
+    root, _ = data
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true"}
+    out = tmp_path / "wandb-tracked"
+    run_train("--base-model", str(demo_assets["model"]), "--train-data", str(root / "train.parquet"),
+              "--eval-data", str(root / "val.parquet"), "--max-steps", "4", "--output-dir", str(out),
+              "--report-to", "wandb", "--run-tags", "colors,nightly", *SHORT, env=env)
+    run, = (tmp_path / "wandb").glob("offline-run-*")
+    assert json.loads((run / "files" / "manifest.json").read_text()) == json.loads((out / "manifest.json").read_text())
+    # The run's records (W&B's own binary log, which only its sync reads): the metrics and tags are in it.
+    records = next(run.glob("run-*.wandb")).read_bytes()
+    for needle in (b"train/loss", b"train/train_tokens_per_second", b"train/grad_norm", b"nightly", b"wandb-tracked"):
+        assert needle in records, needle

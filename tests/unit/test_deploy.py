@@ -63,7 +63,7 @@ def test_dockerfile_runs_non_root_with_healthcheck():
 
 
 TRAINING_PACKAGES = {"peft", "accelerate", "bitsandbytes", "matplotlib", "sacrebleu", "rouge-score", "liger-kernel",
-                     "datasets", "tensorboard", "mlflow-skinny"}
+                     "datasets", "tensorboard", "mlflow-skinny", "wandb"}
 
 
 def _names(requirements: list[str]) -> set[str]:
