@@ -63,6 +63,7 @@ class Rows:
     files: list[Part] = field(default_factory=list)
     json_lines: bool = False  # rows are {"text": line}: each line one JSON record
     streaming: bool = False
+    revision: str | None = None  # a hub dataset's commit, where the hub says it
 
     def where(self, index: int) -> str:
         """The record's place for messages: file and line/row (1-based), or its number."""
@@ -222,7 +223,9 @@ def _from_layout(spec: str, split: str, streaming: bool) -> Rows:
     paths = [Path(str(f)) for f in files[split]]
     if not all(p.is_file() for p in paths):  # remote files: let datasets read them as one split
         ds = _undecoded(builder.as_streaming_dataset(split=split) if streaming else _prepared(builder, split))
-        return Rows(ds, Path("."), spec, [Part(spec, 0, None if streaming else len(ds))], streaming=streaming)
+        pinned = re.search(r"@([0-9a-f]{40})/", str(files[split][0]))  # hf://datasets/ORG/NAME@COMMIT/...
+        return Rows(ds, Path("."), spec, [Part(spec, 0, None if streaming else len(ds))], streaming=streaming,
+                    revision=pinned.group(1) if pinned else None)
     rows = _load_files(paths, spec, streaming)
     rows.base_dir = Path(spec) if Path(spec).is_dir() else rows.base_dir
     return rows

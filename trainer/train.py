@@ -72,7 +72,7 @@ def load_data(config: TrainConfig, processor) -> Data:
     info = {"source": config.train_data, "split": config.train_split, "format": found.format,
             "records": found.records, "fingerprint": found.fingerprint, "checked": not found.limited,
             "dropped_overlong": len(found.too_long), "streaming": config.streaming,
-            "files": [p.name for p in rows.files][:100]}
+            "files": [p.name for p in rows.files][:100], "revision": rows.revision}
     val: list[dict] = []
     held_out = 0
     if config.eval_data or config.eval_split:
