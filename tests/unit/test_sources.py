@@ -87,6 +87,8 @@ def test_arrow_file_save_to_disk_folder_and_hub_layout_folder_with_splits(folder
     hub_table(2).to_parquet(str(hub / "validation-00000-of-00001.parquet"))
     rows = open_rows(str(folder / "hub"))
     assert len(rows) == 6 and len(open_rows(str(folder / "hub"), "validation")) == 2
+    assert len(open_rows(str(hub / "train-*.parquet"))) == 6  # a glob, and a list of files
+    assert len(open_rows(f"{hub / 'train-00000-of-00002.parquet'},{hub / 'validation-00000-of-00001.parquet'}")) == 5
     assert rows.where(4).endswith("train-00001-of-00002.parquet, record 2")  # shard and record named
     with pytest.raises(SourceError, match="no split 'test'"):
         open_rows(str(folder / "hub"), "test")
