@@ -45,6 +45,9 @@ class TrainConfig:
     streaming: bool = _f(False, "Train from a stream (datasets' IterableDataset) for data larger than memory; needs "
                          "max_steps; --resume continues from the next unseen record.")
     shuffle_buffer: int = _f(1000, "Streaming: records in the shuffle buffer (deterministic from seed).")
+    packing: bool = _f(False, "Pack several whole samples into each row of packed_length tokens (per-sample mRoPE "
+                       "positions and attention; no padding but each row's tail; one row shape for CUDA graphs).")
+    packed_length: int = _f(4096, "Tokens per packed row; longer samples per truncation.")
     truncation: str = _f("error", "Records over max_length: 'error' (refuse, naming them) or 'drop' (leave them "
                          "out, counted in the manifest). Never cut.")
     validate_limit: int = _f(0, "Check only the first N records before training (0: all; streaming sets that "
@@ -170,6 +173,10 @@ class TrainConfig:
             problems.append(f"eval_backend must be auto, vllm or transformers, not {self.eval_backend!r}")
         if self.truncation not in ("error", "drop"):
             problems.append(f"truncation must be 'error' or 'drop', not {self.truncation!r}")
+        if self.packing and self.streaming:
+            problems.append("packing needs every record's length first: not with streaming (yet)")
+        if self.packing and self.packed_length < 64:
+            problems.append("packed_length must be >= 64")
         if self.streaming and self.max_steps <= 0:
             problems.append("streaming needs max_steps (a stream has no length to count epochs by)")
         unknown_trackers = sorted(set(self.trackers) - {"tensorboard", "mlflow", "wandb"})
@@ -189,6 +196,12 @@ class TrainConfig:
         if self.kernels in ("auto", "liger"):
             return LIGER_PARTS
         return tuple(p.strip() for p in self.kernels.split(",") if p.strip())
+
+    @property
+    def longest(self) -> int | None:
+        """Tokens a record may have: max_length, and a packed row's length when packing."""
+        limits = [n for n in (self.max_length, self.packed_length if self.packing else None) if n]
+        return min(limits) if limits else None
 
     @property
     def trackers(self) -> list[str]:

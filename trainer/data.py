@@ -187,6 +187,7 @@ class Scan:
     images: Counter = field(default_factory=Counter)  # images per record -> records
     videos: Counter = field(default_factory=Counter)
     lengths: list[int] = field(default_factory=list)  # tokens per record, images counted (with a processor)
+    sizes: dict[int, int] = field(default_factory=dict)  # row index -> its tokens (with a processor)
     too_long: list[int] = field(default_factory=list)  # row indices over max_length
     duplicates: int = 0
     fingerprint: str = ""  # sha256 over the stored records, in order
@@ -298,6 +299,7 @@ def scan(rows: Rows, fmt: str = "auto", processor: Any = None, max_length: int |
             if counter is not None:
                 length = counter(chat)
                 result.lengths.append(length)
+                result.sizes[index] = length
                 if max_length and length > max_length:
                     result.too_long.append(index)
     finally:

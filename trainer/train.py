@@ -47,14 +47,14 @@ def _checked(config: TrainConfig, spec: str, split: str, processor, streaming: b
     except SourceError as exc:
         raise DataError(spec, [str(exc)]) from None
     max_pixels = getattr(processor.image_processor, "size", {}).get("longest_edge")
-    found = scan(rows, config.format, processor, config.max_length, max_pixels,
+    found = scan(rows, config.format, processor, config.longest, max_pixels,
                  limit=config.validate_limit or None, progress=sys.stderr.isatty())
     if found.problems:
         raise DataError(spec, found.problems)
     if found.too_long and config.truncation == "error":
-        raise DataError(spec, [f"{rows.where(i)}: {found.lengths[n]} tokens, over max_length {config.max_length} "
+        raise DataError(spec, [f"{rows.where(i)}: {found.sizes[i]} tokens, over max_length {config.longest} "
                                "(truncation: drop leaves such records out; nothing is ever cut)"
-                               for n, i in enumerate(found.too_long)][:50])
+                               for i in found.too_long][:50])
     print(f"data: {spec} ({split}): {found.records} records, format {found.format}"
           + (" (detected)" if config.format == "auto" else "")
           + (f", {len(found.too_long)} over max_length dropped" if found.too_long else ""))
@@ -102,7 +102,18 @@ def load_data(config: TrainConfig, processor) -> Data:
         keep = sorted(keep[n_val:])
     info["train_records"] = len(keep)
     info["val_records"] = len(val)
-    return Data(ChatRecords(rows, found.format, keep), val, info)
+    records = ChatRecords(rows, found.format)
+    if not config.packing:
+        return Data(ChatRecords(rows, found.format, keep), val, info)
+    from trainer.packing import PackedRecords, pack
+
+    packs = pack({i: found.sizes[i] for i in keep}, config.packed_length, config.seed)
+    used = sum(found.sizes[i] for i in keep)
+    info["packing"] = {"rows": len(packs), "packed_length": config.packed_length,
+                       "padding_fraction": round(1 - used / max(len(packs) * config.packed_length, 1), 4)}
+    print(f"packing: {len(keep)} records in {len(packs)} rows of {config.packed_length} tokens "
+          f"({info['packing']['padding_fraction']:.1%} padding)")
+    return Data(PackedRecords(records, packs), val, info)
 
 
 def newest_checkpoint(work: Path) -> Path | None:
@@ -284,9 +295,14 @@ def fit(config: TrainConfig, run: Prepared, work: Path, resume_from: Path | None
 
     track = track or TrackRun()
 
-    collator = ChatCollator(run.processor, None, Augment(enabled=config.augment, seed=config.seed),
-                            pad_to_multiple_of=config.pad_to_multiple_of, video_fps=config.video_fps,
-                            video_max_frames=config.video_max_frames)
+    sample_options = dict(augment=Augment(enabled=config.augment, seed=config.seed), video_fps=config.video_fps,
+                          video_max_frames=config.video_max_frames)
+    if config.packing:
+        from trainer.packing import PackingCollator, RopeIndex
+
+        collator = PackingCollator(run.processor, RopeIndex.of(run.model), config.packed_length, **sample_options)
+    else:
+        collator = ChatCollator(run.processor, pad_to_multiple_of=config.pad_to_multiple_of, **sample_options)
     callbacks = [c for c in (gc_callback(config), track.callback()) if c is not None]
     if config.early_stopping_patience and run.data.val:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=config.early_stopping_patience))
@@ -294,8 +310,11 @@ def fit(config: TrainConfig, run: Prepared, work: Path, resume_from: Path | None
     # DDP: only tower/connector adapters can go unused (text-only batches); otherwise skip the extra graph walk.
     args.ddp_find_unused_parameters = bool(run.groups["vision"] or run.groups["merger"])
     trainer = Trainer(
-        model=run.model, args=args, train_dataset=run.data.train, eval_dataset=run.data.val or None,
+        model=run.model, args=args, train_dataset=run.data.train,
+        eval_dataset=([[chat] for chat in run.data.val] if config.packing else run.data.val) or None,
         data_collator=collator, callbacks=callbacks,
+        # Its pad token lets the Trainer count real tokens where a batch has no attention mask (packed rows).
+        processing_class=run.processor.tokenizer,
     )
     if resume_from:
         print(f"resuming from {resume_from}")

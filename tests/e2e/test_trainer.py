@@ -211,6 +211,17 @@ def test_final_eval_through_vllms_offline_engine(demo_assets, colors, tmp_path):
     assert json.loads((out / "manifest.json").read_text())["eval"]["backend"] == "vllm"
 
 
+def test_packed_training_fills_rows_and_counts_real_tokens(demo_assets, colors, tmp_path):
+    out = tmp_path / "packed"
+    run_train("--base-model", str(demo_assets["model"]), "--train-data", str(colors / "train.jsonl"),
+              "--eval-data", str(colors / "val.jsonl"), "--output-dir", str(out), "--max-steps", "6", *SHORT,
+              "--packing", "--packed-length", "256", "--per-device-batch-size", "2")
+    packing = json.loads((out / "manifest.json").read_text())["dataset"]["packing"]
+    assert packing["packed_length"] == 256 and packing["rows"] < 160 / 4 and packing["padding_fraction"] < 0.2
+    logged = [e for e in json.loads((out / "log_history.json").read_text()) if "num_input_tokens_seen" in e]
+    assert 0 < logged[-1]["num_input_tokens_seen"] < 6 * 2 * 256  # real tokens, not the rows' padded tails
+
+
 def test_two_processes_through_torchrun(demo_assets, colors, tmp_path):
     """The documented multi-GPU launch (torchrun, DDP through the Trainer), on two CPU processes (gloo):
     one adapter directory, written once, with the steps of both processes' batches."""

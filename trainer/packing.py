@@ -1,0 +1,140 @@
+"""Padding-free packing for Qwen3-VL: several whole samples per row, each with its own multimodal positions and
+attention that never crosses into its neighbours.
+
+Written here because the field's tools do not do it for mRoPE models (TRL's padding-free mode refuses them;
+LLaMA-Factory's neat_packing breaks on Qwen3-VL). What it relies on is transformers' own machinery:
+- positions: each sample's 3-axis mRoPE positions come from the model's own `get_rope_index` (run on that
+  sample alone, with its image grids), concatenated; the text positions (the 4th, leading row of Qwen3-VL's
+  `position_ids`) restart at 0 for every sample;
+- attention: with no attention mask (and no KV cache: the batch says `use_cache: False`), transformers finds
+  the packed samples from those restarting text positions and restricts attention to each (a block-diagonal causal mask for SDPA / eager / flex; variable-
+  length kernels for flash-attention);
+- loss: unchanged. A row's labels are its samples' labels (assistant tokens only); the label shift across a
+  sample boundary lands on the next sample's first token, which is never an assistant token, so the
+  per-token mean over the batch is the unpacked one.
+
+Rows are filled up to `packed_length` tokens with whole samples, first-fit decreasing over shuffled windows;
+a row's tail is padding, a sample of its own that attends to nothing else and carries no labels, so every row
+has one shape (what CUDA graphs need).
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+from trainer.data import IGNORE_INDEX, ChatCollator, ChatRecords
+
+
+class RopeIndex:
+    """The model's `get_rope_index` without the model (it reads only the config): picklable, for the
+    collator in dataloader workers."""
+
+    def __init__(self, model_class: type, config: Any):
+        self.model_class, self.config = model_class, config
+
+    @classmethod
+    def of(cls, model) -> RopeIndex:
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft -> transformers
+        inner = getattr(inner, "model", inner)  # Qwen3VLForConditionalGeneration -> Qwen3VLModel
+        return cls(type(inner), inner.config)
+
+    def get_vision_position_ids(self, *args, **kwargs):
+        return self.model_class.get_vision_position_ids(self, *args, **kwargs)
+
+    def __call__(self, input_ids, mm_token_type_ids, image_grid_thw=None, video_grid_thw=None):
+        """(3, 1, L) positions of one sample (input_ids of shape (1, L))."""
+        return self.model_class.get_rope_index(self, input_ids, mm_token_type_ids=mm_token_type_ids,
+                                               image_grid_thw=image_grid_thw, video_grid_thw=video_grid_thw)[0]
+
+
+def pack(lengths: dict[int, int], packed_length: int, seed: int, window: int = 1000) -> list[list[int]]:
+    """Rows of record indices, each summing to at most `packed_length` tokens: the records shuffled (seeded), then
+    first-fit decreasing within each window of `window` records. A record longer than a row is refused."""
+    order = list(lengths)
+    random.Random(seed).shuffle(order)
+    rows: list[list[int]] = []
+    for start in range(0, len(order), window):
+        bins: list[tuple[int, list[int]]] = []  # (room left, indices)
+        for index in sorted(order[start:start + window], key=lambda i: -lengths[i]):
+            if lengths[index] > packed_length:
+                raise ValueError(f"a record of {lengths[index]} tokens does not fit a packed row of {packed_length}")
+            for b, (room, members) in enumerate(bins):
+                if lengths[index] <= room:
+                    bins[b] = (room - lengths[index], members + [index])
+                    break
+            else:
+                bins.append((packed_length - lengths[index], [index]))
+        rows += [members for _, members in bins]
+    random.Random(seed + 1).shuffle(rows)  # long rows first in every window otherwise
+    return rows
+
+
+class PackedRecords:
+    """A map-style dataset whose items are packed rows (lists of chats)."""
+
+    def __init__(self, records: ChatRecords, rows: list[list[int]]):
+        self.records, self.rows = records, rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> list[dict]:
+        return [self.records[j] for j in self.rows[i]]
+
+
+class PackingCollator:
+    """Packed rows -> one batch: input_ids and labels (B, packed_length), position_ids (4, B, packed_length), the
+    images of every sample in order; no attention mask (see the module docstring)."""
+
+    def __init__(self, processor: Any, rope_index: RopeIndex, packed_length: int, **collator_kwargs):
+        collator_kwargs.pop("pad_to_multiple_of", None)  # rows have one length already
+        self.samples = ChatCollator(processor, **collator_kwargs)  # one sample at a time: its tokens and labels
+        self.rope_index, self.packed_length = rope_index, packed_length
+        self.pad_id = self.samples.pad_id
+
+    def row(self, chats: list[dict]) -> dict:
+        import torch
+
+        parts: dict[str, list] = {"input_ids": [], "labels": [], "mm_token_type_ids": [], "text": [], "mrope": []}
+        vision: dict[str, list] = {}
+        for chat in chats:
+            one = self.samples([chat])
+            ids, types = one["input_ids"], one["mm_token_type_ids"]
+            parts["input_ids"].append(ids[0])
+            parts["labels"].append(one["labels"][0])
+            parts["mm_token_type_ids"].append(types[0])
+            parts["text"].append(torch.arange(ids.shape[1]))
+            parts["mrope"].append(self.rope_index(ids, types, one.get("image_grid_thw"),
+                                                  one.get("video_grid_thw"))[:, 0])
+            for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):
+                if key in one:
+                    vision.setdefault(key, []).append(one[key])
+        used = sum(len(x) for x in parts["input_ids"])
+        if used > self.packed_length:
+            raise ValueError(f"a packed row holds {used} tokens, over packed_length {self.packed_length}")
+        pad = self.packed_length - used
+        if pad:  # the tail: a sample of its own, no labels
+            parts["input_ids"].append(torch.full((pad,), self.pad_id, dtype=torch.long))
+            parts["labels"].append(torch.full((pad,), IGNORE_INDEX, dtype=torch.long))
+            parts["mm_token_type_ids"].append(torch.zeros(pad, dtype=parts["mm_token_type_ids"][0].dtype))
+            parts["text"].append(torch.arange(pad))
+            parts["mrope"].append(torch.arange(pad).view(1, -1).expand(3, -1))
+        row = {k: torch.cat(parts[k], dim=-1) for k in ("input_ids", "labels", "mm_token_type_ids", "text", "mrope")}
+        row.update({k: torch.cat(v, dim=0) for k, v in vision.items()})
+        return row
+
+    def __call__(self, packs: list[list[dict]]) -> dict:
+        import torch
+
+        rows = [self.row(chats) for chats in packs]
+        batch = {k: torch.stack([r[k] for r in rows]) for k in ("input_ids", "labels", "mm_token_type_ids")}
+        text = torch.stack([r["text"] for r in rows])  # (B, L)
+        mrope = torch.stack([r["mrope"] for r in rows], dim=1)  # (3, B, L)
+        batch["position_ids"] = torch.cat([text[None], mrope], dim=0)  # (4, B, L): text positions first
+        # transformers looks for packed samples only without a KV cache (a training forward needs none).
+        batch["use_cache"] = False
+        for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):
+            if any(key in r for r in rows):
+                batch[key] = torch.cat([r[key] for r in rows if key in r], dim=0)
+        return batch
