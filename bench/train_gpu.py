@@ -77,7 +77,13 @@ VARIANTS = {
     "qlora-no-liger": ("qwen3-vl-8b-qlora.yaml", {"kernels": "none"}),
     "qlora-graphs": ("qwen3-vl-8b-qlora.yaml", {"cuda_graphs": True, "gradient_checkpointing": False}),
     "qlora-vision-16bit": ("qwen3-vl-8b-qlora.yaml", {"quantize_vision": False}),
+    # --workload varlen: the same recipes with padding-free packing (rows of PACKED_LENGTH tokens)
+    "ours-packed": ("qwen3-vl-8b-lora.yaml", {"packing": True}),
+    "ours-packed-no-graphs": ("qwen3-vl-8b-lora.yaml", {"packing": True, "cuda_graphs": False}),
+    "qlora-packed": ("qwen3-vl-8b-qlora.yaml", {"packing": True}),
 }
+PACKED_LENGTH = 4096
+VARLEN_IMAGE_SIDES = (224, 320, 448, 672)  # 49 / 100 / 196 / 441 tokens after the 2x2 merge
 
 
 def make_model(shape: str, path: Path) -> None:
@@ -128,6 +134,64 @@ def samples(n: int, seed: int = 0) -> list[dict]:
     return out
 
 
+def varlen_samples(n: int, seed: int = 0) -> list[dict]:
+    """`n` samples of the variable-length workload, fixed by the seed: 1-3 images of sides drawn from
+    VARLEN_IMAGE_SIDES, text of 16-1536 tokens in all (log-uniform), 20-80 % of it in the user turn before the
+    images and the rest in the answer (the loss)."""
+    import math
+    import random
+
+    import torch
+
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        text = int(math.exp(rng.uniform(math.log(16), math.log(1536))))
+        user = max(1, int(text * rng.uniform(0.2, 0.8)))
+        answer = max(1, text - user)
+        pieces, types, grids, pixels = [torch.randint(0, 150000, (user,), generator=gen)], [torch.zeros(user)], [], []
+        for _ in range(rng.randint(1, 3)):
+            side = rng.choice(VARLEN_IMAGE_SIDES) // 16  # patches per side before the merge
+            tokens = side * side // 4
+            pieces += [torch.tensor([IDS["vision_start"]]), torch.full((tokens,), IDS["image"]),
+                       torch.tensor([IDS["vision_end"]])]
+            types += [torch.zeros(1), torch.ones(tokens), torch.zeros(1)]
+            grids.append(torch.tensor([[1, side, side]]))
+            pixels.append(torch.randn(side * side, 3 * 2 * 16 * 16, generator=gen))
+        pieces.append(torch.randint(0, 150000, (answer,), generator=gen))
+        types.append(torch.zeros(answer))
+        ids = torch.cat(pieces)
+        labels = torch.full_like(ids, -100)
+        labels[-answer:] = ids[-answer:]
+        out.append({"input_ids": ids, "labels": labels, "mm_token_type_ids": torch.cat(types).long(),
+                    "pixel_values": torch.cat(pixels), "image_grid_thw": torch.cat(grids)})
+    return out
+
+
+def padded_collate(multiple: int | None):
+    """Unpacked batches of varlen samples: right-padded to the longest (to a multiple of `multiple`)."""
+    import torch
+
+    def collate_padded(batch: list[dict]) -> dict:
+        longest = max(len(b["input_ids"]) for b in batch)
+        if multiple:
+            longest = -(-longest // multiple) * multiple
+        out = {"input_ids": [], "labels": [], "attention_mask": [], "mm_token_type_ids": []}
+        for b in batch:
+            pad = longest - len(b["input_ids"])
+            out["input_ids"].append(torch.cat([b["input_ids"], torch.full((pad,), IDS["pad"])]))
+            out["labels"].append(torch.cat([b["labels"], torch.full((pad,), -100)]))
+            out["attention_mask"].append(torch.cat([torch.ones(len(b["input_ids"])), torch.zeros(pad)]).long())
+            out["mm_token_type_ids"].append(torch.cat([b["mm_token_type_ids"], torch.zeros(pad).long()]))
+        batch_out = {k: torch.stack(v) for k, v in out.items()}
+        batch_out["pixel_values"] = torch.cat([b["pixel_values"] for b in batch])
+        batch_out["image_grid_thw"] = torch.cat([b["image_grid_thw"] for b in batch])
+        return batch_out
+
+    return collate_padded
+
+
 def collate(batch: list[dict]) -> dict:
     import torch
 
@@ -173,7 +237,8 @@ def build(variant: str, model_dir: Path):
     return model, resolve_optim(config), config, speedups
 
 
-def worker(variant: str, model_dir: Path, result_file: Path, grad_accum: int = 1, sequential: bool = False) -> None:
+def worker(variant: str, model_dir: Path, result_file: Path, grad_accum: int = 1, sequential: bool = False,
+           workload: str = "fixed") -> None:
     import torch
     from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
@@ -187,7 +252,39 @@ def worker(variant: str, model_dir: Path, result_file: Path, grad_accum: int = 1
     model, optim, config, speedups = build(variant, model_dir)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     steps = WARMUP + TIMED
-    data = samples(steps * BATCH * grad_accum * world)
+    packed = bool(config and config.packing)
+    batch_size = 1 if packed else BATCH  # a packed row holds ~5 samples of the varlen workload
+    real_tokens: list[int] = []  # per step, padding not counted
+    shapes: list[int] = []  # tokens per step, padding counted
+    sample_counts: list[int] = []
+    if workload == "fixed":
+        data = samples(steps * BATCH * grad_accum * world)
+        batch_collate = collate
+    else:
+        pool = varlen_samples(40 * steps)  # the same samples, in the same order, for every configuration
+        if packed:
+            from trainer.packing import RopeIndex, join_row, pack, stack_rows
+
+            rope = RopeIndex.of(model)
+            lengths = {i: len(x["input_ids"]) for i, x in enumerate(pool[:8 * steps])}
+            rows = sorted(pack(lengths, PACKED_LENGTH, seed=0), key=min)[:steps * grad_accum * world]
+            data = [[pool[i] for i in row] for row in rows]
+
+            def batch_collate(batch):
+                real_tokens.append(sum(len(x["input_ids"]) for row in batch for x in row))
+                shapes.append(PACKED_LENGTH * len(batch))
+                sample_counts.append(sum(len(row) for row in batch))
+                return stack_rows([join_row(row, PACKED_LENGTH, IDS["pad"], rope) for row in batch])
+        else:
+            data = pool[:steps * BATCH * grad_accum * world]
+            padded = padded_collate(config.pad_to_multiple_of if config else None)
+
+            def batch_collate(batch):
+                real_tokens.append(sum(len(x["input_ids"]) for x in batch))
+                out = padded(batch)
+                shapes.append(out["input_ids"].numel())
+                sample_counts.append(len(batch))
+                return out
 
     class Clock(TrainerCallback):
         def __init__(self):
@@ -238,7 +335,7 @@ def worker(variant: str, model_dir: Path, result_file: Path, grad_accum: int = 1
 
     clock = Clock()
     args = TrainingArguments(
-        output_dir=str(result_file.parent / f"tmp-{variant}"), per_device_train_batch_size=BATCH, max_steps=steps,
+        output_dir=str(result_file.parent / f"tmp-{variant}"), per_device_train_batch_size=batch_size, max_steps=steps,
         gradient_accumulation_steps=grad_accum, ddp_find_unused_parameters=False,
         learning_rate=2e-4, lr_scheduler_type="constant", warmup_steps=0, logging_steps=1, optim=optim,
         bf16=cuda, save_strategy="no", report_to=[], seed=0, data_seed=0, remove_unused_columns=False,
@@ -265,7 +362,9 @@ def worker(variant: str, model_dir: Path, result_file: Path, grad_accum: int = 1
         callbacks.append(collector)
     if os.environ.get("VLORA_BENCH_PROFILE") and cuda:
         callbacks.append(Profile(Path(os.environ["VLORA_BENCH_PROFILE"])))
-    trainer = cls(model=model, args=args, train_dataset=Data(), data_collator=collate, callbacks=callbacks)
+    if workload == "varlen":  # in order: every configuration sees the pool from its start
+        cls = SequentialTrainer
+    trainer = cls(model=model, args=args, train_dataset=Data(), data_collator=batch_collate, callbacks=callbacks)
     with training_speedups(model, config, autocast=args.bf16) if config else contextlib.nullcontext():
         trainer.train()
     if rank != 0:
@@ -273,6 +372,13 @@ def worker(variant: str, model_dir: Path, result_file: Path, grad_accum: int = 1
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     timed = clock.times[WARMUP:]
     tokens = BATCH * (TEXT_TOKENS + IMAGE_TOKENS + 2) * grad_accum * world
+    extra = {}
+    if workload == "varlen":  # the timed steps' real tokens (the collator runs once per step and process)
+        timed_steps = slice(WARMUP * grad_accum, (WARMUP + TIMED) * grad_accum)
+        tokens = sum(real_tokens[timed_steps]) / TIMED
+        extra = {"workload": "varlen", "packed": packed, "samples_per_step": sum(sample_counts[timed_steps]) / TIMED,
+                 "padding_fraction": 1 - sum(real_tokens[timed_steps]) / max(sum(shapes[timed_steps]), 1),
+                 "mean_loss": sum(losses[WARMUP:]) / max(len(losses[WARMUP:]), 1)}
     result = {
         "variant": variant, "trainable_params": trainable, "optim": optim, "gpus": world, "grad_accum": grad_accum,
         "global_batch": BATCH * grad_accum * world,
@@ -281,7 +387,7 @@ def worker(variant: str, model_dir: Path, result_file: Path, grad_accum: int = 1
         "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
         "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if cuda else None,
         "losses": losses[:TIMED], "recipe": config.to_dict() if config else "common recipe",
-        "device": torch.cuda.get_device_name(0) if cuda else "cpu",
+        "device": torch.cuda.get_device_name(0) if cuda else "cpu", **extra,
     }
     if speedups is not None and speedups.graphs is not None:
         result["cuda_graphs"] = speedups.graphs.stats()
@@ -359,6 +465,24 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def varlen_table(results: list[dict]) -> str:
+    base = next((r for r in results if r["variant"] == "baseline"), None)
+    head = (f"{'config':<24}{'real tok/s':>11}{'samples/s':>10}{'s/step':>9}{'alloc GiB':>11}{'rsvd GiB':>10}"
+            f"{'padding':>9}{'speedup':>9}{'mean loss':>11}")
+    lines = [f"device: {results[0]['device']}; varlen workload (1-3 images of 224-672 px, 16-1536 text tokens per "
+             f"sample); unpacked batch {BATCH}, packed 1 row of {PACKED_LENGTH}; {WARMUP} warm-up + {TIMED} timed "
+             "steps", head, "-" * len(head)]
+    for r in results:
+        speed = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "-"
+        samples_s = r["samples_per_step"] / r["seconds_per_step"]
+        lines.append(f"{r['variant']:<24}{r['tokens_per_s']:>11.0f}{samples_s:>10.2f}{r['seconds_per_step']:>9.3f}"
+                     f"{_gib(r['peak_allocated_gib']):>11}{_gib(r['peak_reserved_gib']):>10}"
+                     f"{r['padding_fraction']:>9.1%}{speed:>9}{r['mean_loss']:>11.4f}")
+    lines.append("real tokens: padding not counted; speedup: real tokens/s over baseline (the common recipe); the "
+                 "packed rows hold other samples per step, so losses are compared as means over the timed steps")
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", choices=sorted(SHAPES), default="8b")
@@ -371,6 +495,9 @@ def main() -> None:
                    help="instead: the multi-GPU check of `ours` (DDP over N GPUs through torchrun vs one GPU with "
                         "N-step accumulation, same global batch): loss curves and scaling")
     p.add_argument("--fsdp", action="store_true", help="with --multi-gpu: FSDP2 (full shard) instead of DDP")
+    p.add_argument("--workload", choices=["fixed", "varlen"], default="fixed",
+                   help="fixed: every sample one 448x448 image + 512 text tokens; varlen: 1-3 images of 224-672 px "
+                        "and 16-1536 text tokens per sample (packed configurations: *-packed)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--grad-accum", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--sequential", action="store_true", help=argparse.SUPPRESS)
@@ -383,7 +510,7 @@ def main() -> None:
         print(table(results))
         return
     if args.worker:
-        worker(args.worker, model_dir, args.result, args.grad_accum, args.sequential)
+        worker(args.worker, model_dir, args.result, args.grad_accum, args.sequential, args.workload)
         return
     if args.multi_gpu:
         args.out.mkdir(parents=True, exist_ok=True)
@@ -400,7 +527,8 @@ def main() -> None:
         t0 = time.time()
         try:
             proc = subprocess.run([sys.executable, __file__, "--shape", args.shape, "--model-dir", str(model_dir),
-                                   "--worker", variant, "--result", str(result_file)], capture_output=True, text=True,
+                                   "--worker", variant, "--result", str(result_file), "--workload", args.workload],
+                                  capture_output=True, text=True,
                                   timeout=args.variant_timeout,
                                   env={"CUDA_VISIBLE_DEVICES": "0", **os.environ})
         except subprocess.TimeoutExpired:
@@ -413,7 +541,7 @@ def main() -> None:
         results.append(json.loads(result_file.read_text()))
         print(f"{variant}: {results[-1]['tokens_per_s']:.0f} tok/s in {time.time() - t0:.0f}s", flush=True)
     if results:
-        text = table(results)
+        text = varlen_table(results) if args.workload == "varlen" else table(results)
         (args.out / "table.txt").write_text(text + "\n")
         print(text)
 

@@ -83,9 +83,60 @@ class PackedRecords:
         return [self.records[j] for j in self.rows[i]]
 
 
+VISION_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
+
+
+def join_row(samples: list[dict], packed_length: int, pad_id: int, rope_index: RopeIndex) -> dict:
+    """One packed row from tokenized samples (`input_ids`, `labels`, `mm_token_type_ids` of shape (L,), and
+    their vision tensors): the samples' tokens one after the other, each sample's own positions, a tail of
+    padding that is a sample of its own with no labels."""
+    import torch
+
+    parts: dict[str, list] = {"input_ids": [], "labels": [], "mm_token_type_ids": [], "text": [], "mrope": []}
+    vision: dict[str, list] = {}
+    for one in samples:
+        ids, types = one["input_ids"], one["mm_token_type_ids"]
+        parts["input_ids"].append(ids)
+        parts["labels"].append(one["labels"])
+        parts["mm_token_type_ids"].append(types)
+        parts["text"].append(torch.arange(ids.shape[0]))
+        parts["mrope"].append(rope_index(ids[None], types[None], one.get("image_grid_thw"),
+                                         one.get("video_grid_thw"))[:, 0])
+        for key in VISION_KEYS:
+            if key in one:
+                vision.setdefault(key, []).append(one[key])
+    used = sum(len(x) for x in parts["input_ids"])
+    if used > packed_length:
+        raise ValueError(f"a packed row holds {used} tokens, over packed_length {packed_length}")
+    if pad := packed_length - used:
+        parts["input_ids"].append(torch.full((pad,), pad_id, dtype=torch.long))
+        parts["labels"].append(torch.full((pad,), IGNORE_INDEX, dtype=torch.long))
+        parts["mm_token_type_ids"].append(torch.zeros(pad, dtype=parts["mm_token_type_ids"][0].dtype))
+        parts["text"].append(torch.arange(pad))
+        parts["mrope"].append(torch.arange(pad).view(1, -1).expand(3, -1))
+    row = {k: torch.cat(v, dim=-1) for k, v in parts.items()}
+    row.update({k: torch.cat(v, dim=0) for k, v in vision.items()})
+    return row
+
+
+def stack_rows(rows: list[dict]) -> dict:
+    """Packed rows as one batch: (B, L) tokens and labels, (4, B, L) positions (text first), vision in order."""
+    import torch
+
+    batch = {k: torch.stack([r[k] for r in rows]) for k in ("input_ids", "labels", "mm_token_type_ids")}
+    text = torch.stack([r["text"] for r in rows])
+    mrope = torch.stack([r["mrope"] for r in rows], dim=1)
+    batch["position_ids"] = torch.cat([text[None], mrope], dim=0)
+    for key in VISION_KEYS:
+        if any(key in r for r in rows):
+            batch[key] = torch.cat([r[key] for r in rows if key in r], dim=0)
+    # transformers looks for packed samples only without a KV cache (a training forward needs none).
+    batch["use_cache"] = False
+    return batch
+
+
 class PackingCollator:
-    """Packed rows -> one batch: input_ids and labels (B, packed_length), position_ids (4, B, packed_length), the
-    images of every sample in order; no attention mask (see the module docstring)."""
+    """Packed rows of chats -> one batch (see `stack_rows`); no attention mask (see the module docstring)."""
 
     def __init__(self, processor: Any, rope_index: RopeIndex, packed_length: int, **collator_kwargs):
         collator_kwargs.pop("pad_to_multiple_of", None)  # rows have one length already
@@ -93,48 +144,11 @@ class PackingCollator:
         self.rope_index, self.packed_length = rope_index, packed_length
         self.pad_id = self.samples.pad_id
 
-    def row(self, chats: list[dict]) -> dict:
-        import torch
-
-        parts: dict[str, list] = {"input_ids": [], "labels": [], "mm_token_type_ids": [], "text": [], "mrope": []}
-        vision: dict[str, list] = {}
-        for chat in chats:
-            one = self.samples([chat])
-            ids, types = one["input_ids"], one["mm_token_type_ids"]
-            parts["input_ids"].append(ids[0])
-            parts["labels"].append(one["labels"][0])
-            parts["mm_token_type_ids"].append(types[0])
-            parts["text"].append(torch.arange(ids.shape[1]))
-            parts["mrope"].append(self.rope_index(ids, types, one.get("image_grid_thw"),
-                                                  one.get("video_grid_thw"))[:, 0])
-            for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):
-                if key in one:
-                    vision.setdefault(key, []).append(one[key])
-        used = sum(len(x) for x in parts["input_ids"])
-        if used > self.packed_length:
-            raise ValueError(f"a packed row holds {used} tokens, over packed_length {self.packed_length}")
-        pad = self.packed_length - used
-        if pad:  # the tail: a sample of its own, no labels
-            parts["input_ids"].append(torch.full((pad,), self.pad_id, dtype=torch.long))
-            parts["labels"].append(torch.full((pad,), IGNORE_INDEX, dtype=torch.long))
-            parts["mm_token_type_ids"].append(torch.zeros(pad, dtype=parts["mm_token_type_ids"][0].dtype))
-            parts["text"].append(torch.arange(pad))
-            parts["mrope"].append(torch.arange(pad).view(1, -1).expand(3, -1))
-        row = {k: torch.cat(parts[k], dim=-1) for k in ("input_ids", "labels", "mm_token_type_ids", "text", "mrope")}
-        row.update({k: torch.cat(v, dim=0) for k, v in vision.items()})
-        return row
+    def _tokenized(self, chat: dict) -> dict:
+        one = self.samples([chat])
+        return {k: (v[0] if k in ("input_ids", "labels", "mm_token_type_ids") else v) for k, v in one.items()
+                if k in ("input_ids", "labels", "mm_token_type_ids", *VISION_KEYS)}
 
     def __call__(self, packs: list[list[dict]]) -> dict:
-        import torch
-
-        rows = [self.row(chats) for chats in packs]
-        batch = {k: torch.stack([r[k] for r in rows]) for k in ("input_ids", "labels", "mm_token_type_ids")}
-        text = torch.stack([r["text"] for r in rows])  # (B, L)
-        mrope = torch.stack([r["mrope"] for r in rows], dim=1)  # (3, B, L)
-        batch["position_ids"] = torch.cat([text[None], mrope], dim=0)  # (4, B, L): text positions first
-        # transformers looks for packed samples only without a KV cache (a training forward needs none).
-        batch["use_cache"] = False
-        for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):
-            if any(key in r for r in rows):
-                batch[key] = torch.cat([r[key] for r in rows if key in r], dim=0)
-        return batch
+        return stack_rows([join_row([self._tokenized(c) for c in chats], self.packed_length, self.pad_id,
+                                    self.rope_index) for chats in packs])
