@@ -80,6 +80,8 @@ VARIANTS = {
     # --workload varlen: the same recipes with padding-free packing (rows of PACKED_LENGTH tokens)
     "ours-packed": ("qwen3-vl-8b-lora.yaml", {"packing": True}),
     "ours-packed-no-graphs": ("qwen3-vl-8b-lora.yaml", {"packing": True, "cuda_graphs": False}),
+    "ours-packed-ckpt": ("qwen3-vl-8b-lora.yaml", {"packing": True, "cuda_graphs": False,
+                                                    "gradient_checkpointing": True}),
     "qlora-packed": ("qwen3-vl-8b-qlora.yaml", {"packing": True}),
 }
 PACKED_LENGTH = 4096
