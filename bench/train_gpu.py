@@ -83,6 +83,10 @@ VARIANTS = {
     "ours-packed-ckpt": ("qwen3-vl-8b-lora.yaml", {"packing": True, "cuda_graphs": False,
                                                     "gradient_checkpointing": True}),
     "qlora-packed": ("qwen3-vl-8b-qlora.yaml", {"packing": True}),
+    # Unsloth's FastVisionModel, the trainer users pick instead (wheels: ../shared/anchors/unsloth/), as its
+    # notebooks set it up: gradient checkpointing "unsloth", 8-bit AdamW, the same LoRA targets and rank.
+    "unsloth": ("unsloth", {}),
+    "unsloth-4bit": ("unsloth", {"quantization": "4bit"}),
 }
 PACKED_LENGTH = 4096
 VARLEN_IMAGE_SIDES = (224, 320, 448, 672)  # 49 / 100 / 196 / 441 tokens after the 2x2 merge
@@ -217,6 +221,18 @@ def build(variant: str, model_dir: Path):
 
     recipe, overrides = VARIANTS[variant]
     cuda = torch.cuda.is_available()
+    if recipe == "unsloth":
+        from unsloth import FastVisionModel
+
+        _tokenizer_for(model_dir)
+        model, _ = FastVisionModel.from_pretrained(str(model_dir), load_in_4bit=overrides.get("quantization") == "4bit",
+                                                   dtype=torch.bfloat16, max_seq_length=PACKED_LENGTH,
+                                                   use_gradient_checkpointing="unsloth")
+        model = FastVisionModel.get_peft_model(model, r=16, lora_alpha=32, lora_dropout=0, bias="none",
+                                               finetune_vision_layers=False, finetune_language_layers=True,
+                                               finetune_attention_modules=True, finetune_mlp_modules=True)
+        FastVisionModel.for_training(model)
+        return model, "adamw_8bit", None, None
     if recipe is None:  # the common recipe, written the way its tutorials write it
         kwargs: dict = {"dtype": torch.bfloat16, "attn_implementation": "sdpa"}
         if overrides.get("quantization") == "4bit":
@@ -239,8 +255,20 @@ def build(variant: str, model_dir: Path):
     return model, resolve_optim(config), config, speedups
 
 
+def _tokenizer_for(model_dir: Path) -> None:
+    """Unsloth's loader wants a processor in the model folder; the data is pre-tokenized, so the tiny kit's
+    (its contents do not matter) is written there once."""
+    if (model_dir / "tokenizer_config.json").is_file():
+        return
+    from trainer.tiny import build_processor, build_tokenizer
+
+    build_processor(build_tokenizer()).save_pretrained(model_dir)
+
+
 def worker(variant: str, model_dir: Path, result_file: Path, grad_accum: int = 1, sequential: bool = False,
            workload: str = "fixed") -> None:
+    if variant.startswith("unsloth"):
+        import unsloth  # noqa: F401 - first, so that its patches reach transformers and peft
     import torch
     from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
