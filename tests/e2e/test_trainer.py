@@ -222,15 +222,18 @@ def test_packed_training_fills_rows_and_counts_real_tokens(demo_assets, colors, 
     assert 0 < logged[-1]["num_input_tokens_seen"] < 6 * 2 * 256  # real tokens, not the rows' padded tails
 
 
-def test_two_processes_through_torchrun(demo_assets, colors, tmp_path):
+@pytest.mark.parametrize("extra", [[], ["--packing", "--packed-length", "256", "--per-device-batch-size", "2"]],
+                         ids=["padded", "packed"])
+def test_two_processes_through_torchrun(demo_assets, colors, tmp_path, extra):
     """The documented multi-GPU launch (torchrun, DDP through the Trainer), on two CPU processes (gloo):
-    one adapter directory, written once, with the steps of both processes' batches."""
+    one adapter directory, written once, with the steps of both processes' batches; packed rows too (every
+    process packs the same rows from the seed; the sampler splits them)."""
     out = tmp_path / "ddp"
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "trainer", "train",
          "--base-model", str(demo_assets["model"]), "--train-data", str(colors / "train.jsonl"),
          "--eval-data", str(colors / "val.jsonl"), "--output-dir", str(out), "--max-steps", "4",
-         *SHORT], capture_output=True, text=True, timeout=600)
+         *SHORT, *extra], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.count("adapter written to") == 1  # the first process finishes the directory
     assert (out / "adapter_model.safetensors").is_file() and (out / "manifest.json").is_file()
