@@ -44,16 +44,30 @@ class DataError(ValueError):
         super().__init__(f"{path}: {len(problems)} problem(s):\n{shown}{more}")
 
 
+def _encoded(ref: Any, limits: MediaLimits, kind: str = "image") -> bytes | None:
+    """The encoded bytes of a REF that is not a local file: raw bytes, a data URI, or an http(s) URL (fetched
+    under the address policy); None for a path (or a PIL image)."""
+    if isinstance(ref, bytes | bytearray):
+        return bytes(ref)
+    if not isinstance(ref, str):
+        return None
+    if ref.startswith("data:"):
+        return decode_data_uri(ref, limits, kind)
+    if ref.startswith(("http://", "https://")):
+        return load_bytes_sync(ref, limits, kind)
+    return None
+
+
+def _is_url(ref: Any) -> bool:
+    return isinstance(ref, str) and ref.startswith(("http://", "https://"))
+
+
 def open_image(ref: Any, limits: MediaLimits = MEDIA_LIMITS) -> Image.Image:
     """An RGB image from any REF (see the module docstring)."""
     if isinstance(ref, Image.Image):
         return ref.convert("RGB")
-    if isinstance(ref, bytes | bytearray):
-        return decode_image(bytes(ref), limits)
-    if ref.startswith("data:"):
-        return decode_image(decode_data_uri(ref, limits), limits)
-    if ref.startswith(("http://", "https://")):
-        return decode_image(load_bytes_sync(ref, limits), limits)
+    if (data := _encoded(ref, limits)) is not None:
+        return decode_image(data, limits)
     with Image.open(ref) as im:
         return im.convert("RGB")
 
@@ -65,46 +79,42 @@ def open_video(ref: Any, limits: MediaLimits = MEDIA_LIMITS):
 
     from transformers.video_utils import load_video
 
-    if isinstance(ref, str) and not ref.startswith(("http://", "https://", "data:")):
+    if (data := _encoded(ref, limits, "video")) is None:
         return load_video(ref, backend="opencv")
-    data = ref if isinstance(ref, bytes | bytearray) else \
-        decode_data_uri(ref, limits, "video") if ref.startswith("data:") else load_bytes_sync(ref, limits, "video")
     with tempfile.NamedTemporaryFile(suffix=".mp4") as f:
         f.write(data)
         f.flush()
         return load_video(f.name, backend="opencv")
 
 
+def _header(ref: Any):
+    """The image opened lazily (PIL reads the header only) from a REF that is not a URL."""
+    data = _encoded(ref, MEDIA_LIMITS)
+    return Image.open(io.BytesIO(data) if data is not None else ref)
+
+
 def image_size(ref: Any) -> tuple[int, int] | None:
     """(width, height) from the header alone; None for a URL (not fetched to count) or what does not open."""
+    if isinstance(ref, Image.Image):
+        return ref.size
+    if _is_url(ref):
+        return None
     try:
-        if isinstance(ref, Image.Image):
-            return ref.size
-        if isinstance(ref, bytes | bytearray):
-            with Image.open(io.BytesIO(ref)) as im:
-                return im.size
-        if isinstance(ref, str) and ref.startswith("data:"):
-            with Image.open(io.BytesIO(decode_data_uri(ref, MEDIA_LIMITS))) as im:
-                return im.size
-        if isinstance(ref, str) and not ref.startswith(("http://", "https://")):
-            with Image.open(ref) as im:
-                return im.size
+        with _header(ref) as im:
+            return im.size
     except (OSError, MediaError, ValueError):
-        pass
-    return None
+        return None
 
 
 def _check_image(ref: Any, max_pixels: int | None) -> list[str]:
     name = f"image '{ref}'" if isinstance(ref, str) and not ref.startswith("data:") else "image"
-    if isinstance(ref, str) and ref.startswith(("http://", "https://")):
+    if _is_url(ref):
         return []  # fetched (under the address policy) when its batch is built
     try:
         if isinstance(ref, Image.Image):
             w, h = ref.size
         else:
-            data = ref if isinstance(ref, bytes | bytearray) else \
-                decode_data_uri(ref, MEDIA_LIMITS) if ref.startswith("data:") else None
-            with Image.open(io.BytesIO(data) if data is not None else ref) as im:
+            with _header(ref) as im:
                 w, h = im.size
                 im.verify()
     except FileNotFoundError:
