@@ -68,8 +68,7 @@ def _train(args) -> None:
 def _validate(args) -> None:
     import sys
 
-    from trainer.data import DataError, scan
-    from trainer.sources import SourceError, open_rows
+    from trainer.data import DataError, open_source, scan
 
     processor = None
     if args.model:
@@ -79,10 +78,7 @@ def _validate(args) -> None:
 
         resolve_base_model(args.model)
         processor = AutoProcessor.from_pretrained(args.model)
-    try:
-        rows = open_rows(args.data, args.split)
-    except SourceError as exc:
-        raise DataError(args.data, [str(exc)]) from None
+    rows = open_source(args.data, args.split)
     max_pixels = args.max_pixels or (getattr(processor.image_processor, "size", {}).get("longest_edge")
                                      if processor is not None else None)
     found = scan(rows, args.format, processor, args.max_length, max_pixels, limit=args.limit,
@@ -99,10 +95,9 @@ def _convert(args) -> None:
     import json
     import os
 
-    from trainer.data import ChatRecords, DataError, scan
-    from trainer.sources import open_rows
+    from trainer.data import ChatRecords, DataError, open_source, scan
 
-    rows = open_rows(str(args.input))
+    rows = open_source(str(args.input))
     found = scan(rows, args.format, check_images=False)
     if found.problems:
         raise DataError(args.input, found.problems)
@@ -125,7 +120,7 @@ def _convert(args) -> None:
             {**p, p["type"]: ref(p[p["type"]])} if p["type"] != "text" else p for p in m["content"]]}
             for m in chat["messages"]]}
 
-    records = [plain(c) for c in ChatRecords(rows, found.format)]
+    records = [plain(c) for c in ChatRecords(rows, found.format, found.indices)]
     Path(args.out).write_text("".join(json.dumps(r) + "\n" for r in records))
     print(f"{len(records)} records ({found.format}) written to {args.out}")
 

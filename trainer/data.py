@@ -196,12 +196,17 @@ class Scan:
     problems: list[str] = field(default_factory=list)
     images: Counter = field(default_factory=Counter)  # images per record -> records
     videos: Counter = field(default_factory=Counter)
-    lengths: list[int] = field(default_factory=list)  # tokens per record, images counted (with a processor)
-    sizes: dict[int, int] = field(default_factory=dict)  # row index -> its tokens (with a processor)
+    indices: list[int] = field(default_factory=list)  # row indices of the records (blank lines left out)
+    sizes: dict[int, int] = field(default_factory=dict)  # row index -> its tokens, images counted (with a processor)
     too_long: list[int] = field(default_factory=list)  # row indices over max_length
     duplicates: int = 0
     fingerprint: str = ""  # sha256 over the stored records, in order
     limited: bool = False  # stopped at `limit`
+
+    @property
+    def lengths(self) -> list[int]:
+        """Tokens per record, in order (with a processor)."""
+        return list(self.sizes.values())
 
     def summary(self, max_length: int | None = None) -> str:
         def dist(counter: Counter) -> str:
@@ -286,7 +291,9 @@ def scan(rows: Rows, fmt: str = "auto", processor: Any = None, max_length: int |
                 result.problems.append(f"{where}: {exc}")
                 continue
             if not record:
-                continue  # a blank line
+                result.records -= 1  # a blank line
+                continue
+            result.indices.append(index)
             h = hashlib.sha256()
             _digest(record, h)
             digest = h.digest()
@@ -307,9 +314,7 @@ def scan(rows: Rows, fmt: str = "auto", processor: Any = None, max_length: int |
             result.images[sum(p["type"] == "image" for m in chat["messages"] for p in m["content"])] += 1
             result.videos[sum(p["type"] == "video" for m in chat["messages"] for p in m["content"])] += 1
             if counter is not None:
-                length = counter(chat)
-                result.lengths.append(length)
-                result.sizes[index] = length
+                length = result.sizes[index] = counter(chat)
                 if max_length and length > max_length:
                     result.too_long.append(index)
     finally:
@@ -339,10 +344,10 @@ class ChatRecords:
 
 
 def streamed_chats(rows: Rows, fmt: str, seed: int, buffer_size: int = 1000, skip: int = 0, take: int | None = None,
-                   max_length: int | None = None, processor: Any = None, dropped: Counter | None = None):
-    """A `datasets.IterableDataset` of chats for training from a stream: the first `skip` records left out (held
-    out for evaluation), shuffled in a buffer (deterministic from the seed, so that a resumed run sees the same
-    order and skips exactly what it has trained on), overlong records dropped (counted in `dropped`)."""
+                   max_length: int | None = None, processor: Any = None):
+    """A `datasets.IterableDataset` of chats for training from a stream: blank lines left out, the first `skip`
+    records left out (held out for evaluation), shuffled in a buffer (deterministic from the seed, so that a
+    resumed run sees the same order and skips exactly what it has trained on), overlong records dropped."""
     stream = rows.dataset
     if skip:
         stream = stream.skip(skip)
@@ -351,30 +356,29 @@ def streamed_chats(rows: Rows, fmt: str, seed: int, buffer_size: int = 1000, ski
     base, raw = rows.base_dir, rows.raw
     columns = list(getattr(stream, "column_names", None) or [])
     stream = stream.map(lambda row: to_chat(raw(row), fmt, base)[0], remove_columns=columns or None)
+    stream = stream.filter(lambda chat: bool(chat["messages"]))  # a blank line maps to no messages
     if max_length and processor is not None:
         counter = TokenCounter(processor)
-
-        def fits(chat: dict) -> bool:
-            ok = counter(chat) <= max_length
-            if not ok and dropped is not None:
-                dropped["overlong"] += 1
-            return ok
-
-        stream = stream.filter(fits)
+        stream = stream.filter(lambda chat: counter(chat) <= max_length)
     return stream.shuffle(seed=seed, buffer_size=buffer_size) if buffer_size > 1 else stream
 
 
 def load_dataset_file(spec: str | Path, max_pixels: int | None = None, fmt: str = "auto",
                       split: str = "train") -> list[dict]:
     """All records of a (small) dataset as chats, refusing with every problem listed (eval, merge, tests)."""
-    try:
-        rows = open_rows(str(spec), split)
-    except SourceError as exc:
-        raise DataError(spec, [str(exc)]) from None
+    rows = open_source(str(spec), split)
     found = scan(rows, fmt, max_pixels=max_pixels)
     if found.problems:
         raise DataError(spec, found.problems)
-    return list(ChatRecords(rows, found.format))
+    return list(ChatRecords(rows, found.format, found.indices))
+
+
+def open_source(spec: str, split: str = "train", streaming: bool = False) -> Rows:
+    """`trainer.sources.open_rows`, a source that cannot be opened being a DataError like the others."""
+    try:
+        return open_rows(spec, split, streaming)
+    except SourceError as exc:
+        raise DataError(spec, [str(exc)]) from None
 
 
 def message_images(messages: list[dict]) -> list[str]:

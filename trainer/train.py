@@ -39,13 +39,9 @@ def _checked(config: TrainConfig, spec: str, split: str, processor, streaming: b
     """The rows of one dataset after a full check (every problem listed; overlong records per truncation)."""
     import sys
 
-    from trainer.data import DataError, scan
-    from trainer.sources import SourceError, open_rows
+    from trainer.data import DataError, open_source, scan
 
-    try:
-        rows = open_rows(spec, split, streaming)
-    except SourceError as exc:
-        raise DataError(spec, [str(exc)]) from None
+    rows = open_source(spec, split, streaming)
     max_pixels = getattr(processor.image_processor, "size", {}).get("longest_edge")
     found = scan(rows, config.format, processor, config.longest, max_pixels,
                  limit=config.validate_limit or None, progress=sys.stderr.isatty())
@@ -61,10 +57,15 @@ def _checked(config: TrainConfig, spec: str, split: str, processor, streaming: b
     return rows, found
 
 
+def _kept(found) -> list[int]:
+    """The records' row indices, overlong ones left out."""
+    too_long = set(found.too_long)
+    return [i for i in found.indices if i not in too_long]
+
+
 def load_data(config: TrainConfig, processor) -> Data:
     """Open and check the training (and validation) data before anything is written."""
     import random
-    from collections import Counter
 
     from trainer.data import ChatRecords, streamed_chats
 
@@ -78,8 +79,7 @@ def load_data(config: TrainConfig, processor) -> Data:
     if config.eval_data or config.eval_split:
         eval_rows, eval_found = _checked(config, config.eval_data or config.train_data,
                                          config.eval_split or config.train_split, processor)
-        val = list(ChatRecords(eval_rows, eval_found.format,
-                               [i for i in range(len(eval_rows)) if i not in set(eval_found.too_long)]))
+        val = list(ChatRecords(eval_rows, eval_found.format, _kept(eval_found)))
         info["eval"] = {"source": config.eval_data or config.train_data, "records": len(val),
                         "fingerprint": eval_found.fingerprint}
     elif config.streaming:
@@ -88,13 +88,12 @@ def load_data(config: TrainConfig, processor) -> Data:
             if config.val_fraction > 0 else 0
         val = list(streamed_chats(rows, found.format, config.seed, 1, take=held_out)) if held_out else []
     if config.streaming:
-        dropped = Counter()
         train = streamed_chats(rows, found.format, config.seed, config.shuffle_buffer, skip=held_out,
-                               max_length=config.max_length if config.truncation == "drop" else None,
-                               processor=processor, dropped=dropped)
+                               max_length=config.longest if config.truncation == "drop" else None,
+                               processor=processor)
         info["held_out"] = held_out
         return Data(train, val, info)
-    keep = [i for i in range(len(rows)) if i not in set(found.too_long)]
+    keep = _kept(found)
     if not val and config.val_fraction > 0:
         random.Random(config.seed).shuffle(keep)
         n_val = max(1, int(len(keep) * config.val_fraction))
@@ -102,7 +101,6 @@ def load_data(config: TrainConfig, processor) -> Data:
         keep = sorted(keep[n_val:])
     info["train_records"] = len(keep)
     info["val_records"] = len(val)
-    records = ChatRecords(rows, found.format)
     if not config.packing:
         return Data(ChatRecords(rows, found.format, keep), val, info)
     from trainer.packing import PackedRecords, pack
@@ -113,7 +111,7 @@ def load_data(config: TrainConfig, processor) -> Data:
                        "padding_fraction": round(1 - used / max(len(packs) * config.packed_length, 1), 4)}
     print(f"packing: {len(keep)} records in {len(packs)} rows of {config.packed_length} tokens "
           f"({info['packing']['padding_fraction']:.1%} padding)")
-    return Data(PackedRecords(records, packs), val, info)
+    return Data(PackedRecords(ChatRecords(rows, found.format), packs), val, info)
 
 
 def newest_checkpoint(work: Path) -> Path | None:

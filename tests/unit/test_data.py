@@ -101,3 +101,11 @@ def test_labels_cover_exactly_the_assistant_turns(image_dir, tiny_processor, sid
         if current:
             spans.append(current)
         assert [tok.decode(s) for s in spans] == want
+
+
+def test_blank_lines_are_no_records(image_dir):
+    record = {"messages": [user("q", "red.png"), {"role": "assistant", "content": "a"}]}
+    (image_dir / "gaps.jsonl").write_text(json.dumps(record) + "\n\n  \n" + json.dumps(record) + "\n")
+    found = scan(open_rows(str(image_dir / "gaps.jsonl")))
+    assert found.records == 2 and found.indices == [0, 3] and not found.problems
+    assert [len(r["messages"]) for r in load_dataset_file(image_dir / "gaps.jsonl")] == [2, 2]
