@@ -23,13 +23,13 @@ class Prepared:
     tool_mode: str = "none"  # see serving/tools.py
     parallel_tool_calls: bool = True
     include_reasoning: bool = True
+    created: int = field(default_factory=lambda: int(time.time()))
+    started: float = field(default_factory=time.perf_counter)
 
     @property
     def forced_tools(self) -> bool:
         """A required or named tool_choice: the output is constrained to one call."""
         return self.tool_mode in ("required", "named")
-    created: int = field(default_factory=lambda: int(time.time()))
-    started: float = field(default_factory=time.perf_counter)
 
 
 @dataclass
