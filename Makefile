@@ -10,12 +10,13 @@ MODELS ?= models
 STACK ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 SETUP_INPUTS := pyproject.toml tools/venv_fixes.py tools/vlora_torchvision_fix.py
 
-.PHONY: serve test test-slow test-all models demo-adapters lint deploy-check image-smoke clean help
+.PHONY: quantize-env serve test test-slow test-all models demo-adapters lint deploy-check image-smoke clean help
 help:
 	@echo "make serve   - set up .venv, build the embedded model + demo adapters if absent, serve on $(HOST):$(PORT)"
 	@echo "make test    - set up .venv with dev tools and run the test suite"
 	@echo "make models  - build the embedded model, demo data and trained demo adapters (colors, shapes) only"
 	@echo "make lint    - ruff and the import-layer contracts"
+	@echo "make quantize-env - set up .venv-quantize (llm-compressor) for vlora-train quantize"
 
 # Runtime environment: the project with the CPU or GPU vLLM stack, both sides (`serve`, and `train`: the
 # embedded default trains its demo adapters), then the detected environment fixes. The serving image
@@ -36,6 +37,23 @@ $(VENV)/.dev-$(STACK): $(VENV)/.runtime-$(STACK)
 	@$(BIN)/python -m pip install $$($(BIN)/python -c "import tomllib; print(' '.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['dev']))") >>$(VENV)/install.log 2>&1 || { tail -40 $(VENV)/install.log; exit 1; }
 	@touch $@
 
+# llm-compressor pins another compressed-tensors than vLLM, so `vlora-train quantize` has its own environment
+# (the project with the `quantize` extra; torch as the CPU stack pins it there). It writes checkpoints the
+# serving environment loads.
+QVENV := .venv-quantize
+QUANT_PINS_cpu := torch==2.13.0 torchvision==0.28.0
+QUANT_PINS_gpu :=
+$(QVENV)/.ready-$(STACK): $(SETUP_INPUTS)
+	@test -x $(QVENV)/bin/python || $(PYTHON) -m venv $(QVENV)
+	@echo "setting up $(QVENV) (log in $(QVENV)/install.log)"
+	@$(QVENV)/bin/python -m pip install -q --upgrade pip >$(QVENV)/install.log 2>&1 || true
+	@$(QVENV)/bin/python -m pip install -e ".[quantize]" $(QUANT_PINS_$(STACK)) >>$(QVENV)/install.log 2>&1 || { tail -40 $(QVENV)/install.log; exit 1; }
+	@$(QVENV)/bin/python tools/venv_fixes.py
+	@rm -f $(QVENV)/.ready-*
+	@touch $@
+
+quantize-env: $(QVENV)/.ready-$(STACK)
+
 models: $(VENV)/.runtime-$(STACK)
 	@$(BIN)/vlora-train demo-assets --out $(MODELS)
 
@@ -44,13 +62,13 @@ demo-adapters: models
 serve: models
 	$(BIN)/vlora-serve --host $(HOST) --port $(PORT)
 
-test: $(VENV)/.dev-$(STACK)
+test: $(VENV)/.dev-$(STACK) $(QVENV)/.ready-$(STACK)
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 test-slow: $(VENV)/.dev-$(STACK)
 	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
 
-test-all: $(VENV)/.dev-$(STACK)
+test-all: $(VENV)/.dev-$(STACK) $(QVENV)/.ready-$(STACK)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # Style (ruff) and the import layers (import-linter contracts in pyproject.toml).
@@ -67,4 +85,4 @@ image-smoke:
 	tools/image_smoke.sh
 
 clean:
-	rm -rf $(VENV) $(MODELS)
+	rm -rf $(VENV) $(QVENV) $(MODELS)

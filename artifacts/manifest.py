@@ -17,6 +17,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 MANIFEST = "manifest.json"
+PROVENANCE = "provenance.json"  # beside a derived model's weights: what it was made from (trainer.quantize, merge)
 FORMAT = 1
 SAMPLE_BYTES = 1 << 20
 DEFAULT_GOLDEN_MAX_TOKENS = 32
@@ -34,17 +35,51 @@ class BaseFingerprint(_Part):
     model: str | None = None
     config_sha256: str | None = None
     weights_sha256: str | None = None
+    # A derived model (its provenance.json): what it was made from, and how ("quantize", "merge").
+    derived_from: BaseFingerprint | None = None
+    transform: str | None = None
+    scheme: str | None = None
+
+    def _differs(self, other: BaseFingerprint) -> str | None:
+        for key in ("config_sha256", "weights_sha256"):
+            theirs, ours = getattr(self, key), getattr(other, key)
+            if theirs and ours and theirs != ours:
+                return key
+        return None
+
+    def lineage(self) -> list[BaseFingerprint]:
+        """This model and the models it is a quantization of, nearest first (a merge starts a new model:
+        an adapter of B is not an adapter of B merged with another one)."""
+        chain, node = [self], self
+        while node.transform == "quantize" and node.derived_from is not None and len(chain) < 16:
+            node = node.derived_from
+            chain.append(node)
+        return chain
+
+    def describe(self) -> str:
+        """'M (weights ab12..), a w8a8 quantization of B (weights cd34..)' along the chain."""
+        chain = self.lineage()
+        words = [f"{chain[0].model or 'a model'} (weights {str(chain[0].weights_sha256)[:12]})"]
+        for made, source in zip(chain[:-1], chain[1:], strict=True):
+            words.append(f"a {made.scheme or 'quantized'} quantization of {source.model or 'a model'} "
+                         f"(weights {str(source.weights_sha256)[:12]})")
+        return ", ".join(words)
 
     def mismatch(self, served: BaseFingerprint | None) -> str | None:
-        """Why an adapter trained on this base must not be served on `served` (None: compatible or unknown)."""
+        """Why an adapter trained on this base must not be served on `served` (None: compatible or unknown).
+
+        Compatible: `served` is this base, or a quantization of it (following its provenance chain)."""
         if served is None:
             return None
-        for key in ("config_sha256", "weights_sha256"):
-            theirs, ours = getattr(self, key), getattr(served, key)
-            if theirs and ours and theirs != ours:
-                return (f"it was trained on another base model ({key.split('_')[0]} fingerprint "
-                        f"{theirs[:12]} != served {ours[:12]})")
-        return None
+        chain = served.lineage()
+        if any(self._differs(node) is None for node in chain):
+            return None
+        key = self._differs(served)
+        if len(chain) == 1:
+            return (f"it was trained on another base model ({key.split('_')[0]} fingerprint "
+                    f"{getattr(self, key)[:12]} != served {getattr(served, key)[:12]})")
+        return (f"it was trained on {self.model or 'another base model'} (weights {str(self.weights_sha256)[:12]}), "
+                f"and the served model is {served.describe()}: not a quantization of the adapter's base")
 
 
 class LoraSettings(_Part):
@@ -118,7 +153,8 @@ def base_fingerprint(model: str) -> BaseFingerprint:
 
     Reading whole multi-GB checkpoints would take minutes; headers name every tensor with its dtype,
     shape and offsets, and the sampled bytes tell retrained weights of the same shape apart. A model that
-    is not a local folder (a hub id) has no fingerprint."""
+    is not a local folder (a hub id) has no fingerprint. A derived model (quantized, merged) carries what it was
+    made from, read from its provenance.json."""
     root = Path(model)
     if not root.is_dir():
         return BaseFingerprint(model=model)
@@ -132,8 +168,17 @@ def base_fingerprint(model: str) -> BaseFingerprint:
             f.seek(max(0, size - SAMPLE_BYTES))
             weights.update(f.read(SAMPLE_BYTES))
     config = root / "config.json"
-    return BaseFingerprint(model=model, config_sha256=_sha256(config.read_bytes()) if config.is_file() else None,
-                           weights_sha256=weights.hexdigest())
+    fingerprint = BaseFingerprint(model=model, config_sha256=_sha256(config.read_bytes()) if config.is_file() else None,
+                                  weights_sha256=weights.hexdigest())
+    provenance = root / PROVENANCE
+    if provenance.is_file():
+        try:
+            made = json.loads(provenance.read_text())
+            fingerprint.derived_from = BaseFingerprint.model_validate(made["derived_from"])
+            fingerprint.transform, fingerprint.scheme = made.get("transform"), made.get("scheme")
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ManifestError(f"{provenance} is unreadable: {exc}") from None
+    return fingerprint
 
 
 def file_sha256(path: str | Path) -> str:

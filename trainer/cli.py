@@ -4,6 +4,8 @@
     vlora-train train --config trainer/configs/tiny-colors.yaml --output-dir models/adapters/colors
     vlora-train eval --adapter models/adapters/colors --data data/colors/val.jsonl
     vlora-train merge --adapter models/adapters/colors --out models/tiny-colors-merged --data data/colors/val.jsonl
+    vlora-train quantize --model models/tiny-colors-merged --out models/tiny-colors-w8a8 --scheme w8a8 \
+        --calibration data/colors/train.jsonl      # in .venv-quantize (make quantize-env)
     vlora-train convert simple.jsonl --out chat.jsonl
     vlora-train demo-data --task colors --out data/colors
     vlora-train tiny-model --out models/tiny-qwen3-vl --seed 0
@@ -148,6 +150,17 @@ def _merge(args) -> None:
           f"{report['max_logit_diff']:.3g}")
 
 
+def _quantize(args) -> None:
+    from trainer.quantize import quantize
+
+    made = quantize(args.model, args.out, args.scheme, args.calibration, args.samples, args.max_length,
+                    args.quantize_vision, args.quantize_lm_head, args.split, args.overwrite)
+    calib = made["calibration"]
+    used = f"{calib['samples']} records of {calib['source']}" if calib else "none"
+    print(f"{args.scheme} ({made['method']}) written to {args.out}; kept in 16 bits: "
+          f"{', '.join(made['kept_16bit']) or 'nothing'}; calibration: {used}")
+
+
 def _demo_data(args) -> None:
     from trainer.demo_data import make_demo_dataset
 
@@ -201,6 +214,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-k", type=int, default=4, help="samples in the parity check")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), bf16 or fp32")
     p.set_defaults(func=_merge)
+
+    p = sub.add_parser("quantize", help="quantize a base or merged model (llm-compressor, compressed-tensors format)")
+    p.add_argument("--model", required=True, help="16-bit model directory (a base, or the output of merge)")
+    p.add_argument("--out", required=True, help="output directory (written atomically)")
+    p.add_argument("--scheme", required=True, choices=["w4a16", "w8a8", "fp8"],
+                   help="w4a16: int4 weights (groups of 128); w8a8: int8 weights and activations; fp8: fp8 both")
+    p.add_argument("--calibration", help="calibration data in any trainer format (GPTQ); without it: round-to-nearest")
+    p.add_argument("--samples", type=int, default=64, help="calibration records (default 64)")
+    p.add_argument("--max-length", type=int, default=2048, help="calibration records longer than this are left out")
+    p.add_argument("--split", default="train", help="split of a hub/parquet calibration source")
+    p.add_argument("--quantize-vision", action="store_true", help="quantize the vision tower too (default: 16-bit)")
+    p.add_argument("--quantize-lm-head", action="store_true", help="quantize lm_head too (default: 16-bit)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.set_defaults(func=_quantize)
 
     p = sub.add_parser("demo-data", help="generate a synthetic demo dataset (colors or shapes)")
     p.add_argument("--task", required=True, choices=["colors", "shapes"])

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 from artifacts.atomic import atomic_dir
+from artifacts.manifest import PROVENANCE, base_fingerprint, file_sha256
 
 
 def _is_quantized(model_dir: str) -> bool:
@@ -71,4 +72,8 @@ def merge(adapter_dir: str, out: str, base_model: str | None = None, data: str |
         merged.save_pretrained(tmp, safe_serialization=True)
         processor.save_pretrained(tmp)
         (tmp / "merge_report.json").write_text(json.dumps(report, indent=2))
+        # A merge makes a new model (adapters of the base are not adapters of it); quantize follows this chain.
+        (tmp / PROVENANCE).write_text(json.dumps({
+            "format": 1, "derived_from": base_fingerprint(base).model_dump(exclude_none=True), "transform": "merge",
+            "adapter": str(adapter), "adapter_config_sha256": file_sha256(adapter / "adapter_config.json")}, indent=2))
     return report

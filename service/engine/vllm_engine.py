@@ -29,6 +29,7 @@ from service.engine.base import (
     VideoClip,
     adapter_of,
 )
+from service.engine.quantization import check_quantization
 from service.engine.vllm_reasoning import VLLMReasoningParser, reasoning_parser_class
 from service.engine.vllm_stats import stat_logger_factory
 from service.engine.vllm_tools import VLLMToolCallParser, parser_class
@@ -155,6 +156,9 @@ class VLLMEngine:
             kwargs["structured_outputs_config"]["reasoning_parser"] = s.reasoning_parser
         if s.max_num_batched_tokens:
             kwargs["max_num_batched_tokens"] = s.max_num_batched_tokens
+        from vllm.platforms import current_platform
+
+        check_quantization(s.model, s.quantization, current_platform.is_cpu())
         if s.quantization:
             kwargs["quantization"] = s.quantization
         if self._enable_lora:

@@ -70,3 +70,14 @@ def start_server(args: list[str], log_path: Path, env: dict[str, str] | None = N
         server.stop()
         raise
     return server
+
+
+def start_failure(args: list[str], log_path: Path, timeout: float = 180.0) -> str:
+    """Start a server that must refuse to start: it exits non-zero before it is ready; returns its log."""
+    server = ServerProcess(args, log_path)
+    try:
+        code = server.proc.wait(timeout)
+    finally:
+        server.stop()
+    assert code != 0, f"the server started:\n{server.log_tail()}"
+    return log_path.read_text(errors="replace")
