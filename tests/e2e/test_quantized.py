@@ -133,3 +133,23 @@ def test_cpu_refuses_in_flight_quantization_at_start(tmp_path):
     message = start_failure(["--model", str(MODELS / "tiny-qwen3-vl"), "--quantization", "bitsandbytes"],
                             tmp_path / "server.log")
     assert "needs a CUDA GPU" in message and "compressed-tensors" in message, message
+
+
+def test_merge_then_quantize_then_serve(tmp_path):
+    """The documented single-adapter path: the merged colors model quantized (w4a16, round-to-nearest: no
+    calibration data) and served alone answers like the adapter; its provenance chain ends at the base."""
+    from trainer.merge import merge
+
+    merged = tmp_path / "colors-merged"
+    merge(str(MODELS / "adapters" / "colors"), str(merged), data=str(MODELS / "demo-data/colors/val.jsonl"), k=2)
+    out = tmp_path / "colors-w4a16"
+    proc = run_quantize(merged, out, "w4a16")
+    assert proc.returncode == 0 and "w4a16 (rtn) written to" in proc.stdout, proc.stderr[-3000:]
+    made = json.loads((out / "provenance.json").read_text())
+    assert made["derived_from"]["transform"] == "merge" and made["calibration"] is None
+    server = start_server(["--model", str(out)], tmp_path / "server.log")
+    try:
+        records = load_dataset_file(MODELS / "demo-data/colors/val.jsonl")[:50]
+        assert asyncio.run(_served_accuracy(server.url, "colors-w4a16", records, max_tokens=6)) >= 0.9
+    finally:
+        assert server.stop() == 0
