@@ -25,10 +25,12 @@ from service.errors import PayloadTooLarge, api_error_response, install_error_ha
 from service.lifecycle import Drain, RequestLifecycle
 from service.media import MediaLimits
 from service.metrics import Metrics
-from service.routes import adapters, chat, completions, models, ops, responses
+from service.routes import adapters, chat, completions, models, ops, playground, responses
 from service.serving.chat import ChatService, VideoSampling
 from service.serving.completions import CompletionService
 from service.serving.golden import GoldenCheck
+from service.serving.playground import PATHS as PLAYGROUND_PATHS
+from service.serving.playground import Assets
 from service.serving.render import ChatRenderer
 from service.serving.responses import ResponsesService
 from service.settings import ServiceSettings
@@ -165,8 +167,13 @@ def create_app(settings: ServiceSettings, engine: Engine, *, metrics: Metrics, r
     app.openapi = _openapi_without_422(app)
     for router in (chat.router, completions.router, responses.router, models.router, adapters.router, ops.router):
         app.include_router(router)
+    public = list(settings.public_paths)
+    if settings.playground:  # the page itself holds nothing secret; what it calls needs the user's key
+        app.state.playground = Assets.load()
+        app.include_router(playground.router)
+        public += PLAYGROUND_PATHS
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
-    app.add_middleware(Authenticate, ring=ring, public_paths=settings.public_paths)
+    app.add_middleware(Authenticate, ring=ring, public_paths=public)
     # Outermost: request ids, access logs and drain refusals apply to everything, 413s included.
     app.add_middleware(RequestLifecycle, drain=app.state.drain, retry_after_s=settings.retry_after_s)
     return app

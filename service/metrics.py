@@ -144,6 +144,31 @@ class Metrics:
     def request_queued(self, adapter: str | None, seconds: float) -> None:
         self.queue.labels(self.labels(adapter_of(adapter) if adapter else None)).observe(seconds)
 
+    def adapter_summary(self, adapter: str | None) -> dict:
+        """One adapter's figures since start, from its series (the playground's console): requests answered,
+        and TTFT p50/p95 estimated from the histogram buckets as PromQL's histogram_quantile does."""
+        label = self.labels(adapter)
+        requests = sum(s.value for metric in self.requests.collect() for s in metric.samples
+                       if s.name == "vlora_requests_total" and s.labels.get("adapter") == label)
+        buckets = sorted((float(s.labels["le"]), s.value) for metric in self.ttft.collect() for s in metric.samples
+                         if s.name.endswith("_bucket") and s.labels.get("adapter") == label)
+        return {"label": label, "requests": int(requests),
+                "ttft_p50_s": _quantile(0.5, buckets), "ttft_p95_s": _quantile(0.95, buckets)}
+
     def exposition(self, engine_unfinished: int) -> bytes:
         self.engine_unfinished.set(engine_unfinished)
         return generate_latest(self.registry)
+
+
+def _quantile(q: float, buckets: list[tuple[float, float]]) -> float | None:
+    """histogram_quantile over cumulative (upper bound, count) buckets: linear inside the bucket."""
+    if not buckets or buckets[-1][1] == 0:
+        return None
+    rank, lower, below = q * buckets[-1][1], 0.0, 0.0
+    for upper, count in buckets:
+        if count >= rank:
+            if upper == float("inf"):
+                return lower
+            return lower + (upper - lower) * ((rank - below) / (count - below) if count > below else 0.0)
+        lower, below = upper, count
+    return lower

@@ -44,6 +44,8 @@ class ServiceSettings(BaseSettings):
     admin_api_keys: list[str] = Field(default_factory=list, description="Keys that may also use the admin API.")
     public_paths: list[str] = Field(default_factory=lambda: ["/health", "/ready", "/metrics"],
                                     description="Paths answered without a key when keys are configured.")
+    playground: bool = Field(True, description="Serve the playground page at /playground (its API calls still "
+                                               "need a key when keys are configured).")
 
     # HTTP
     host: str = Field("127.0.0.1", description="Address to listen on.")

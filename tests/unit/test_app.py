@@ -138,3 +138,36 @@ def test_openapi_declares_streams_and_error_statuses(demo_assets, tiny_processor
             schema = answers[status]["content"]["application/json"]["schema"]
             assert schema["$ref"].endswith("/ErrorResponse"), (path, status)
         assert "422" not in answers  # validation errors are answered 400, as OpenAI does
+
+
+def test_playground_is_served_and_can_be_turned_off(demo_assets, tiny_processor):
+    metrics = Metrics()
+    on = _app(demo_assets, tiny_processor, FakeEngine(events=metrics), metrics)
+    spec = on.openapi()
+    assert set(spec["paths"]["/playground"]["get"]["responses"]["200"]["content"]) == {"text/html"}
+    assert set(spec["paths"]["/playground/app.js"]["get"]["responses"]["200"]["content"]) == {"text/javascript"}
+
+    async def body(http, client):
+        page, script = await http.get("/playground"), await http.get("/playground/app.js")
+        cards = (await http.get("/playground/api/adapters")).json()
+        return page, script, cards
+
+    page, script, cards = asyncio.run(_with_client(on, body))
+    assert page.status_code == 200 and page.headers["content-type"] == "text/html; charset=utf-8"
+    assert "frame-ancestors 'none'" in page.headers["content-security-policy"]
+    assert script.headers["content-type"].startswith("text/javascript") and "textContent" in script.text
+    assert cards["admin"] and cards["data"][0]["base"]
+    metrics2 = Metrics()
+    off = _app(demo_assets, tiny_processor, FakeEngine(events=metrics2), metrics2, argv=["--no-playground"])
+    assert "/playground" not in off.openapi()["paths"]
+    gone = asyncio.run(_with_client(off, lambda http, client: http.get("/playground")))
+    assert gone.status_code == 404
+
+
+def test_histogram_quantile_estimate():
+    from service.metrics import _quantile
+
+    buckets = [(0.1, 0.0), (0.2, 10.0), (0.5, 20.0), (float("inf"), 20.0)]
+    assert _quantile(0.5, buckets) == pytest.approx(0.2)
+    assert _quantile(0.75, buckets) == pytest.approx(0.35)
+    assert _quantile(0.5, [(0.1, 0.0), (float("inf"), 0.0)]) is None
