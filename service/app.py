@@ -19,10 +19,11 @@ from fastapi import FastAPI
 from artifacts.manifest import BaseFingerprint, base_fingerprint
 from service.adapters.registry import AdapterRegistry, parse_adapter_pairs
 from service.adapters.store import AdapterStore
-from service.auth import Authenticate, KeyRing
+from service.auth import Authenticate, KeyRing, file_stamp
 from service.engine.base import Engine
 from service.errors import PayloadTooLarge, api_error_response, install_error_handlers
 from service.lifecycle import Drain, RequestLifecycle
+from service.limits import FairShare, Quotas
 from service.media import MediaLimits
 from service.metrics import Metrics
 from service.routes import adapters, chat, completions, models, ops, playground, responses
@@ -67,6 +68,26 @@ class BodySizeLimit:
             await self.app(scope, limited_receive, send)
         except PayloadTooLarge as exc:
             await api_error_response(exc)(scope, receive, send)
+
+
+async def watch_keys(ring: KeyRing, quotas, settings: ServiceSettings) -> None:
+    """Secret rotation: re-read the tenants file when its bytes change; an unreadable or invalid new file keeps
+    the keys in use (and says why in the log until it is fixed)."""
+    path, seen = settings.api_keys_file, file_stamp(settings.api_keys_file)
+    while True:
+        await asyncio.sleep(settings.keys_reload_interval_s)
+        stamp = file_stamp(path)
+        if stamp == seen:
+            continue
+        seen = stamp
+        try:
+            fresh = KeyRing.from_settings(settings.api_keys, settings.admin_api_keys, path)
+        except ValueError as exc:
+            logger.error("tenants file not reloaded; keeping the keys in use", extra={"error": str(exc)})
+            continue
+        ring.replace_with(fresh)
+        quotas.adapter_limits = dict(fresh.adapter_limits)
+        logger.info("tenants file reloaded", extra={"tenants": len({t.name for _, t in fresh.entries})})
 
 
 async def watch_engine(app: FastAPI, interval_s: float) -> None:
@@ -120,6 +141,8 @@ def create_app(settings: ServiceSettings, engine: Engine, *, metrics: Metrics, r
         await engine.start()
         await registry.start()
         tasks = [asyncio.create_task(watch_engine(app, settings.health_check_interval_s))]
+        if settings.api_keys_file is not None:
+            tasks.append(asyncio.create_task(watch_keys(ring, app.state.chat.quotas, settings)))
         server = getattr(app.state, "server", None)
         if server is not None:
             tasks.append(asyncio.create_task(app.state.drain.wait_and_stop(server)))
@@ -159,8 +182,11 @@ def create_app(settings: ServiceSettings, engine: Engine, *, metrics: Metrics, r
     if not ring.enabled:
         logger.warning("no API keys configured: every endpoint, the admin API included, is open")
     video = VideoSampling(settings.max_videos_per_request, settings.video_fps, settings.video_max_frames)
+    fair = (FairShare(settings.max_running_requests or settings.max_num_seqs)
+            if settings.fair_share and ring.enabled else None)
     app.state.chat = ChatService(engine, registry, renderer, limits, settings.max_images_per_request,
-                                 metrics, settings.max_pending_requests, settings.retry_after_s, video)
+                                 metrics, settings.max_pending_requests, settings.retry_after_s, video,
+                                 quotas=Quotas(ring.adapter_limits), fair=fair)
     app.state.completions = CompletionService(app.state.chat, renderer)  # shares the chat service's admission
     app.state.responses = ResponsesService(app.state.chat)
     install_error_handlers(app)

@@ -82,10 +82,31 @@ class Overloaded(APIError):
     code = "overloaded"
 
 
+class RateLimited(APIError):
+    """A tenant's or adapter's limit (service/limits.py), shaped as OpenAI's rate-limit errors."""
+
+    status = 429
+    type = "requests"
+    code = "rate_limit_exceeded"
+
+    @classmethod
+    def of(cls, exc) -> RateLimited:
+        error = cls(str(exc), headers={"Retry-After": str(max(1, -int(-exc.retry_after // 1))), **exc.headers})
+        error.type = "tokens" if exc.limit == "tokens_per_minute" else "requests"
+        return error
+
+
 class NotReady(APIError):
     status = 503
     type = "service_unavailable"
     code = "not_ready"
+
+
+class EngineRestarting(NotReady):
+    """The engine died: the process is exiting so that it is restarted (a 503 with Retry-After, not a 500:
+    the request may be retried on this replica once it is back, or on another)."""
+
+    code = "engine_restarting"
 
 
 class EngineFailure(APIError):

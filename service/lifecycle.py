@@ -20,6 +20,7 @@ import time
 import uuid
 
 from service.errors import NotReady, api_error_response
+from service.limits import answer_headers
 
 request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
 _SANE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -108,11 +109,16 @@ class RequestLifecycle:
         status = {"code": 500}
         started = time.perf_counter()
 
+        extra: dict[str, str] = {}  # the answer's rate-limit headers (service.limits), streamed or not
+        extra_token = answer_headers.set(extra)
+
         async def send_with_id(message):
             if message["type"] == "http.response.start":
                 status["code"] = message["status"]
                 message.setdefault("headers", [])
-                message["headers"] = [*message["headers"], (b"x-request-id", rid.encode())]
+                present = {k.lower() for k, _ in message["headers"]}
+                added = [(k.encode(), v.encode()) for k, v in extra.items() if k.encode() not in present]
+                message["headers"] = [*message["headers"], *added, (b"x-request-id", rid.encode())]
             await send(message)
 
         try:
@@ -134,3 +140,4 @@ class RequestLifecycle:
                     "method": scope.get("method"), "path": path, "status": status["code"],
                     "duration_ms": round((time.perf_counter() - started) * 1000, 1)})
             request_id_var.reset(token)
+            answer_headers.reset(extra_token)

@@ -64,6 +64,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from service.adapters.registry import collect_adapters
     from service.app import create_app
+    from service.auth import KeyRing
     from service.engine.vllm_engine import VLLMEngine
     from service.metrics import Metrics
     from service.serving.render import ChatRenderer
@@ -74,9 +75,13 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"vlora-serve: {exc}")
     if settings.base_name in adapters:
         sys.exit(f"vlora-serve: adapter name '{settings.base_name}' collides with the base model's name")
+    try:
+        ring = KeyRing.from_settings(settings.api_keys, settings.admin_api_keys, settings.api_keys_file)
+    except ValueError as exc:
+        sys.exit(f"vlora-serve: {exc}")
     metrics = Metrics(settings.metrics_max_adapter_labels)
     engine = VLLMEngine(settings, adapters, enable_lora=bool(adapters) or settings.adapter_dir is not None,
-                        events=metrics)
+                        events=metrics, priority_scheduling=ring.prioritised)
     try:
         engine.engine_args()  # refuse conflicting or unknown --engine-arg before anything starts
     except ValueError as exc:
@@ -86,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     except (OSError, ValueError) as exc:
         sys.exit(f"vlora-serve: the model's processor could not be loaded from '{settings.model}': {exc}")
     try:
-        app = create_app(settings, engine, metrics=metrics, renderer=renderer)
+        app = create_app(settings, engine, metrics=metrics, renderer=renderer, keyring=ring)
     except ValueError as exc:
         sys.exit(f"vlora-serve: {exc}")
     server = DrainingServer(uvicorn.Config(app, host=settings.host, port=settings.port, access_log=False,

@@ -96,6 +96,19 @@ class Metrics:
                                               ["adapter"], buckets=LOAD_BUCKETS, registry=r)
         self.rejected = Counter("vlora_requests_rejected", "Requests refused before admission, by reason.",
                                 ["reason"], registry=r)
+        # Per tenant (the keys file's names; bounded like adapters: later ones share 'other').
+        self.tenants = AdapterLabels(max_adapter_labels)
+        self.tenant_requests = Counter("vlora_tenant_requests", "Requests that reached the engine, by tenant and "
+                                       "status.", ["tenant", "status"], registry=r)
+        self.tenant_tokens = Counter("vlora_tenant_tokens", "Tokens by tenant and kind (prompt, completion).",
+                                     ["tenant", "kind"], registry=r)
+        self.tenant_rejections = Counter("vlora_tenant_rejections", "Requests refused by a limit, by tenant and "
+                                         "limit (max_concurrent, requests_per_minute, tokens_per_minute, overloaded).",
+                                         ["tenant", "limit"], registry=r)
+        self.tenant_queue = Histogram("vlora_tenant_queue_wait_seconds", "Time a request waited for a fair-share "
+                                      "engine slot, by tenant.", ["tenant"], buckets=LATENCY_BUCKETS, registry=r)
+        self.fair_waiting = Gauge("vlora_fair_share_waiting", "Requests waiting for a fair-share engine slot "
+                                  "(in front of the engine's own queue).", registry=r)
 
     def observe_request(self, *, adapter: str, status: str, finish_reason: str, prompt_tokens: int,
                         image_tokens: int, completion_tokens: int, ttft: float | None, e2e: float,
@@ -144,6 +157,21 @@ class Metrics:
     def request_queued(self, adapter: str | None, seconds: float) -> None:
         self.queue.labels(self.labels(adapter_of(adapter) if adapter else None)).observe(seconds)
 
+    def _tenant(self, tenant: str) -> str:
+        return self.tenants.register(tenant)
+
+    def tenant_request(self, tenant: str, status: str, prompt_tokens: int, completion_tokens: int) -> None:
+        label = self._tenant(tenant)
+        self.tenant_requests.labels(label, status).inc()
+        self.tenant_tokens.labels(label, "prompt").inc(prompt_tokens)
+        self.tenant_tokens.labels(label, "completion").inc(completion_tokens)
+
+    def tenant_rejected(self, tenant: str, limit: str) -> None:
+        self.tenant_rejections.labels(self._tenant(tenant), limit).inc()
+
+    def tenant_queue_wait(self, tenant: str, seconds: float) -> None:
+        self.tenant_queue.labels(self._tenant(tenant)).observe(seconds)
+
     def adapter_summary(self, adapter: str | None) -> dict:
         """One adapter's figures since start, from its series (the playground's console): requests answered,
         and TTFT p50/p95 estimated from the histogram buckets as PromQL's histogram_quantile does."""
@@ -155,8 +183,9 @@ class Metrics:
         return {"label": label, "requests": int(requests),
                 "ttft_p50_s": _quantile(0.5, buckets), "ttft_p95_s": _quantile(0.95, buckets)}
 
-    def exposition(self, engine_unfinished: int) -> bytes:
+    def exposition(self, engine_unfinished: int, fair_waiting: int = 0) -> bytes:
         self.engine_unfinished.set(engine_unfinished)
+        self.fair_waiting.set(fair_waiting)
         return generate_latest(self.registry)
 
 

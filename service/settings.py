@@ -39,11 +39,17 @@ class ServiceSettings(BaseSettings):
     enable_tower_lora: bool = Field(False, description="Apply vision-tower/merger LoRA weights (vLLM tower LoRA).")
 
     # Access control
-    api_keys_file: Path | None = Field(None, description="YAML/JSON tenants file (keys, adapter allowlists, admin).")
+    api_keys_file: Path | None = Field(None, description="YAML/JSON tenants file (keys, adapter allowlists, admin, "
+                                       "limits); re-read when it changes (Secret rotation).")
+    keys_reload_interval_s: float = Field(5.0, gt=0, description="How often the tenants file is checked for changes.")
     api_keys: list[str] = Field(default_factory=list, description="Keys with access to every adapter and the base.")
     admin_api_keys: list[str] = Field(default_factory=list, description="Keys that may also use the admin API.")
     public_paths: list[str] = Field(default_factory=lambda: ["/health", "/ready", "/metrics"],
                                     description="Paths answered without a key when keys are configured.")
+    fair_share: bool = Field(True, description="With API keys: dispatch to the engine by weighted fair share per "
+                                               "tenant when its batch is full, instead of first come, first served.")
+    max_running_requests: int | None = Field(None, ge=1, description="Requests dispatched to the engine at once "
+                                             "under fair share (default: --max-num-seqs).")
     playground: bool = Field(True, description="Serve the playground page at /playground (its API calls still "
                                                "need a key when keys are configured).")
 

@@ -70,6 +70,7 @@ class GenerationRequest:
     # reasoning parser reads them, e.g. enable_thinking, and constrained output starts after the reasoning);
     # None: no split, a constraint holds from the first token.
     reasoning: dict[str, Any] | None = None
+    priority: int = 0  # the engine's scheduling priority when it schedules by priority (lower: sooner)
 
 
 @dataclass

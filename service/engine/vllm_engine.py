@@ -33,7 +33,14 @@ from service.engine.quantization import check_quantization
 from service.engine.vllm_reasoning import VLLMReasoningParser, reasoning_parser_class
 from service.engine.vllm_stats import stat_logger_factory
 from service.engine.vllm_tools import VLLMToolCallParser, parser_class
-from service.errors import BadRequest, ContextLengthExceeded, EngineFailure, ModelNotFound, NotReady
+from service.errors import (
+    BadRequest,
+    ContextLengthExceeded,
+    EngineFailure,
+    EngineRestarting,
+    ModelNotFound,
+    NotReady,
+)
 from service.settings import ServiceSettings
 
 logger = logging.getLogger("vlora.engine")
@@ -45,7 +52,7 @@ VLORA_OWNED_ENGINE_ARGS = (
     "model", "served_model_name", "dtype", "max_model_len", "max_num_seqs", "seed", "enable_prefix_caching",
     "tensor_parallel_size", "gpu_memory_utilization", "enforce_eager", "limit_mm_per_prompt", "disable_log_stats",
     "structured_outputs_config", "max_num_batched_tokens", "quantization", "enable_lora", "max_loras",
-    "max_lora_rank", "enable_tower_connector_lora", "max_cpu_loras",
+    "max_lora_rank", "enable_tower_connector_lora", "max_cpu_loras", "scheduling_policy",
 )
 
 
@@ -110,8 +117,9 @@ def engine_rank_limit(ranks: list[int], configured: int | None) -> int:
 
 class VLLMEngine:
     def __init__(self, settings: ServiceSettings, adapters: dict[str, str], enable_lora: bool = True,
-                 events: EngineEvents | None = None):
+                 events: EngineEvents | None = None, priority_scheduling: bool = False):
         self.settings = settings
+        self.priority_scheduling = priority_scheduling  # a tenant has a priority class: vLLM's priority policy
         self.events = events or NoEvents()
         self.model_id = settings.base_name
         self._start_adapters = adapters
@@ -156,6 +164,8 @@ class VLLMEngine:
             kwargs["structured_outputs_config"]["reasoning_parser"] = s.reasoning_parser
         if s.max_num_batched_tokens:
             kwargs["max_num_batched_tokens"] = s.max_num_batched_tokens
+        if self.priority_scheduling:
+            kwargs["scheduling_policy"] = "priority"
         from vllm.platforms import current_platform
 
         check_quantization(s.model, s.quantization, current_platform.is_cpu())
@@ -326,8 +336,9 @@ class VLLMEngine:
         finished = False
         self._request_adapters[request.request_id] = request.adapter
         try:
+            extra = {"priority": request.priority} if self.priority_scheduling else {}
             stream = self._llm.generate(prompt, self._sampling_params(request), request.request_id, lora_request=lora,
-                                        **self._reasoning_kwargs(request))
+                                        **self._reasoning_kwargs(request), **extra)
             async for out in stream:
                 prompt_tokens = len(out.prompt_token_ids) if out.prompt_token_ids is not None else None
                 for choice in out.outputs:
@@ -345,7 +356,8 @@ class VLLMEngine:
             from vllm.v1.engine.exceptions import EngineDeadError
 
             if isinstance(exc, EngineDeadError):
-                raise EngineFailure("the inference engine died; the server is restarting") from exc
+                raise EngineRestarting("the inference engine died; the server is restarting",
+                                       headers={"Retry-After": str(self.settings.retry_after_s)}) from exc
             if isinstance(exc, ValueError | TypeError | VLLMClientError):
                 raise _bad_request(exc, request) from exc
             raise

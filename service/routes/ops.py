@@ -43,5 +43,7 @@ async def ready(request: Request) -> dict:
 @router.get("/metrics")
 async def metrics(request: Request) -> Response:
     state = request.app.state
-    return Response(state.metrics.exposition(engine_unfinished=state.engine.unfinished_requests()),
+    fair = state.chat.fair
+    return Response(state.metrics.exposition(engine_unfinished=state.engine.unfinished_requests(),
+                                             fair_waiting=fair.waiting() if fair is not None else 0),
                     media_type=CONTENT_TYPE)

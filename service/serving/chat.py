@@ -18,6 +18,7 @@ from service.adapters.registry import AdapterRegistry, Revision
 from service.auth import OPEN, Tenant
 from service.engine.base import Delta, Engine, GenerationRequest
 from service.errors import BadRequest
+from service.limits import FairShare, Quotas
 from service.media import MediaLimits, load_image, load_video_bytes
 from service.metrics import Metrics
 from service.protocol.chat import (
@@ -51,8 +52,8 @@ class VideoSampling:
 class ChatService(Generation):
     def __init__(self, engine: Engine, registry: AdapterRegistry, renderer: ChatRenderer, limits: MediaLimits,
                  max_images: int, metrics: Metrics, max_pending: int = 64, retry_after_s: int = 5,
-                 video: VideoSampling | None = None):
-        super().__init__(engine, registry, metrics, max_pending, retry_after_s)
+                 video: VideoSampling | None = None, quotas: Quotas | None = None, fair: FairShare | None = None):
+        super().__init__(engine, registry, metrics, max_pending, retry_after_s, quotas, fair)
         self.renderer = renderer
         self.limits = limits
         self.max_images = max_images
@@ -61,7 +62,7 @@ class ChatService(Generation):
     async def handle(self, req: ChatCompletionRequest, tenant: Tenant = OPEN):
         """A whole request: admission, preparation, then a completion or an SSE body iterator."""
         stream = (lambda prep: ChatStream(self, prep, req.include_usage)) if req.stream else None
-        return await self.serve(req.model, lambda: self.prepare(req, tenant), stream, self.completion)
+        return await self.serve(req.model, lambda: self.prepare(req, tenant), stream, self.completion, tenant)
 
     async def prepare(self, req: ChatCompletionRequest, tenant: Tenant = OPEN, *,
                       request_id: str | None = None, kind: str = "chat completion") -> Prepared:
@@ -113,7 +114,7 @@ class ChatService(Generation):
         gen = GenerationRequest(request_id=request_id, prompt=prompt, prompt_token_ids=ids, images=images, videos=videos,
                                 sampling=sampling, adapter=adapter, reasoning=template_kwargs if thinking else None)
         return Prepared(request=gen, model=req.model, revision=revision, image_tokens=image_tokens,
-                        video_tokens=sum(video_tokens),
+                        video_tokens=sum(video_tokens), prompt_tokens=prompt_tokens,
                         adapter_label=self.adapter_label(revision),
                         tool_mode=mode, parallel_tool_calls=req.parallel_tool_calls,
                         include_reasoning=req.include_reasoning)

@@ -38,7 +38,7 @@ class CompletionService:
     async def handle(self, req: CompletionRequest, tenant: Tenant = OPEN):
         stream = (lambda prep: CompletionStream(prep, req.include_usage)) if req.stream else None
         return await self.gen.serve(req.model, lambda: self.prepare(req, tenant), stream,
-                                    lambda prep, totals: self.completion(req, prep, totals))
+                                    lambda prep, totals: self.completion(req, prep, totals), tenant)
 
     @staticmethod
     def completion(req: CompletionRequest, prep: Prepared, totals: Totals) -> Completion:
@@ -53,12 +53,13 @@ class CompletionService:
         revision = await self.gen.resolve(req.model, tenant)
         try:
             ids = self.renderer.tokenize(req.prompt)
-            room = self.gen.room_for(self.renderer.text_tokens(ids), req.max_tokens, "prompt")
+            prompt_tokens = self.renderer.text_tokens(ids)
+            room = self.gen.room_for(prompt_tokens, req.max_tokens, "prompt")
             sampling = sampling_for(req, req.max_tokens or room, self.renderer.vocab_size)
             gen = GenerationRequest(request_id=f"cmpl-{uuid.uuid4().hex}", prompt=req.prompt, prompt_token_ids=ids,
                                     sampling=sampling,
                                     adapter=revision.key if revision is not None else None)
-            return Prepared(request=gen, model=req.model, revision=revision, kind="completion",
+            return Prepared(request=gen, model=req.model, revision=revision, kind="completion", prompt_tokens=prompt_tokens,
                             adapter_label=self.gen.adapter_label(revision))
         except BaseException:
             self.gen.registry.release(revision)

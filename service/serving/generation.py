@@ -24,9 +24,11 @@ from service.errors import (
     ContextLengthExceeded,
     ModelNotFound,
     Overloaded,
+    RateLimited,
     error_body,
     internal_error_body,
 )
+from service.limits import FairShare, LimitExceeded, Quotas, Ticket, note_headers
 from service.metrics import Metrics
 from service.serving.sse import DONE, sse_json
 from service.serving.totals import Prepared, Totals
@@ -50,28 +52,81 @@ class Generation:
     """One per app: every generating endpoint shares its admission count (one --max-pending-requests bound)."""
 
     def __init__(self, engine: Engine, registry: AdapterRegistry, metrics: Metrics, max_pending: int = 64,
-                 retry_after_s: int = 5):
+                 retry_after_s: int = 5, quotas: Quotas | None = None, fair: FairShare | None = None):
         self.engine = engine
         self.registry = registry
         self.metrics = metrics
         self.max_pending = max_pending
         self.retry_after = str(retry_after_s)
         self.active = 0
+        self.by_tenant: dict[str, int] = {}  # admitted requests per tenant
+        self.weights: dict[str, float] = {}
+        self.quotas = quotas or Quotas()
+        self.fair = fair
 
     # admission ----------------------------------------------------------------------------------
 
-    def admit(self) -> None:
-        """Backpressure: refuse (429) rather than queue without bound."""
-        if self.active >= self.max_pending:
+    def _fair_cap(self, tenant: Tenant) -> float:
+        """A tenant's share of --max-pending-requests among the tenants holding requests (weighted)."""
+        weights = {**{t: self.weights[t] for t in self.by_tenant}, tenant.name: tenant.weight}
+        return self.max_pending * tenant.weight / sum(weights.values())
+
+    def admit(self, tenant: Tenant = OPEN, model: str | None = None) -> Ticket:
+        """Backpressure and limits: refuse (429) rather than queue without bound. With fair share on, a full
+        server still admits a tenant under its share of the bound (the flooding tenant is refused instead)."""
+        mine = self.by_tenant.get(tenant.name, 0)
+        if self.active >= self.max_pending and (self.fair is None or mine >= self._fair_cap(tenant)):
             self.metrics.rejected.labels("overloaded").inc()
+            self.metrics.tenant_rejected(tenant.name, "overloaded")
             raise Overloaded(f"the server has {self.active} requests running or waiting (limit "
                              f"{self.max_pending}); retry later", headers={"Retry-After": self.retry_after})
+        try:
+            ticket = self.quotas.admit(tenant.name, tenant.limits, model.partition("@")[0] if model else None)
+        except LimitExceeded as exc:
+            self.metrics.rejected.labels(exc.limit).inc()
+            self.metrics.tenant_rejected(tenant.name, exc.limit)
+            raise RateLimited.of(exc) from None
+        note_headers(self.quotas.headers(ticket.tenant))
         self.active += 1
+        self.by_tenant[tenant.name] = mine + 1
+        self.weights[tenant.name] = tenant.weight
         self.metrics.running_requests.inc()
+        return ticket
 
-    def release(self) -> None:
+    def release(self, ticket: Ticket | None = None, tenant: str = OPEN.name, used: int = 0) -> None:
         self.active -= 1
+        left = self.by_tenant.get(tenant, 1) - 1
+        if left > 0:
+            self.by_tenant[tenant] = left
+        else:
+            self.by_tenant.pop(tenant, None)
+        if ticket is not None:
+            self.quotas.settle(ticket, used)
         self.metrics.running_requests.dec()
+
+    def reserve(self, prep: Prepared) -> None:
+        """Reserve the request's tokens (prompt + what it may generate) against its tenant's and adapter's
+        tokens_per_minute once its prompt is counted."""
+        s = prep.request.sampling
+        try:
+            self.quotas.reserve(prep.ticket, prep.prompt_tokens + s.max_tokens * max(1, s.n))
+        except LimitExceeded as exc:
+            self.metrics.rejected.labels(exc.limit).inc()
+            self.metrics.tenant_rejected(prep.tenant, exc.limit)
+            raise RateLimited.of(exc) from None
+        note_headers(self.quotas.headers(prep.ticket.tenant))
+
+    async def dispatch(self, prep: Prepared) -> None:
+        """Wait for an engine slot when fair share is on (weighted by the tenant's priority class)."""
+        if self.fair is not None:
+            waited = await self.fair.acquire(prep.tenant, self.weights.get(prep.tenant, 1.0))
+            prep.dispatched = True
+            self.metrics.tenant_queue_wait(prep.tenant, waited)
+
+    def undispatch(self, prep: Prepared) -> None:
+        if self.fair is not None and prep.dispatched:
+            prep.dispatched = False
+            self.fair.release(prep.tenant)
 
     def label_for(self, model: str) -> str:
         """Metric label of a requested name that may not exist (bounded: unknown names share one)."""
@@ -104,15 +159,21 @@ class Generation:
 
     async def serve(self, model: str, prepare: Callable[[], Awaitable[Prepared]],
                     stream: Callable[[Prepared], StreamFormat] | None,
-                    complete: Callable[[Prepared, Totals], Any]):
-        """A whole request of any endpoint: admission, `prepare` (its refusals counted), then the SSE body in
-        the `stream` format (which releases the admission slot when it ends), or `complete(prep, totals)`."""
-        self.admit()
-        handed_over = False
+                    complete: Callable[[Prepared, Totals], Any], tenant: Tenant = OPEN):
+        """A whole request of any endpoint: admission (limits, fair share), `prepare` (its refusals counted),
+        then the SSE body in the `stream` format (which releases the admission slot when it ends), or
+        `complete(prep, totals)`."""
+        ticket = self.admit(tenant, model)
+        handed_over, prep = False, None
         try:
             try:
                 prep = await prepare()
+                prep.ticket, prep.tenant = ticket, tenant.name
+                prep.request.priority = tenant.engine_priority
+                self.reserve(prep)
             except APIError as exc:
+                if prep is not None:
+                    self.registry.release(prep.revision)
                 self.metrics.count_refusal(self.label_for(model), exc.status)
                 raise
             if stream is not None:
@@ -122,12 +183,15 @@ class Generation:
             return complete(prep, await self.run(prep))
         finally:
             if not handed_over:
-                self.release()
+                self.release(ticket, tenant.name, prep.used if prep is not None else 0)
 
     # running ------------------------------------------------------------------------------------
 
     def finish(self, prep: Prepared, totals: Totals, status: str) -> None:
         self.registry.release(prep.revision)
+        self.undispatch(prep)
+        prep.used = totals.prompt_tokens + totals.completion_tokens
+        self.metrics.tenant_request(prep.tenant, status, totals.prompt_tokens, totals.completion_tokens)
         reasons = sorted(set(totals.finish.values())) or ["none"]
         finish_reason = ",".join(reasons)
         ttft = (totals.first_token_at - prep.started) if totals.first_token_at else None
@@ -152,6 +216,7 @@ class Generation:
         totals = Totals()
         status = "5xx"
         try:
+            await self.dispatch(prep)
             async for delta in self.engine.generate(prep.request):
                 totals.add(delta)
             status = "2xx"
@@ -165,6 +230,11 @@ class Generation:
     async def open(self, prep: Prepared, fmt: StreamFormat) -> AsyncIterator[str]:
         """Start generation and wait for its first output, then return the SSE body iterator (which releases
         the admission slot when it ends). Errors before the first output propagate (a normal HTTP error)."""
+        try:
+            await self.dispatch(prep)
+        except BaseException:
+            self.finish(prep, Totals(), "aborted")
+            raise
         stream = self.engine.generate(prep.request)
         try:
             first = await anext(stream, None)
@@ -202,8 +272,8 @@ class Generation:
         finally:
             if status == "aborted":
                 logger.info("stream %s ended early (client disconnected); aborting", rid)
-            self.release()
             self.finish(prep, totals, status)
+            self.release(prep.ticket, prep.tenant, prep.used)
             # Shielded: a disconnect cancels this task, and anyio re-delivers cancellation at every await.
             with anyio.CancelScope(shield=True):
                 await stream.aclose()  # the engine backend aborts an unfinished request on close

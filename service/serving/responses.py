@@ -79,7 +79,7 @@ class ResponsesService:
             return _response(req, prep, status, output, totals, tokens)
 
         stream = (lambda prep: ResponsesStream(req, prep, self.chat)) if req.stream else None
-        return await self.chat.serve(req.model, prepare, stream, complete)
+        return await self.chat.serve(req.model, prepare, stream, complete, tenant)
 
 
 class ResponsesStream:

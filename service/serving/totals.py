@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from service.adapters.registry import Revision
 from service.engine.base import Delta, GenerationRequest, TokenLogprob
@@ -19,12 +20,17 @@ class Prepared:
     revision: Revision | None = None  # held (registry.acquire) until the request ends
     image_tokens: int = 0
     video_tokens: int = 0
+    prompt_tokens: int = 0  # counted before the engine runs (images and videos included): the token reservation
     kind: str = "chat completion"  # which endpoint: the message of the request's log line
     tool_mode: str = "none"  # see serving/tools.py
     parallel_tool_calls: bool = True
     include_reasoning: bool = True
     created: int = field(default_factory=lambda: int(time.time()))
     started: float = field(default_factory=time.perf_counter)
+    ticket: Any = None  # service.limits.Ticket: what the request counts against (set by Generation.serve)
+    tenant: str = "open"
+    dispatched: bool = False  # holds a fair-share engine slot
+    used: int = 0  # tokens it used (prompt + completion), settled against its limits at the end
 
     @property
     def forced_tools(self) -> bool:

@@ -125,8 +125,9 @@ def test_backpressure_gives_429_and_recovers(server, body):
 
 
 def test_failed_golden_samples_keep_not_ready_then_engine_death_exits_nonzero(demo_assets, tmp_path):
-    """One server: an adapter whose golden samples fail keeps /ready at 503 (liveness stays fine); then
-    the engine is killed, /health fails and the process exits non-zero."""
+    """One server: an adapter whose golden samples fail keeps /ready at 503 (liveness stays fine); then the
+    engine is killed during three streams: each ends with an error event and [DONE], a request arriving before
+    the exit gets a 503 with Retry-After, and the process exits non-zero; restarted, it serves again."""
     from trainer.demo import ensure_demo_assets
 
     ensure_demo_assets(MODELS)
@@ -136,9 +137,10 @@ def test_failed_golden_samples_keep_not_ready_then_engine_death_exits_nonzero(de
     assert manifest["golden_samples"]
     manifest["golden_samples"][0]["expected"] = "not what this adapter says"
     (tampered / "manifest.json").write_text(json.dumps(manifest))
-    srv = start_server(["--model", str(demo_assets["model"]), "--adapter", f"tampered={tampered}",
-                        "--adapter", f"colors={MODELS / 'adapters' / 'colors'}"], tmp_path / "server.log",
-                       env={"VLORA_HEALTH_CHECK_INTERVAL_S": "0.5"}, wait_path="/health")
+    args = ["--model", str(demo_assets["model"]), "--adapter", f"tampered={tampered}",
+            "--adapter", f"colors={MODELS / 'adapters' / 'colors'}"]
+    # The watchdog's period is the window in which requests still reach a process whose engine is dead.
+    srv = start_server(args, tmp_path / "server.log", env={"VLORA_HEALTH_CHECK_INTERVAL_S": "4"}, wait_path="/health")
     try:
         assert httpx.get(f"{srv.url}/health", timeout=10).status_code == 200
         ready = httpx.get(f"{srv.url}/ready", timeout=10)
@@ -148,9 +150,34 @@ def test_failed_golden_samples_keep_not_ready_then_engine_death_exits_nonzero(de
         cores = [p for p in psutil.Process(srv.proc.pid).children(recursive=True) if "EngineCore" in " ".join(
             p.cmdline()) or "EngineCore" in p.name()]
         assert cores, [p.cmdline() for p in psutil.Process(srv.proc.pid).children(recursive=True)]
+        body = {"model": "colors", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2000,
+                "min_tokens": 2000, "stream": True}
+        streams = [httpx.Client(timeout=60) for _ in range(3)]
+        opened = [c.stream("POST", f"{srv.url}/v1/chat/completions", json=body) for c in streams]
+        responses = [o.__enter__() for o in opened]
+        lines = [r.iter_lines() for r in responses]
+        for it in lines:  # every stream is under way
+            assert next(line for line in it if line.startswith("data: "))
         for core in cores:
             os.kill(core.pid, signal.SIGKILL)
+        for it in lines:  # each stream in flight ends with an OpenAI-shaped error event, then [DONE]
+            events = [line for line in it if line.startswith("data: ")]
+            assert events[-1] == "data: [DONE]" and '"error"' in events[-2], events[-3:]
+        for o, c in zip(opened, streams, strict=True):
+            o.__exit__(None, None, None)
+            c.close()
+        late = httpx.post(f"{srv.url}/v1/chat/completions", timeout=30, json={**body, "stream": False, "max_tokens": 4,
+                                                                            "min_tokens": 0})
+        assert late.status_code == 503 and late.json()["error"]["code"] == "engine_restarting", late.text
+        assert int(late.headers["retry-after"]) >= 1
         assert srv.proc.wait(60) != 0
         assert "engine is dead" in srv.log_tail(200)
     finally:
         srv.stop()
+    again = start_server(args, tmp_path / "server-restarted.log", wait_path="/health")  # what a restart gives
+    try:
+        r = httpx.post(f"{again.url}/v1/chat/completions", timeout=60, json={
+            "model": "colors", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+        assert r.status_code == 200
+    finally:
+        again.stop()

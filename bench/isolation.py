@@ -1,0 +1,187 @@
+"""Tenant isolation benchmark: a light tenant's latency while another floods, with isolation on and off; a soak.
+
+    .venv/bin/python bench/isolation.py [--out bench/results/isolation] [--skip-soak]
+
+On this machine (127.0.0.1 only, bounded in time), the tiny model with four adapters, two tenants in a keys
+file (equal priority, no limits: what protects B is fair share, not a quota):
+  1. capacity: closed loop c=16 for 30 s (requests/s);
+  2. isolation on (the default: fair share per tenant) and then off (`--no-fair-share`: first come, first
+     served): B runs `loadtests/scenarios/tenant-light.yaml` (closed loop c=2, 3 minutes) while A runs
+     `tenant-flood.yaml` (open loop at 4x capacity) for the middle minute. B's TTFT p50/p95 and throughput
+     alone (first and last minute) vs during the flood, B's 429s, A's 429 share, and every other failure.
+     Targets (isolation on): B's TTFT p95 during the flood <= 1.5x alone, B gets zero 429s, no request of
+     either tenant fails with anything but a 429.
+  3. soak: `soak-c32.yaml` (closed loop c=32 over all adapters, mixed image sizes, 5 minutes); API process
+     and engine RSS sampled every 10 s. Targets: no error other than 429; RSS growth from minute 1 to
+     minute 5 < 5 %.
+Prints (and writes) the tables last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.serving_bench import demo_models, start, stop  # noqa: E402
+
+KEYS = {"A": "sk-tenant-a-flood", "B": "sk-tenant-b-light"}
+SCENARIOS = ROOT / "loadtests" / "scenarios"
+
+
+def keys_file(out: Path) -> Path:
+    path = out / "keys.json"
+    path.write_text(json.dumps({"tenants": [
+        {"name": name, "keys": [key], "adapters": ["*"], "base": True} for name, key in KEYS.items()]}))
+    return path
+
+
+def load(url: str, tenant: str, scenario: str, out: Path, adapters: list[str], *extra: str) -> subprocess.Popen:
+    out.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "loadtests", "run", "--url", url, "--api-key", KEYS[tenant], "--scenario",
+           str(SCENARIOS / scenario), "--adapters", ",".join(adapters), "--out", str(out), *extra]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(out / "load.log", "wb"))
+
+
+def records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines() if line.strip()]
+
+
+def pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def window(rows: list[dict], lo: float, hi: float) -> dict:
+    inside = [r for r in rows if lo <= r["start"] < hi]
+    ok = [r for r in inside if r["status"] == 200 and not r.get("error")]
+    ttft = [r["ttft"] for r in ok if r.get("ttft") is not None]
+    return {"requests": len(inside), "ok": len(ok), "rps": len(ok) / (hi - lo),
+            "ttft_p50": pct(ttft, 0.5), "ttft_p95": pct(ttft, 0.95),
+            "status_429": sum(r["status"] == 429 for r in inside),
+            "other_failures": sum(r["status"] not in (200, 429) or (r["status"] == 200 and bool(r.get("error")))
+                                  for r in inside)}
+
+
+def capacity(url: str, adapters: list[str], out: Path) -> float:
+    proc = load(url, "A", "tenant-light.yaml", out, adapters, "--concurrency", "16", "--duration", "30")
+    proc.wait(120)
+    summary = json.loads((out / "summary.json").read_text())
+    return summary["requests_per_s"]
+
+
+def flood_run(name: str, model: Path, adapters: dict[str, Path], out: Path, extra: tuple[str, ...]) -> dict:
+    run = out / name
+    run.mkdir(parents=True, exist_ok=True)
+    proc, url = start("vlora", model, adapters, run, ("--api-keys-file", str(keys_file(run)), *extra))
+    try:
+        names = list(adapters)
+        cap = capacity(url, names, run / "capacity")
+        light = load(url, "B", "tenant-light.yaml", run / "B", names)
+        time.sleep(60)
+        flood = load(url, "A", "tenant-flood.yaml", run / "A", names, "--rate", f"{4 * cap:.1f}")
+        flood.wait(200)
+        light.wait(240)
+    finally:
+        stop(proc)
+    b, a = records(run / "B"), records(run / "A")
+    alone = window([r for r in b if r["start"] < 60 or r["start"] >= 120], 0, 180)
+    alone["rps"] = alone["ok"] / 120
+    during = window(b, 60, 120)
+    flood_all = window(a, 0, 10_000)
+    return {"isolation": name, "capacity_rps": cap, "flood_rate": 4 * cap, "B_alone": alone, "B_flood": during,
+            "A": {**flood_all, "share_429": flood_all["status_429"] / max(1, flood_all["requests"])}}
+
+
+def tree_rss(pid: int) -> dict[str, float]:
+    import psutil
+
+    root = psutil.Process(pid)
+    engine = sum(p.memory_info().rss for p in root.children(recursive=True) if p.is_running())
+    return {"api_mib": root.memory_info().rss / 2**20, "engine_mib": engine / 2**20}
+
+
+def soak(model: Path, adapters: dict[str, Path], out: Path) -> dict:
+    run = out / "soak"
+    run.mkdir(parents=True, exist_ok=True)
+    proc, url = start("vlora", model, adapters, run, ("--api-keys-file", str(keys_file(run))))
+    samples: list[dict] = []
+    try:
+        load_proc = load(url, "B", "soak-c32.yaml", run / "load", list(adapters))
+        started = time.monotonic()
+        while load_proc.poll() is None and time.monotonic() - started < 330:
+            time.sleep(10)
+            samples.append({"t": round(time.monotonic() - started), **tree_rss(proc.pid)})
+        load_proc.wait(60)
+    finally:
+        stop(proc)
+    rows = records(run / "load")
+    minute = {m: [s for s in samples if 60 * (m - 1) <= s["t"] < 60 * m] for m in (1, 5)}
+
+    def growth(key: str) -> float:
+        first, last = statistics.mean(s[key] for s in minute[1]), statistics.mean(s[key] for s in minute[5])
+        return (last - first) / first
+
+    return {"requests": len(rows), "ok": sum(r["status"] == 200 and not r.get("error") for r in rows),
+            "status_429": sum(r["status"] == 429 for r in rows),
+            "other_failures": sum(r["status"] not in (200, 429) or bool(r.get("error")) and r["status"] == 200
+                                  for r in rows),
+            "api_growth": growth("api_mib"), "engine_growth": growth("engine_mib"), "samples": samples}
+
+
+def ms(value: float | None) -> str:
+    return "–" if value is None else f"{value * 1000:.0f} ms"
+
+
+def tables(flood: list[dict], soaked: dict | None) -> str:
+    lines = ["| isolation | B TTFT p50 alone / flood | B TTFT p95 alone / flood | p95 ratio | B req/s alone / flood | "
+             "B 429s | A 429 share | other failures (A+B) |", "|---|---|---|---|---|---|---|---|"]
+    for r in flood:
+        alone, during, a = r["B_alone"], r["B_flood"], r["A"]
+        ratio = during["ttft_p95"] / alone["ttft_p95"] if during["ttft_p95"] and alone["ttft_p95"] else float("nan")
+        lines.append(f"| {r['isolation']} | {ms(alone['ttft_p50'])} / {ms(during['ttft_p50'])} | "
+                     f"{ms(alone['ttft_p95'])} / {ms(during['ttft_p95'])} | {ratio:.2f}x | "
+                     f"{alone['rps']:.2f} / {during['rps']:.2f} | {alone['status_429'] + during['status_429']} | "
+                     f"{a['share_429']:.1%} of {a['requests']} | "
+                     f"{a['other_failures'] + alone['other_failures'] + during['other_failures']} |")
+    lines.append("")
+    lines.append(f"capacity {flood[0]['capacity_rps']:.1f} req/s (closed loop c=16); flood at "
+                 f"{flood[0]['flood_rate']:.1f} req/s for 60 s")
+    if soaked:
+        lines += ["", "| soak (c=32, 5 min) | requests | ok | 429 | other failures | API RSS growth m1->m5 | "
+                  "engine RSS growth m1->m5 |", "|---|---|---|---|---|---|---|",
+                  f"| all adapters, mixed images | {soaked['requests']} | {soaked['ok']} | {soaked['status_429']} | "
+                  f"{soaked['other_failures']} | {soaked['api_growth']:+.2%} | {soaked['engine_growth']:+.2%} |", "",
+                  "RSS every 10 s (t s: API MiB / engine MiB): " + ", ".join(
+                      f"{s['t']}: {s['api_mib']:.0f}/{s['engine_mib']:.0f}" for s in soaked["samples"])]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "isolation")
+    parser.add_argument("--skip-soak", action="store_true")
+    args = parser.parse_args()
+    model, adapters = demo_models()
+    work = args.out / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    flood = [flood_run("on", model, adapters, work, ()),
+             flood_run("off", model, adapters, work, ("--no-fair-share",))]
+    soaked = None if args.skip_soak else soak(model, adapters, work)
+    (args.out / "results.json").write_text(json.dumps({"flood": flood, "soak": soaked}, indent=2))
+    text = tables(flood, soaked)
+    (args.out / "results.md").write_text("Command: `.venv/bin/python bench/isolation.py`\n\n" + text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,274 @@
+"""Tenant isolation: per-tenant and per-adapter limits, and fair share of the engine when it is saturated.
+
+Limits (keys file, per tenant and per adapter; see service/auth.py): `max_concurrent` (requests running or
+waiting), `requests_per_minute` and `tokens_per_minute` (prompt + completion, image tokens included), each a
+token bucket that refills continuously and holds at most one minute's worth. A request takes one request at
+admission; its tokens are reserved once its prompt is counted (prompt + the completion it may still produce,
+capped at the bucket's size) and the unused part is given back when it ends, as OpenAI's limits behave.
+Exceeding any limit is a 429 naming it, with `Retry-After` computed from the bucket; every answer carries
+OpenAI's `x-ratelimit-{limit,remaining,reset}-{requests,tokens}` headers for the tenant's minute limits.
+
+Fair share (`FairShare`): the API process dispatches at most `slots` requests to the engine at once (its
+running batch); when all are taken, waiting requests are dispatched by weighted fair share, the tenant with
+the fewest dispatched requests per unit of weight first (weights from the priority class), so a flooding
+tenant's backlog waits behind everyone else's next request instead of in front of it. vLLM has a priority
+scheduler but no notion of tenants or shares, so the queue in front of it is ours; the priority class is
+also passed to vLLM (`scheduling_policy: priority`), which orders what is already inside the engine.
+
+Written by hand: token buckets and a weighted fair queue over asyncio are a few dozen lines, and none of the
+rate-limit libraries (limits, slowapi, aiolimiter) reserve and refund tokens or share a dispatch queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Callable
+from contextvars import ContextVar
+from dataclasses import dataclass
+
+PRIORITIES = {"high": (0, 4.0), "normal": (1, 2.0), "low": (2, 1.0)}  # class -> (vLLM priority, share weight)
+LIMIT_FIELDS = ("max_concurrent", "requests_per_minute", "tokens_per_minute")
+# Headers for the answer of the request being served (the rate-limit ones): service.lifecycle sets a fresh
+# dict per request and adds them to the response when it starts, streamed or not.
+answer_headers: ContextVar[dict[str, str] | None] = ContextVar("answer_headers", default=None)
+
+
+def note_headers(headers: dict[str, str]) -> None:
+    holder = answer_headers.get()
+    if holder is not None:
+        holder.update(headers)
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_concurrent: int | None = None
+    requests_per_minute: int | None = None
+    tokens_per_minute: int | None = None
+
+    def __bool__(self) -> bool:
+        return any(getattr(self, f) for f in LIMIT_FIELDS)
+
+    @classmethod
+    def parse(cls, entry: dict, where: str) -> Limits:
+        values = {}
+        for name in LIMIT_FIELDS:
+            value = entry.get(name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"{where}: {name} must be a positive integer, not {value!r}")
+            values[name] = value
+        return cls(**values)
+
+
+def priority_class(value, where: str) -> str:
+    if value is None:
+        return "normal"
+    if value not in PRIORITIES:
+        raise ValueError(f"{where}: priority must be one of {', '.join(PRIORITIES)}, not {value!r}")
+    return value
+
+
+class LimitExceeded(Exception):
+    """Which limit refused a request, and when to retry."""
+
+    def __init__(self, owner: str, limit: str, value: int, retry_after: float, headers: dict[str, str]):
+        self.owner, self.limit, self.value, self.retry_after, self.headers = owner, limit, value, retry_after, headers
+        super().__init__(f"{owner} is over its {limit} limit ({value}); retry after {math.ceil(retry_after)} s")
+
+
+class TokenBucket:
+    """Holds at most `per_minute`, refills at `per_minute` per 60 s; may go below zero by a settled overrun."""
+
+    def __init__(self, per_minute: int, now: float):
+        self.capacity = float(per_minute)
+        self.level = float(per_minute)
+        self.rate = per_minute / 60.0
+        self.at = now
+
+    def _refill(self, now: float) -> None:
+        self.level = min(self.capacity, self.level + (now - self.at) * self.rate)
+        self.at = now
+
+    def wait_for(self, n: float, now: float) -> float:
+        """Seconds until `n` can be taken (0: now)."""
+        self._refill(now)
+        n = min(n, self.capacity)
+        return 0.0 if self.level >= n else (n - self.level) / self.rate
+
+    def take(self, n: float, now: float) -> None:
+        self._refill(now)
+        self.level -= n
+
+    def remaining(self, now: float) -> float:
+        self._refill(now)
+        return self.level
+
+    def reset_s(self, now: float) -> float:
+        """Seconds until the bucket is full again (OpenAI's x-ratelimit-reset-*)."""
+        self._refill(now)
+        return max(0.0, (self.capacity - self.level) / self.rate)
+
+
+@dataclass
+class _Holder:
+    """One tenant's or one adapter's limits and live state."""
+
+    name: str
+    limits: Limits
+    in_flight: int = 0
+    requests: TokenBucket | None = None
+    tokens: TokenBucket | None = None
+
+
+@dataclass
+class Ticket:
+    """One admitted request: the holders it counts against and the tokens it has reserved."""
+
+    holders: list[_Holder]
+    tenant: _Holder
+    reserved: float = 0.0
+    done: bool = False
+
+
+def _duration(seconds: float) -> str:
+    """OpenAI's reset format: '1s', '6m0s', '20ms'."""
+    if seconds < 1:
+        return f"{max(1, round(seconds * 1000))}ms"
+    minutes, rest = divmod(math.ceil(seconds), 60)
+    return f"{minutes}m{rest}s" if minutes else f"{rest}s"
+
+
+class Quotas:
+    """The limits of every tenant and adapter, and their buckets (one per app)."""
+
+    def __init__(self, adapter_limits: dict[str, Limits] | None = None, clock: Callable[[], float] = time.monotonic):
+        self.adapter_limits = dict(adapter_limits or {})
+        self.clock = clock
+        self._holders: dict[tuple[str, str], _Holder] = {}
+
+    def _holder(self, kind: str, name: str, limits: Limits) -> _Holder:
+        holder = self._holders.get((kind, name))
+        if holder is None or holder.limits != limits:  # new, or its limits changed (keys file reloaded)
+            now = self.clock()
+            holder = _Holder(f"{kind} '{name}'", limits, holder.in_flight if holder else 0,
+                             TokenBucket(limits.requests_per_minute, now) if limits.requests_per_minute else None,
+                             TokenBucket(limits.tokens_per_minute, now) if limits.tokens_per_minute else None)
+            self._holders[(kind, name)] = holder
+        return holder
+
+    def headers(self, holder: _Holder) -> dict[str, str]:
+        now, out = self.clock(), {}
+        for kind, bucket in (("requests", holder.requests), ("tokens", holder.tokens)):
+            if bucket is not None:
+                out[f"x-ratelimit-limit-{kind}"] = str(int(bucket.capacity))
+                out[f"x-ratelimit-remaining-{kind}"] = str(max(0, math.floor(bucket.remaining(now))))
+                out[f"x-ratelimit-reset-{kind}"] = _duration(bucket.reset_s(now))
+        return out
+
+    def admit(self, tenant: str, tenant_limits: Limits, adapter: str | None) -> Ticket:
+        """Count a request against its tenant and adapter (LimitExceeded: which limit, retry when)."""
+        me = self._holder("tenant", tenant, tenant_limits)
+        holders = [me]
+        if adapter is not None and self.adapter_limits.get(adapter):
+            holders.append(self._holder("adapter", adapter, self.adapter_limits[adapter]))
+        now = self.clock()
+        for h in holders:
+            if h.limits.max_concurrent and h.in_flight >= h.limits.max_concurrent:
+                raise LimitExceeded(h.name, "max_concurrent", h.limits.max_concurrent, 1.0, self.headers(me))
+            if h.requests is not None and (wait := h.requests.wait_for(1, now)) > 0:
+                raise LimitExceeded(h.name, "requests_per_minute", h.limits.requests_per_minute, wait, self.headers(me))
+        for h in holders:
+            h.in_flight += 1
+            if h.requests is not None:
+                h.requests.take(1, now)
+        return Ticket(holders, me)
+
+    def reserve(self, ticket: Ticket, tokens: int) -> None:
+        """Reserve the tokens a request may use once its prompt is counted (LimitExceeded: not now)."""
+        now = self.clock()
+        for h in ticket.holders:
+            if h.tokens is not None and (wait := h.tokens.wait_for(tokens, now)) > 0:
+                raise LimitExceeded(h.name, "tokens_per_minute", h.limits.tokens_per_minute, wait,
+                                    self.headers(ticket.tenant))
+        for h in ticket.holders:
+            if h.tokens is not None:
+                h.tokens.take(min(tokens, h.tokens.capacity), now)
+        ticket.reserved = tokens
+
+    def settle(self, ticket: Ticket, used: int) -> None:
+        """The request ended having used `used` tokens: give back what it reserved and did not use."""
+        if ticket.done:
+            return
+        ticket.done = True
+        now = self.clock()
+        for h in ticket.holders:
+            h.in_flight -= 1
+            if h.tokens is not None and ticket.reserved:
+                h.tokens.take(used - min(ticket.reserved, h.tokens.capacity), now)
+
+
+@dataclass(eq=False)
+class _Waiter:
+    seq: int
+    tenant: str
+    future: asyncio.Future
+
+
+class FairShare:
+    """At most `slots` requests dispatched to the engine; waiting ones go by weighted fair share."""
+
+    def __init__(self, slots: int):
+        self.slots = slots
+        self.dispatched: dict[str, int] = {}
+        self.total = 0
+        self._waiting: list[_Waiter] = []
+        self._weights: dict[str, float] = {}
+        self._seq = 0
+
+    def _share(self, tenant: str) -> float:
+        """The tenant's dispatched requests per unit of weight once it takes one more slot (so between two
+        idle tenants the heavier goes first)."""
+        return (self.dispatched.get(tenant, 0) + 1) / self._weights.get(tenant, 1.0)
+
+    def _take(self, tenant: str) -> None:
+        self.dispatched[tenant] = self.dispatched.get(tenant, 0) + 1
+        self.total += 1
+
+    async def acquire(self, tenant: str, weight: float) -> float:
+        """Wait for a dispatch slot; returns the seconds waited."""
+        self._weights[tenant] = weight
+        if self.total < self.slots and not self._waiting:
+            self._take(tenant)
+            return 0.0
+        started = time.perf_counter()
+        self._seq += 1
+        waiter = _Waiter(self._seq, tenant, asyncio.get_running_loop().create_future())
+        self._waiting.append(waiter)
+        try:
+            await waiter.future
+        except BaseException:
+            if waiter in self._waiting:
+                self._waiting.remove(waiter)
+            elif waiter.future.done() and not waiter.future.cancelled():
+                self.release(tenant)  # it was handed a slot as it was cancelled: pass the slot on
+            raise
+        return time.perf_counter() - started
+
+    def release(self, tenant: str) -> None:
+        self.dispatched[tenant] -= 1
+        if not self.dispatched[tenant]:
+            del self.dispatched[tenant]
+        self.total -= 1
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        while self._waiting and self.total < self.slots:
+            # The tenant furthest below its share goes next; among its requests, the oldest.
+            best = min(self._waiting, key=lambda w: (self._share(w.tenant), w.seq))
+            self._waiting.remove(best)
+            self._take(best.tenant)
+            best.future.set_result(None)
+
+    def waiting(self, tenant: str | None = None) -> int:
+        return sum(1 for w in self._waiting if tenant is None or w.tenant == tenant)

@@ -1,0 +1,152 @@
+"""Tenant limits and fair share as functions (a fake clock; no server)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from service.auth import KeyRing
+from service.limits import FairShare, LimitExceeded, Limits, Quotas, TokenBucket, _duration
+
+
+class Clock:
+    def __init__(self):
+        self.t = 1000.0
+
+    def __call__(self):
+        return self.t
+
+
+def test_token_bucket_refills_continuously_and_caps_at_a_minute():
+    bucket = TokenBucket(60, now=0.0)
+    bucket.take(60, 0.0)
+    assert bucket.wait_for(1, 0.0) == pytest.approx(1.0)  # 1 per second
+    assert bucket.wait_for(1, 1.0) == 0.0
+    assert bucket.remaining(1000.0) == 60  # never above its minute
+    assert bucket.wait_for(600, 1000.0) == 0.0  # more than it holds: capped at capacity
+
+
+def test_requests_per_minute_refuses_with_the_time_to_wait():
+    clock = Clock()
+    quotas = Quotas(clock=clock)
+    limits = Limits(requests_per_minute=2)
+    for _ in range(2):
+        quotas.settle(quotas.admit("a", limits, None), 0)
+    with pytest.raises(LimitExceeded) as refused:
+        quotas.admit("a", limits, None)
+    assert refused.value.limit == "requests_per_minute" and refused.value.retry_after == pytest.approx(30.0)
+    assert refused.value.headers["x-ratelimit-remaining-requests"] == "0"
+    assert "tenant 'a' is over its requests_per_minute limit (2)" in str(refused.value)
+    clock.t += 30
+    quotas.admit("a", limits, None)
+    quotas.admit("b", limits, None)  # another tenant has its own bucket
+
+
+def test_max_concurrent_counts_requests_until_they_settle():
+    quotas = Quotas(clock=Clock())
+    limits = Limits(max_concurrent=1)
+    first = quotas.admit("a", limits, None)
+    with pytest.raises(LimitExceeded, match="max_concurrent"):
+        quotas.admit("a", limits, None)
+    quotas.settle(first, 0)
+    quotas.settle(first, 0)  # settling twice does not free a second slot
+    quotas.admit("a", limits, None)
+    with pytest.raises(LimitExceeded):
+        quotas.admit("a", limits, None)
+
+
+def test_tokens_are_reserved_then_the_unused_part_given_back():
+    clock = Clock()
+    quotas = Quotas(clock=clock)
+    limits = Limits(tokens_per_minute=1000)
+    ticket = quotas.admit("a", limits, None)
+    quotas.reserve(ticket, 800)  # prompt + max_tokens
+    with pytest.raises(LimitExceeded) as refused:
+        quotas.reserve(quotas.admit("a", limits, None), 300)
+    assert refused.value.limit == "tokens_per_minute" and refused.value.retry_after == pytest.approx(6.0)
+    quotas.settle(ticket, 150)  # it used 150 of its 800
+    headers = quotas.headers(ticket.tenant)
+    assert headers["x-ratelimit-limit-tokens"] == "1000" and headers["x-ratelimit-remaining-tokens"] == "850"
+    assert headers["x-ratelimit-reset-tokens"] == "9s"
+    quotas.reserve(quotas.admit("a", limits, None), 800)
+
+
+def test_adapter_limits_apply_to_every_tenant():
+    quotas = Quotas({"colors": Limits(max_concurrent=1)}, clock=Clock())
+    quotas.admit("a", Limits(), "colors")
+    with pytest.raises(LimitExceeded, match="adapter 'colors'"):
+        quotas.admit("b", Limits(), "colors")
+    quotas.admit("b", Limits(), "shapes")
+
+
+def test_reset_duration_format_is_openais():
+    assert (_duration(0.02), _duration(1.2), _duration(360)) == ("20ms", "2s", "6m0s")
+
+
+def test_fair_share_dispatches_the_tenant_below_its_share_first():
+    async def scenario():
+        fair = FairShare(slots=2)
+        order = []
+        await fair.acquire("flood", 1.0)
+        await fair.acquire("flood", 1.0)  # the engine's batch is full of the flooding tenant
+
+        async def ask(tenant, weight):
+            await fair.acquire(tenant, weight)
+            order.append(tenant)
+
+        tasks = [asyncio.create_task(ask("flood", 1.0)) for _ in range(3)]
+        await asyncio.sleep(0)
+        tasks.append(asyncio.create_task(ask("light", 1.0)))  # arrives after three queued flood requests
+        await asyncio.sleep(0)
+        assert fair.waiting() == 4 and fair.waiting("light") == 1
+        fair.release("flood")
+        await asyncio.sleep(0)
+        assert order == ["light"]  # jumps the flooding tenant's backlog
+        for _ in range(3):
+            fair.release("flood")
+            await asyncio.sleep(0)
+        await asyncio.gather(*tasks)
+        return order
+
+    assert asyncio.run(scenario()) == ["light", "flood", "flood", "flood"]
+
+
+def test_fair_share_weights_by_priority_and_survives_cancellation():
+    async def scenario():
+        fair = FairShare(slots=1)
+        await fair.acquire("x", 1.0)
+        low = asyncio.create_task(fair.acquire("low", 1.0))
+        high = asyncio.create_task(fair.acquire("high", 4.0))
+        gone = asyncio.create_task(fair.acquire("gone", 8.0))
+        await asyncio.sleep(0)
+        gone.cancel()
+        await asyncio.sleep(0)
+        fair.release("x")
+        await asyncio.sleep(0)
+        assert high.done() and not low.done()  # the heavier of two idle tenants first, though it came later
+        fair.release("high")
+        await asyncio.sleep(0)
+        assert low.done() and fair.total == 1
+
+    asyncio.run(scenario())
+
+
+def test_keys_file_limits_priorities_and_their_errors(tmp_path):
+    path = tmp_path / "keys.json"
+    path.write_text(json.dumps({
+        "tenants": [{"name": "a", "keys": ["sk-aaaaaaaa"], "max_concurrent": 4, "tokens_per_minute": 9000,
+                     "priority": "high"},
+                    {"name": "b", "keys": ["sk-bbbbbbbb"]}],
+        "adapters": {"colors": {"requests_per_minute": 60}}}))
+    ring = KeyRing.from_settings([], [], path)
+    a = ring.authenticate("sk-aaaaaaaa")
+    assert a.limits == Limits(max_concurrent=4, tokens_per_minute=9000) and (a.engine_priority, a.weight) == (0, 4.0)
+    assert ring.authenticate("sk-bbbbbbbb").priority == "normal" and ring.prioritised
+    assert ring.adapter_limits == {"colors": Limits(requests_per_minute=60)}
+    for bad, message in [({"max_concurrent": 0}, "max_concurrent must be a positive integer"),
+                         ({"priority": "urgent"}, "priority must be one of high, normal, low")]:
+        path.write_text(json.dumps({"tenants": [{"name": "a", "keys": ["sk-aaaaaaaa"], **bad}]}))
+        with pytest.raises(ValueError, match=message):
+            KeyRing.from_settings([], [], path)
