@@ -90,6 +90,12 @@ async def watch_keys(ring: KeyRing, quotas, settings: ServiceSettings) -> None:
         logger.info("tenants file reloaded", extra={"tenants": len({t.name for _, t in fresh.entries})})
 
 
+async def watch_adapter_files(registry: AdapterRegistry, interval_s: float) -> None:
+    while True:
+        await asyncio.sleep(interval_s)
+        await asyncio.to_thread(registry.check_files)
+
+
 async def watch_engine(app: FastAPI, interval_s: float) -> None:
     """Liveness watchdog: when the engine dies, mark the app dead and stop the HTTP server."""
     while True:
@@ -141,6 +147,7 @@ def create_app(settings: ServiceSettings, engine: Engine, *, metrics: Metrics, r
         await engine.start()
         await registry.start()
         tasks = [asyncio.create_task(watch_engine(app, settings.health_check_interval_s))]
+        tasks.append(asyncio.create_task(watch_adapter_files(registry, settings.adapter_check_interval_s)))
         if settings.api_keys_file is not None:
             tasks.append(asyncio.create_task(watch_keys(ring, app.state.chat.quotas, settings)))
         server = getattr(app.state, "server", None)

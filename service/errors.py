@@ -102,6 +102,12 @@ class NotReady(APIError):
     code = "not_ready"
 
 
+class AdapterUnavailable(NotReady):
+    """One adapter cannot be served right now (its files are gone or changed); the others can."""
+
+    code = "adapter_unavailable"
+
+
 class EngineRestarting(NotReady):
     """The engine died: the process is exiting so that it is restarted (a 503 with Retry-After, not a 500:
     the request may be retried on this replica once it is back, or on another)."""

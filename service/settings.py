@@ -65,6 +65,8 @@ class ServiceSettings(BaseSettings):
     retry_after_s: int = Field(5, ge=1, description="Retry-After sent with 429 and 503 answers.")
     metrics_max_adapter_labels: int = Field(20, ge=1, description="Adapters named in metrics; the rest: 'other'.")
     health_check_interval_s: float = Field(2.0, gt=0, description="Engine liveness check period.")
+    adapter_check_interval_s: float = Field(5.0, gt=0, description="How often loaded adapters' folders are checked "
+                                            "(removed or changed files make that adapter answer 503).")
 
     # Engine (vLLM)
     dtype: str = Field("auto", description="Weights dtype (auto, bfloat16, float16, float32).")

@@ -34,7 +34,7 @@ from service.adapters.store import (
     split_model,
 )
 from service.engine.base import Engine, EngineEvents, engine_adapter_name
-from service.errors import ModelNotFound
+from service.errors import AdapterUnavailable, ModelNotFound
 
 # (engine adapter name, adapter folder, its manifest) -> problems found replaying its golden samples
 GoldenCheck = Callable[[str, Path, Manifest], Awaitable[list[str]]]
@@ -82,6 +82,8 @@ class Revision:
     in_flight: int = 0
     retired: bool = False
     golden_problems: list[str] = field(default_factory=list)
+    stamp: tuple = ()  # its files (name, size, mtime) when loaded: see AdapterRegistry.check_files
+    broken: str | None = None  # why it answers errors: its files were removed or changed on disk
 
     @property
     def key(self) -> str:
@@ -148,6 +150,9 @@ class AdapterRegistry:
             raise ModelNotFound.named(model)
         current = self.active.get(name)
         if current is not None and (rev is None or rev == current.rev):
+            if current.broken:
+                raise AdapterUnavailable(f"adapter '{name}' is unavailable: {current.broken}; restore its files or "
+                                         "load a new revision", headers={"Retry-After": "30"})
             return current
         if rev is not None and engine_adapter_name(name, rev) in self.resident:
             return self.resident[engine_adapter_name(name, rev)]
@@ -241,10 +246,28 @@ class AdapterRegistry:
             revision.golden_problems = problems
         revision.loaded_at = time.time()
         revision.load_seconds = time.perf_counter() - started
+        revision.stamp = files_stamp(Path(path))
         self.resident[key] = revision
         logger.info("adapter ready", extra={"adapter": name, "revision": rev, "source": source,
                                             "load_ms": round(revision.load_seconds * 1000, 1)})
         return revision
+
+    def check_files(self) -> None:
+        """An active adapter whose folder was removed, or whose files changed since it was loaded, answers a
+        clear 503 (the engine's copy is not what the root now holds; the next load would read the new files)
+        until they are back or a new revision is loaded; the others are unaffected."""
+        for revision in list(self.active.values()):  # a snapshot: this runs in a thread
+            stamp = files_stamp(Path(revision.path))
+            broken = ("its folder was removed" if not stamp else
+                      "its files changed on disk since it was loaded" if stamp != revision.stamp else None)
+            if broken != revision.broken:
+                revision.broken = broken
+                (logger.warning if broken else logger.info)(
+                    "adapter unavailable" if broken else "adapter available again",
+                    extra={"adapter": revision.name, "revision": revision.rev, "reason": broken})
+
+    def unavailable(self) -> dict[str, str]:
+        return {r.name: r.broken for r in list(self.active.values()) if r.broken}
 
     def _retire(self, revision: Revision) -> None:
         revision.retired = True
@@ -271,3 +294,13 @@ class AdapterRegistry:
         """Wait for scheduled unloads (tests and shutdown)."""
         while self._unloads:
             await asyncio.gather(*list(self._unloads), return_exceptions=True)
+
+
+def files_stamp(path: Path) -> tuple:
+    """(name, size, mtime) of every file of an adapter folder (empty when the folder is gone): cheap to take
+    every few seconds, and any rewrite changes it."""
+    try:
+        return tuple(sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in path.iterdir() if f.is_file()))
+    except OSError:
+        return ()
+

@@ -37,7 +37,10 @@ async def ready(request: Request) -> dict:
         failed = ", ".join(sorted(golden_failures))
         raise NotReady(f"not ready: golden-sample checks failed for adapter(s) {failed}", headers=retry)
     await state.engine.check_health()
-    return {"status": "ready", "adapters": state.registry.names()}
+    # An adapter whose files went away answers 503 itself; the replica still serves every other one.
+    unavailable = state.registry.unavailable()
+    return {"status": "ready", "adapters": [n for n in state.registry.names() if n not in unavailable],
+            "unavailable": unavailable}
 
 
 @router.get("/metrics")

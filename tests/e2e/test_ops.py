@@ -181,3 +181,42 @@ def test_failed_golden_samples_keep_not_ready_then_engine_death_exits_nonzero(de
         assert r.status_code == 200
     finally:
         again.stop()
+
+
+def test_adapter_files_removed_or_changed_while_serving(demo_assets, tmp_path):
+    """An adapter folder deleted or rewritten under a running server: that adapter answers a clear 503, the
+    others keep answering, /ready stays up and names it; restored, it serves again."""
+    root = tmp_path / "root"
+    for name in ("demo-a", "demo-b"):
+        shutil.copytree(demo_assets["adapter_dir"] / name, root / name)
+    srv = start_server(["--model", str(demo_assets["model"]), "--adapter-dir", str(root)], tmp_path / "server.log",
+                       env={"VLORA_ADAPTER_CHECK_INTERVAL_S": "0.3"})
+
+    def ask(model):
+        return httpx.post(f"{srv.url}/v1/chat/completions", timeout=60, json={
+            "model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+
+    def wait_for(model, status):
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and ask(model).status_code != status:
+            time.sleep(0.2)
+        return ask(model)
+
+    try:
+        assert ask("demo-a").status_code == 200 and ask("demo-b").status_code == 200
+        shutil.move(root / "demo-a", tmp_path / "demo-a-aside")
+        gone = wait_for("demo-a", 503)
+        assert gone.status_code == 503 and gone.json()["error"]["code"] == "adapter_unavailable"
+        assert "folder was removed" in gone.json()["error"]["message"]
+        assert ask("demo-b").status_code == 200
+        ready = httpx.get(f"{srv.url}/ready", timeout=10)
+        assert ready.status_code == 200 and "demo-a" in ready.json()["unavailable"]
+        weights = root / "demo-b" / "adapter_model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:100])  # truncated: corrupted
+        changed = wait_for("demo-b", 503)
+        assert "changed on disk" in changed.json()["error"]["message"]
+        shutil.move(tmp_path / "demo-a-aside", root / "demo-a")  # the same files back
+        assert wait_for("demo-a", 200).status_code == 200
+        assert srv.proc.poll() is None
+    finally:
+        srv.stop()
