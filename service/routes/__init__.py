@@ -10,9 +10,9 @@ _ERRORS = {
     401: "missing or wrong API key",
     404: "the model does not exist, or this key may not use it",
     413: "the body or an image is over its byte or pixel limit",
-    429: "too many requests in flight (Retry-After says when to retry)",
+    429: "a tenant's or adapter's limit, or too many requests in flight (Retry-After says when to retry)",
     500: "an unexpected server error",
-    503: "not ready, draining, or the engine is restarting (Retry-After)",
+    503: "not ready, draining, the engine is restarting, or this adapter's files are unavailable (Retry-After)",
 }
 GENERATION_RESPONSES: dict = {
     200: {"description": "the answer; with `stream: true`, server-sent events instead",
