@@ -79,8 +79,10 @@ class Metrics:
         self.running_requests = Gauge("vlora_requests_running", "Requests admitted and not finished (server side).",
                                       registry=r)
         self.engine_running = Gauge("vlora_engine_requests_running", "Requests the engine is running.", registry=r)
-        self.engine_waiting = Gauge("vlora_engine_requests_waiting", "Requests waiting in the engine queue.",
-                                    registry=r)
+        self.engine_waiting = Gauge("vlora_engine_requests_waiting", "Requests waiting to run: in the engine's queue "
+                                    "and, under fair share, for an engine slot in front of it (what autoscaling "
+                                    "reads).", registry=r)
+        self._engine_waiting = 0
         self.engine_adapter_running = Gauge("vlora_engine_adapter_requests_running",
                                             "Requests the engine is running per adapter.", ["adapter"], registry=r)
         self.kv_cache_usage = Gauge("vlora_engine_kv_cache_usage_ratio", "Fraction of the KV cache in use.",
@@ -144,6 +146,7 @@ class Metrics:
     def scheduler_state(self, running: int, waiting: int, kv_cache_usage: float,
                         running_by_adapter: dict[str, int]) -> None:
         self.engine_running.set(running)
+        self._engine_waiting = waiting
         self.engine_waiting.set(waiting)
         self.kv_cache_usage.set(kv_cache_usage)
         per_label: dict[str, int] = {}
@@ -186,6 +189,7 @@ class Metrics:
     def exposition(self, engine_unfinished: int, fair_waiting: int = 0) -> bytes:
         self.engine_unfinished.set(engine_unfinished)
         self.fair_waiting.set(fair_waiting)
+        self.engine_waiting.set(self._engine_waiting + fair_waiting)
         return generate_latest(self.registry)
 
 
