@@ -22,7 +22,7 @@ from service.adapters.store import AdapterStore
 from service.auth import Authenticate, KeyRing, file_stamp
 from service.engine.base import Engine
 from service.errors import PayloadTooLarge, api_error_response, install_error_handlers
-from service.lifecycle import Drain, RequestLifecycle
+from service.lifecycle import Drain, RequestLifecycle, ShedLoad
 from service.limits import FairShare, Quotas
 from service.media import MediaLimits
 from service.metrics import Metrics
@@ -205,6 +205,7 @@ def create_app(settings: ServiceSettings, engine: Engine, *, metrics: Metrics, r
         app.state.playground = Assets.load()
         app.include_router(playground.router)
         public += PLAYGROUND_PATHS
+    app.add_middleware(ShedLoad, refusal=app.state.chat.shed)  # innermost: after authentication
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(Authenticate, ring=ring, public_paths=public)
     # Outermost: request ids, access logs and drain refusals apply to everything, 413s included.

@@ -141,3 +141,22 @@ class RequestLifecycle:
                     "duration_ms": round((time.perf_counter() - started) * 1000, 1)})
             request_id_var.reset(token)
             answer_headers.reset(extra_token)
+
+
+class ShedLoad:
+    """ASGI middleware (inside authentication): a generating request the server would refuse as overloaded is
+    answered 429 before its body is read, so a flooding client's refusals cost no JSON parsing."""
+
+    PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
+
+    def __init__(self, app, refusal):
+        self.app = app
+        self.refusal = refusal  # (tenant) -> APIError | None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope.get("method") == "POST" and scope.get("path") in self.PATHS:
+            tenant = (scope.get("state") or {}).get("tenant")
+            if tenant is not None and (error := self.refusal(tenant)) is not None:
+                return await api_error_response(error)(scope, receive, send)
+        return await self.app(scope, receive, send)
+

@@ -218,18 +218,34 @@ class _Waiter:
 class FairShare:
     """At most `slots` requests dispatched to the engine; waiting ones go by weighted fair share."""
 
-    def __init__(self, slots: int):
+    def __init__(self, slots: int, idle_s: float = 2.0, clock: Callable[[], float] = time.monotonic):
         self.slots = slots
+        self.idle_s = idle_s
+        self.clock = clock
         self.dispatched: dict[str, int] = {}
         self.total = 0
         self._waiting: list[_Waiter] = []
         self._weights: dict[str, float] = {}
+        self._seen: dict[str, float] = {}  # tenant -> when it last asked for a slot
         self._seq = 0
 
     def _share(self, tenant: str) -> float:
         """The tenant's dispatched requests per unit of weight once it takes one more slot (so between two
         idle tenants the heavier goes first)."""
         return (self.dispatched.get(tenant, 0) + 1) / self._weights.get(tenant, 1.0)
+
+    def _fair_slots(self, tenant: str, active: list[str]) -> float:
+        return self.slots * self._weights.get(tenant, 1.0) / sum(self._weights.get(t, 1.0) for t in active)
+
+    def _room_for(self, tenant: str) -> bool:
+        """A free slot that `tenant` may take: every other tenant active in the last `idle_s` and below its
+        weighted share of the slots keeps one free slot in reserve, so that its next request starts at once
+        instead of waiting for a flooding tenant's request to finish (work-conserving otherwise)."""
+        now = self.clock()
+        active = [t for t, at in self._seen.items() if now - at <= self.idle_s or self.dispatched.get(t)]
+        reserve = sum(1 for t in active if t != tenant and self.dispatched.get(t, 0) < self._fair_slots(t, active))
+        mine = self.dispatched.get(tenant, 0) < self._fair_slots(tenant, active)
+        return self.total < self.slots - (0 if mine else reserve)
 
     def _take(self, tenant: str) -> None:
         self.dispatched[tenant] = self.dispatched.get(tenant, 0) + 1
@@ -238,7 +254,9 @@ class FairShare:
     async def acquire(self, tenant: str, weight: float) -> float:
         """Wait for a dispatch slot; returns the seconds waited."""
         self._weights[tenant] = weight
-        if self.total < self.slots and not self._waiting:
+        self._seen[tenant] = self.clock()
+        ahead = min((self._share(w.tenant) for w in self._waiting), default=float("inf"))
+        if self._room_for(tenant) and self._share(tenant) < ahead:  # nobody waiting has a better claim
             self._take(tenant)
             return 0.0
         started = time.perf_counter()
@@ -266,6 +284,8 @@ class FairShare:
         while self._waiting and self.total < self.slots:
             # The tenant furthest below its share goes next; among its requests, the oldest.
             best = min(self._waiting, key=lambda w: (self._share(w.tenant), w.seq))
+            if not self._room_for(best.tenant):
+                return  # the free slots are held for tenants below their share
             self._waiting.remove(best)
             self._take(best.tenant)
             best.future.set_result(None)

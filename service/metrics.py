@@ -109,6 +109,11 @@ class Metrics:
                                          ["tenant", "limit"], registry=r)
         self.tenant_queue = Histogram("vlora_tenant_queue_wait_seconds", "Time a request waited for a fair-share "
                                       "engine slot, by tenant.", ["tenant"], buckets=LATENCY_BUCKETS, registry=r)
+        # What an adapter-affinity router needs and vLLM lacks: which adapters a pod has loaded (not only those
+        # running), one series in vLLM's lora_requests_info style (the list capped like adapter labels).
+        self.lora_loaded = Gauge("vlora_lora_loaded_info", "Adapters loaded on this server (comma-separated, as "
+                                 "clients name them) and the engine's adapter slots.",
+                                 ["max_lora", "loaded_lora_adapters"], registry=r)
         self.fair_waiting = Gauge("vlora_fair_share_waiting", "Requests waiting for a fair-share engine slot "
                                   "(in front of the engine's own queue).", registry=r)
 
@@ -186,8 +191,11 @@ class Metrics:
         return {"label": label, "requests": int(requests),
                 "ttft_p50_s": _quantile(0.5, buckets), "ttft_p95_s": _quantile(0.95, buckets)}
 
-    def exposition(self, engine_unfinished: int, fair_waiting: int = 0) -> bytes:
+    def exposition(self, engine_unfinished: int, fair_waiting: int = 0, loaded: list[str] | None = None,
+                   max_lora: int = 0) -> bytes:
         self.engine_unfinished.set(engine_unfinished)
+        self.lora_loaded.clear()
+        self.lora_loaded.labels(str(max_lora), ",".join(sorted(loaded or [])[: self.labels.max_named])).set(1)
         self.fair_waiting.set(fair_waiting)
         self.engine_waiting.set(self._engine_waiting + fair_waiting)
         return generate_latest(self.registry)

@@ -69,6 +69,9 @@ class FakeEngine:
     def unfinished_requests(self) -> int:
         return len(self._running)
 
+    def engine_metrics(self) -> bytes:
+        return b""
+
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
         if request.adapter is not None and request.adapter not in self.loaded:
             raise ModelNotFound(f"adapter '{request.adapter}' is not loaded")

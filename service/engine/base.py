@@ -198,6 +198,11 @@ class Engine(Protocol):
 
     def unfinished_requests(self) -> int: ...
 
+    def engine_metrics(self) -> bytes:
+        """The engine's own metrics in Prometheus text format (served on /metrics beside vlora's; adapters
+        named as clients name them), or b"" when it has none."""
+        ...
+
     def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
         """Stream the request's output; closing the iterator early aborts the request in the engine."""
         ...

@@ -221,6 +221,14 @@ class VLLMEngine:
             raise EngineFailure(f"engine is dead: {self._llm.dead_error}")
         await self._llm.check_health()
 
+    def engine_metrics(self) -> bytes:
+        """vLLM's own series (its Prometheus stat logger, in this process's default registry: what the Gateway
+        API Inference Extension's endpoint picker reads), with vLLM's adapter names (NAME@REV, one per revision)
+        given as clients send them (NAME)."""
+        from prometheus_client import REGISTRY, generate_latest
+
+        return generate_latest(_ClientAdapterNames(REGISTRY))
+
     def unfinished_requests(self) -> int:
         return self._llm.get_num_unfinished_requests() if self._llm is not None else 0
 
@@ -396,3 +404,23 @@ class VLLMEngine:
     async def abort(self, request_id: str) -> None:
         if self._llm is not None:
             await self._llm.abort(request_id)
+
+
+class _ClientAdapterNames:
+    """A registry view whose `vllm:lora_requests_info` labels list adapter names, not engine revision keys."""
+
+    LISTS = ("running_lora_adapters", "waiting_lora_adapters")
+
+    def __init__(self, registry):
+        self.registry = registry
+
+    def collect(self):
+        for family in self.registry.collect():
+            if family.name == "vllm:lora_requests_info":
+                for sample in family.samples:
+                    for key in self.LISTS:
+                        if sample.labels.get(key):
+                            names = dict.fromkeys(adapter_of(n) for n in sample.labels[key].split(","))
+                            sample.labels[key] = ",".join(names)
+            yield family
+

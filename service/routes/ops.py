@@ -47,6 +47,7 @@ async def ready(request: Request) -> dict:
 async def metrics(request: Request) -> Response:
     state = request.app.state
     fair = state.chat.fair
-    return Response(state.metrics.exposition(engine_unfinished=state.engine.unfinished_requests(),
-                                             fair_waiting=fair.waiting() if fair is not None else 0),
-                    media_type=CONTENT_TYPE)
+    ours = state.metrics.exposition(engine_unfinished=state.engine.unfinished_requests(),
+                                    fair_waiting=fair.waiting() if fair is not None else 0,
+                                    loaded=state.registry.names(), max_lora=state.settings.max_loras)
+    return Response(ours + state.engine.engine_metrics(), media_type=CONTENT_TYPE)

@@ -71,15 +71,26 @@ class Generation:
         weights = {**{t: self.weights[t] for t in self.by_tenant}, tenant.name: tenant.weight}
         return self.max_pending * tenant.weight / sum(weights.values())
 
+    def _overloaded(self, tenant: Tenant) -> Overloaded | None:
+        mine = self.by_tenant.get(tenant.name, 0)
+        if self.active < self.max_pending or (self.fair is not None and mine < self._fair_cap(tenant)):
+            return None
+        self.metrics.rejected.labels("overloaded").inc()
+        self.metrics.tenant_rejected(tenant.name, "overloaded")
+        return Overloaded(f"the server has {self.active} requests running or waiting (limit "
+                          f"{self.max_pending}); retry later", headers={"Retry-After": self.retry_after})
+
+    def shed(self, tenant: Tenant) -> Overloaded | None:
+        """The refusal `admit` would give a request of `tenant` for a full server, decided before its body is
+        read (a flooding tenant's requests then cost no parsing; service.lifecycle.ShedLoad)."""
+        return self._overloaded(tenant)
+
     def admit(self, tenant: Tenant = OPEN, model: str | None = None) -> Ticket:
         """Backpressure and limits: refuse (429) rather than queue without bound. With fair share on, a full
         server still admits a tenant under its share of the bound (the flooding tenant is refused instead)."""
+        if (refusal := self._overloaded(tenant)) is not None:
+            raise refusal
         mine = self.by_tenant.get(tenant.name, 0)
-        if self.active >= self.max_pending and (self.fair is None or mine >= self._fair_cap(tenant)):
-            self.metrics.rejected.labels("overloaded").inc()
-            self.metrics.tenant_rejected(tenant.name, "overloaded")
-            raise Overloaded(f"the server has {self.active} requests running or waiting (limit "
-                             f"{self.max_pending}); retry later", headers={"Retry-After": self.retry_after})
         try:
             ticket = self.quotas.admit(tenant.name, tenant.limits, model.partition("@")[0] if model else None)
         except LimitExceeded as exc:

@@ -71,13 +71,18 @@ def test_metrics_exposition_is_valid_and_bounded(server, body):
         httpx.post(f"{server.url}/v1/chat/completions", json={**body, "model": model}, timeout=60)
     text = httpx.get(f"{server.url}/metrics", timeout=10).text
     names = {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line and not line.startswith("#")}
-    assert names and all(n.startswith("vlora_") for n in names)
+    ours = {n for n in names if n.startswith("vlora_")}
+    # Beside vlora's series, vLLM's own (the model-server protocol; see test_model_server_protocol_series) and
+    # the Python process collector of the registry vLLM uses; nothing else, and no name twice.
+    assert ours and all(n.startswith(("vlora_", "vllm:", "process_", "python_")) for n in names), names - ours
+    assert len([ln for ln in text.splitlines() if ln.startswith("# TYPE ")]) == len(
+        {ln.split()[2] for ln in text.splitlines() if ln.startswith("# TYPE ")})
     # Only one adapter may be named (VLORA_METRICS_MAX_ADAPTER_LABELS=1): the second shares 'other'.
     assert 'vlora_requests_total{adapter="demo-a",finish_reason="length",status="2xx"}' in text
     assert 'vlora_requests_total{adapter="other",finish_reason="length",status="2xx"}' in text
     assert 'vlora_requests_total{adapter="base",finish_reason="length",status="2xx"}' in text
     assert 'vlora_requests_total{adapter="unknown",finish_reason="none",status="4xx"}' in text
-    assert 'adapter="demo-b"' not in text
+    assert 'adapter="demo-b"' not in "\n".join(ln for ln in text.splitlines() if ln.startswith("vlora_"))
     # Queue waits come from the engine's stats, mapped to adapters by the engine's own request -> adapter map.
     for adapter in ("demo-a", "base"):
         count = next(line for line in text.splitlines()
@@ -92,6 +97,44 @@ def test_metrics_exposition_is_valid_and_bounded(server, body):
         pytest.skip("promtool is not installed (.ci/run installs Debian's prometheus package)")
     check = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True)
     assert check.returncode == 0 and not check.stdout.strip() and not check.stderr.strip(), check.stdout + check.stderr
+
+
+def test_model_server_protocol_series(server, body):
+    """What the Gateway API Inference Extension's endpoint picker reads (its model-server protocol: vLLM's
+    names), scraped while streams for two adapters run: queue, running, KV-cache use, the LoRA info series with
+    adapter names as clients send them, and which adapters are loaded (vlora's addition)."""
+    import threading
+
+    stream_body = {**body, "max_tokens": 400, "min_tokens": 400, "stream": True}
+
+    def hold(model):
+        with httpx.stream("POST", f"{server.url}/v1/chat/completions", json={**stream_body, "model": model},
+                          timeout=120) as r:
+            for _ in r.iter_lines():
+                pass
+
+    threads = [threading.Thread(target=hold, args=(m,)) for m in ("demo-a", "demo-b")]
+    for t in threads:
+        t.start()
+    deadline, text, info = time.monotonic() + 30, "", ""
+    while time.monotonic() < deadline:
+        text = httpx.get(f"{server.url}/metrics", timeout=10).text
+        info = next((ln for ln in text.splitlines() if ln.startswith("vllm:lora_requests_info{")), "")
+        if "demo-a" in info and "demo-b" in info:
+            break
+        time.sleep(0.2)
+    for t in threads:
+        t.join(120)
+    types = {ln.split()[2]: ln.split()[3] for ln in text.splitlines() if ln.startswith("# TYPE ")}
+    for name in ("vllm:num_requests_waiting", "vllm:num_requests_running", "vllm:kv_cache_usage_perc",
+                 "vllm:lora_requests_info"):
+        assert types.get(name) == "gauge", (name, types.get(name))
+    labels = dict(kv.split("=", 1) for kv in info[info.index("{") + 1:info.index("}")].split('",') if "=" in kv)
+    assert {"max_lora", "running_lora_adapters", "waiting_lora_adapters"} <= set(labels), info
+    running = labels["running_lora_adapters"].strip('"').split(",")
+    assert set(running) == {"demo-a", "demo-b"} and "@" not in info, info  # names, not revision keys
+    loaded = next(ln for ln in text.splitlines() if ln.startswith("vlora_lora_loaded_info{"))
+    assert 'max_lora="' in loaded and "demo-a" in loaded and "demo-b" in loaded, loaded
 
 
 def test_backpressure_gives_429_and_recovers(server, body):

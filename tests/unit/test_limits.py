@@ -150,3 +150,24 @@ def test_keys_file_limits_priorities_and_their_errors(tmp_path):
         path.write_text(json.dumps({"tenants": [{"name": "a", "keys": ["sk-aaaaaaaa"], **bad}]}))
         with pytest.raises(ValueError, match=message):
             KeyRing.from_settings([], [], path)
+
+
+def test_fair_share_keeps_a_free_slot_for_an_active_tenant_below_its_share():
+    async def scenario():
+        clock = Clock()
+        fair = FairShare(slots=4, idle_s=2.0, clock=clock)
+        await fair.acquire("light", 1.0)  # light is active with one request in the engine
+        for _ in range(2):
+            await fair.acquire("flood", 1.0)
+        blocked = asyncio.create_task(fair.acquire("flood", 1.0))  # flood at its share (2 of 4): the last
+        await asyncio.sleep(0)                                         # free slot is light's
+        assert not blocked.done() and fair.total == 3
+        assert await fair.acquire("light", 1.0) == 0.0  # light's next request starts at once
+        fair.release("light")
+        fair.release("light")
+        clock.t += 3  # light went idle: the slot is the flooding tenant's again (work-conserving)
+        fair.release("flood")
+        await asyncio.sleep(0)
+        assert blocked.done()
+
+    asyncio.run(scenario())
