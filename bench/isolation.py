@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -81,7 +82,8 @@ def capacity(url: str, adapters: list[str], out: Path) -> float:
 
 def flood_run(name: str, model: Path, adapters: dict[str, Path], out: Path, extra: tuple[str, ...]) -> dict:
     run = out / name
-    run.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(run, ignore_errors=True)  # no figure from an earlier run
+    run.mkdir(parents=True)
     proc, url = start("vlora", model, adapters, run, ("--api-keys-file", str(keys_file(run)), *extra))
     try:
         names = list(adapters)
@@ -112,7 +114,8 @@ def tree_rss(pid: int) -> dict[str, float]:
 
 def soak(model: Path, adapters: dict[str, Path], out: Path) -> dict:
     run = out / "soak"
-    run.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(run, ignore_errors=True)
+    run.mkdir(parents=True)
     proc, url = start("vlora", model, adapters, run, ("--api-keys-file", str(keys_file(run))))
     samples: list[dict] = []
     try:
