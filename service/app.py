@@ -18,6 +18,7 @@ from fastapi import FastAPI
 
 from artifacts.manifest import BaseFingerprint, base_fingerprint
 from service.adapters.registry import AdapterRegistry, parse_adapter_pairs
+from service.adapters.s3store import S3AdapterStore
 from service.adapters.store import AdapterStore
 from service.auth import Authenticate, KeyRing, file_stamp
 from service.engine.base import Engine
@@ -128,6 +129,16 @@ def _openapi_without_422(app: FastAPI):
     return openapi
 
 
+def adapter_store(settings: ServiceSettings) -> AdapterStore | S3AdapterStore:
+    """The adapter root: a local folder, or object storage pulled into a local cache."""
+    if settings.adapter_url:
+        if settings.adapter_dir is not None:
+            raise ValueError("--adapter-url and --adapter-dir are two roots: give one")
+        return S3AdapterStore(settings.adapter_url, settings.adapter_cache_dir, settings.adapter_cache_bytes,
+                              settings.adapter_listing_ttl_s)
+    return AdapterStore(settings.adapter_dir)
+
+
 def served_base_fingerprint(model: str) -> BaseFingerprint | None:
     """The served base's fingerprint (as the trainer's manifest records it), for local model folders."""
     try:
@@ -181,7 +192,7 @@ def create_app(settings: ServiceSettings, engine: Engine, *, metrics: Metrics, r
     )
     registry = AdapterRegistry(
         settings.base_name, engine, golden_check=GoldenCheck(engine, renderer), events=metrics,
-        store=AdapterStore(settings.adapter_dir), configured=parse_adapter_pairs(settings.adapters),
+        store=adapter_store(settings), configured=parse_adapter_pairs(settings.adapters),
         tower_lora=settings.enable_tower_lora, base_fingerprint=served_base_fingerprint(settings.model),
         preload=settings.preload)
     app.state.registry = registry

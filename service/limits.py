@@ -255,7 +255,7 @@ class FairShare:
         """Wait for a dispatch slot; returns the seconds waited."""
         self._weights[tenant] = weight
         self._seen[tenant] = self.clock()
-        ahead = min((self._share(w.tenant) for w in self._waiting), default=float("inf"))
+        ahead = min((self._share(w.tenant) for w in self._waiting if not w.future.done()), default=float("inf"))
         if self._room_for(tenant) and self._share(tenant) < ahead:  # nobody waiting has a better claim
             self._take(tenant)
             return 0.0
@@ -282,6 +282,10 @@ class FairShare:
 
     def _dispatch(self) -> None:
         while self._waiting and self.total < self.slots:
+            # A waiter cancelled (its client went away) may still be listed until its task runs: skip it.
+            self._waiting = [w for w in self._waiting if not w.future.done()]
+            if not self._waiting:
+                return
             # The tenant furthest below its share goes next; among its requests, the oldest.
             best = min(self._waiting, key=lambda w: (self._share(w.tenant), w.seq))
             if not self._room_for(best.tenant):

@@ -30,7 +30,7 @@ def build_settings(argv: list[str] | None = None) -> ServiceSettings:
                              for e in exc.errors())
         sys.exit(f"vlora-serve: {problems}")
     embedded = Path(settings.model) == DEFAULT_MODEL_DIR
-    if settings.adapter_dir is None and embedded and DEFAULT_ADAPTER_DIR.is_dir():
+    if settings.adapter_dir is None and not settings.adapter_url and embedded and DEFAULT_ADAPTER_DIR.is_dir():
         settings.adapter_dir = DEFAULT_ADAPTER_DIR
     return settings
 
@@ -80,7 +80,8 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as exc:
         sys.exit(f"vlora-serve: {exc}")
     metrics = Metrics(settings.metrics_max_adapter_labels)
-    engine = VLLMEngine(settings, adapters, enable_lora=bool(adapters) or settings.adapter_dir is not None,
+    engine = VLLMEngine(settings, adapters, enable_lora=bool(adapters) or settings.adapter_dir is not None
+                        or bool(settings.adapter_url),
                         events=metrics, priority_scheduling=ring.prioritised)
     try:
         engine.engine_args()  # refuse conflicting or unknown --engine-arg before anything starts

@@ -34,6 +34,11 @@ class ServiceSettings(BaseSettings):
     adapters: list[str] = Field(default_factory=list,
                                 description="Adapters as NAME=PATH, loaded at start (--adapter, repeatable).")
     adapter_dir: Path | None = Field(None, description="Adapter root: NAME/ or NAME/REV/ folders (see service.adapters.store).")
+    adapter_url: str | None = Field(None, description="Adapter root in object storage, s3://bucket/prefix (same layout; "
+                                    "boto3's AWS configuration; see service.adapters.s3store). Not with --adapter-dir.")
+    adapter_cache_dir: Path = Field(Path("/tmp/vlora-adapter-cache"), description="Local cache of --adapter-url.")
+    adapter_cache_bytes: int = Field(20 * 2**30, ge=1, description="Bound of the --adapter-url cache (LRU).")
+    adapter_listing_ttl_s: float = Field(10.0, ge=0, description="How long an --adapter-url listing is reused.")
     preload: Literal["all", "none"] = Field(
         "all", description="Load every adapter of the root at start (all), or each on its first request (none).")
     enable_tower_lora: bool = Field(False, description="Apply vision-tower/merger LoRA weights (vLLM tower LoRA).")

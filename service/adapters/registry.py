@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from artifacts.manifest import BaseFingerprint, Manifest
+from service.adapters.s3store import S3AdapterStore
 from service.adapters.store import (
     NAME_RE,
     AdapterMeta,
@@ -93,7 +94,7 @@ class Revision:
 
 class AdapterRegistry:
     def __init__(self, base_name: str, engine: Engine, *, golden_check: GoldenCheck, events: EngineEvents,
-                 store: AdapterStore | None = None, configured: dict[str, str] | None = None,
+                 store: AdapterStore | S3AdapterStore | None = None, configured: dict[str, str] | None = None,
                  tower_lora: bool = False, base_fingerprint: BaseFingerprint | None = None, preload: str = "all"):
         self.base_name = base_name
         self.engine = engine
@@ -227,6 +228,8 @@ class AdapterRegistry:
         if key in self.resident:
             return self.resident[key]
         started = time.perf_counter()
+        if source == "root":  # a local root gives its folder; object storage downloads into its cache first
+            path = Path(await asyncio.to_thread(self.store.materialize, name, rev, path))
         revision = Revision(name=name, rev=rev, path=str(path), source=source)
         try:
             revision.meta = await asyncio.to_thread(
@@ -248,6 +251,7 @@ class AdapterRegistry:
         revision.load_seconds = time.perf_counter() - started
         revision.stamp = files_stamp(Path(path))
         self.resident[key] = revision
+        self.store.in_use.add(Path(path))
         logger.info("adapter ready", extra={"adapter": name, "revision": rev, "source": source,
                                             "load_ms": round(revision.load_seconds * 1000, 1)})
         return revision
@@ -280,6 +284,7 @@ class AdapterRegistry:
                 if not revision.retired or revision.in_flight > 0 or self.resident.get(revision.key) is not revision:
                     return
                 self.resident.pop(revision.key, None)
+                self.store.in_use.discard(Path(revision.path))
                 try:
                     await self.engine.unload_adapter(revision.key)
                 except ModelNotFound:

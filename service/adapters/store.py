@@ -86,6 +86,11 @@ class AdapterStore:
 
     def __init__(self, root: Path | None):
         self.root = root.resolve() if root is not None else None
+        self.in_use: set[Path] = set()  # what the registry has loaded (object storage keeps these cached)
+
+    def materialize(self, name: str, rev: str, path: Path) -> Path:
+        """The local folder to load a revision from: here, the folder itself."""
+        return path
 
     def _inside(self, path: Path) -> Path | None:
         resolved = path.resolve()

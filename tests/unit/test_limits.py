@@ -171,3 +171,20 @@ def test_fair_share_keeps_a_free_slot_for_an_active_tenant_below_its_share():
         assert blocked.done()
 
     asyncio.run(scenario())
+
+
+def test_fair_share_never_hands_a_slot_to_a_cancelled_waiter():
+    async def scenario():
+        fair = FairShare(slots=1)
+        await fair.acquire("a", 1.0)
+        gone = asyncio.create_task(fair.acquire("b", 1.0))
+        kept = asyncio.create_task(fair.acquire("c", 1.0))
+        await asyncio.sleep(0)
+        gone.cancel()
+        fair.release("a")  # runs before the cancelled task does: its waiter must be skipped, not served
+        await asyncio.sleep(0)
+        assert kept.done() and fair.total == 1 and fair.dispatched == {"c": 1}
+        fair.release("c")
+        assert fair.total == 0 and fair.waiting() == 0
+
+    asyncio.run(scenario())
