@@ -91,8 +91,8 @@ def flood_run(name: str, model: Path, adapters: dict[str, Path], out: Path, extr
         light = load(url, "B", "tenant-light.yaml", run / "B", names)
         time.sleep(60)
         flood = load(url, "A", "tenant-flood.yaml", run / "A", names, "--rate", f"{4 * cap:.1f}")
-        flood.wait(200)
-        light.wait(240)
+        flood.wait(400)
+        light.wait(400)
     finally:
         stop(proc)
     b, a = records(run / "B"), records(run / "A")

@@ -12,6 +12,7 @@ import asyncio
 import base64
 import io
 import json
+import math
 import random
 import sys
 import time
@@ -111,7 +112,10 @@ async def run(url: str, s: Scenario, planned: list[PlannedRequest], api_key: str
     """Run the plan; returns the records of every request that finished, and the wall time."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     records: list[RequestRecord] = []
-    limits = httpx.Limits(max_connections=max(s.concurrency, 64), max_keepalive_connections=max(s.concurrency, 64))
+    # An open loop must not be throttled by its own connection pool (that would turn it back into a closed
+    # loop and hide the queueing it exists to show): room for every request that can be in flight at once.
+    pool = max(s.concurrency, 64) if s.mode == "closed" else min(8192, max(64, math.ceil(s.rate * s.timeout_s)))
+    limits = httpx.Limits(max_connections=pool, max_keepalive_connections=min(pool, 256))
     t0 = time.perf_counter()
     deadline = t0 + s.duration_s
 

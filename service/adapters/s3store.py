@@ -34,8 +34,8 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from service.adapters.store import CONFIG, AdapterRefused, natural_key, safe_name, safe_rev
-from service.errors import AdapterUnavailable, ModelNotFound
+from service.adapters.store import CONFIG, AdapterRefused, pick_revision, safe_name, safe_rev
+from service.errors import AdapterUnavailable
 
 logger = logging.getLogger("vlora.adapters.s3")
 COMPLETE = ".vlora-source.json"  # in a cached revision: what it was downloaded from (objects, sizes, etags)
@@ -120,14 +120,7 @@ class S3AdapterStore:
         return self._revisions(name)
 
     def find(self, name: str, rev: str | None = None) -> tuple[str, RemoteRevision]:
-        revs = self._revisions(name)
-        if not revs:
-            raise ModelNotFound.named(name)
-        if rev is None:
-            rev = max(revs, key=natural_key)
-        elif rev not in revs:
-            raise ModelNotFound.named(f"{name}@{rev}")
-        return rev, revs[rev]
+        return pick_revision(name, self._revisions(name), rev)
 
     def names(self) -> list[str]:
         folders, _ = self._list(self.prefix)

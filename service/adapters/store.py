@@ -67,6 +67,17 @@ def split_model(model: str) -> tuple[str, str | None]:
     return name, (rev if sep else None)
 
 
+def pick_revision(name: str, revs: dict, rev: str | None):
+    """(revision id, where it is): the given one, or the newest (natural order); 404 when there is none."""
+    if not revs:
+        raise ModelNotFound.named(name)
+    if rev is None:
+        rev = max(revs, key=natural_key)
+    elif rev not in revs:
+        raise ModelNotFound.named(f"{name}@{rev}")
+    return rev, revs[rev]
+
+
 def files_fingerprint(path: Path) -> str:
     """A short id for a flat (single-revision) adapter folder: its config and weights, hashed."""
     digest = hashlib.sha256()
@@ -125,14 +136,7 @@ class AdapterStore:
         return {files_fingerprint(flat): flat} if flat is not None else nested
 
     def find(self, name: str, rev: str | None = None) -> tuple[str, Path]:
-        revs = self.revisions(name)
-        if not revs:
-            raise ModelNotFound.named(name)
-        if rev is None:
-            rev = max(revs, key=natural_key)
-        elif rev not in revs:
-            raise ModelNotFound.named(f"{name}@{rev}")
-        return rev, revs[rev]
+        return pick_revision(name, self.revisions(name), rev)
 
     def names(self) -> list[str]:
         if self.root is None or not self.root.is_dir():
