@@ -112,11 +112,11 @@ def tree_rss(pid: int) -> dict[str, float]:
     return {"api_mib": root.memory_info().rss / 2**20, "engine_mib": engine / 2**20}
 
 
-def soak(model: Path, adapters: dict[str, Path], out: Path) -> dict:
-    run = out / "soak"
+def soak(model: Path, adapters: dict[str, Path], out: Path, name: str = "soak", extra: tuple[str, ...] = ()) -> dict:
+    run = out / name
     shutil.rmtree(run, ignore_errors=True)
     run.mkdir(parents=True)
-    proc, url = start("vlora", model, adapters, run, ("--api-keys-file", str(keys_file(run))))
+    proc, url = start("vlora", model, adapters, run, ("--api-keys-file", str(keys_file(run)), *extra))
     samples: list[dict] = []
     try:
         load_proc = load(url, "B", "soak-c32.yaml", run / "load", list(adapters))
@@ -134,7 +134,7 @@ def soak(model: Path, adapters: dict[str, Path], out: Path) -> dict:
         first, last = statistics.mean(s[key] for s in minute[1]), statistics.mean(s[key] for s in minute[5])
         return (last - first) / first
 
-    return {"requests": len(rows), "ok": sum(r["status"] == 200 and not r.get("error") for r in rows),
+    return {"server_args": list(extra), "requests": len(rows), "ok": sum(r["status"] == 200 and not r.get("error") for r in rows),
             "status_429": sum(r["status"] == 429 for r in rows),
             "other_failures": sum(r["status"] not in (200, 429) or bool(r.get("error")) and r["status"] == 200
                                   for r in rows),
@@ -145,7 +145,7 @@ def ms(value: float | None) -> str:
     return "–" if value is None else f"{value * 1000:.0f} ms"
 
 
-def tables(flood: list[dict], soaked: dict | None) -> str:
+def tables(flood: list[dict], soaked: list[dict]) -> str:
     lines = ["| isolation | B TTFT p50 alone / flood | B TTFT p95 alone / flood | p95 ratio | B req/s alone / flood | "
              "B 429s | A 429 share | other failures (A+B) |", "|---|---|---|---|---|---|---|---|"]
     for r in flood:
@@ -160,28 +160,43 @@ def tables(flood: list[dict], soaked: dict | None) -> str:
     lines.append(f"capacity {flood[0]['capacity_rps']:.1f} req/s (closed loop c=16); flood at "
                  f"{flood[0]['flood_rate']:.1f} req/s for 60 s")
     if soaked:
-        lines += ["", "| soak (c=32, 5 min) | requests | ok | 429 | other failures | API RSS growth m1->m5 | "
-                  "engine RSS growth m1->m5 |", "|---|---|---|---|---|---|---|",
-                  f"| all adapters, mixed images | {soaked['requests']} | {soaked['ok']} | {soaked['status_429']} | "
-                  f"{soaked['other_failures']} | {soaked['api_growth']:+.2%} | {soaked['engine_growth']:+.2%} |", "",
-                  "RSS every 10 s (t s: API MiB / engine MiB): " + ", ".join(
-                      f"{s['t']}: {s['api_mib']:.0f}/{s['engine_mib']:.0f}" for s in soaked["samples"])]
+        lines += ["", "| soak (c=32, 5 min, all adapters, mixed images) | requests | ok | 429 | other failures | "
+                  "API RSS growth m1->m5 | engine RSS growth m1->m5 |", "|---|---|---|---|---|---|---|"]
+        for soak_run in soaked:
+            lines.append(f"| {' '.join(soak_run.get('server_args') or []) or 'defaults'} | {soak_run['requests']} | "
+                         f"{soak_run['ok']} | {soak_run['status_429']} | {soak_run['other_failures']} | "
+                         f"{soak_run['api_growth']:+.2%} | {soak_run['engine_growth']:+.2%} |")
+        for soak_run in soaked:
+            lines += ["", f"RSS every 10 s, {' '.join(soak_run.get('server_args') or []) or 'defaults'} "
+                      "(t s: API MiB / engine MiB): " + ", ".join(
+                          f"{x['t']}: {x['api_mib']:.0f}/{x['engine_mib']:.0f}" for x in soak_run["samples"])]
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "isolation")
-    parser.add_argument("--skip-soak", action="store_true")
+    parser.add_argument("--phases", default="flood,soak,soak-no-mm-cache",
+                        help="flood (isolation on and off), soak (defaults), soak-no-mm-cache (vLLM's multimodal "
+                             "processor cache off: what the engine's RSS growth in the soak is); earlier phases' "
+                             "results are kept in results.json")
     args = parser.parse_args()
+    phases = set(args.phases.split(","))
     model, adapters = demo_models()
     work = args.out / "work"
     work.mkdir(parents=True, exist_ok=True)
-    flood = [flood_run("on", model, adapters, work, ()),
-             flood_run("off", model, adapters, work, ("--no-fair-share",))]
-    soaked = None if args.skip_soak else soak(model, adapters, work)
-    (args.out / "results.json").write_text(json.dumps({"flood": flood, "soak": soaked}, indent=2))
-    text = tables(flood, soaked)
+    path = args.out / "results.json"
+    results = json.loads(path.read_text()) if path.is_file() else {}
+    if "flood" in phases:
+        results["flood"] = [flood_run("on", model, adapters, work, ()),
+                            flood_run("off", model, adapters, work, ("--no-fair-share",))]
+    if "soak" in phases:
+        results["soak"] = soak(model, adapters, work)
+    if "soak-no-mm-cache" in phases:
+        results["soak_no_mm_cache"] = soak(model, adapters, work, "soak-no-mm-cache",
+                                           ("--engine-arg", "mm_processor_cache_gb=0"))
+    path.write_text(json.dumps(results, indent=2))
+    text = tables(results["flood"], [r for r in (results.get("soak"), results.get("soak_no_mm_cache")) if r])
     (args.out / "results.md").write_text("Command: `.venv/bin/python bench/isolation.py`\n\n" + text + "\n")
     print(text)
 
