@@ -8,16 +8,24 @@ from service.protocol.models import ErrorResponse
 _ERRORS = {
     400: "invalid request (a parameter, an image, the context length, a constraint that does not compile)",
     401: "missing or wrong API key",
+    403: "this key may not use the admin API",
     404: "the model does not exist, or this key may not use it",
     413: "the body or an image is over its byte or pixel limit",
     429: "a tenant's or adapter's limit, or too many requests in flight (Retry-After says when to retry)",
     500: "an unexpected server error",
     503: "not ready, draining, the engine is restarting, or this adapter's files are unavailable (Retry-After)",
 }
+
+
+def error_responses(*statuses: int) -> dict:
+    """The OpenAPI entries of the OpenAI-shaped errors an endpoint answers."""
+    return {status: {"model": ErrorResponse, "description": _ERRORS[status]} for status in statuses}
+
+
 GENERATION_RESPONSES: dict = {
     200: {"description": "the answer; with `stream: true`, server-sent events instead",
           "content": {"text/event-stream": {"schema": {"type": "string"}}}},
-    **{status: {"model": ErrorResponse, "description": why} for status, why in _ERRORS.items()},
+    **error_responses(400, 401, 404, 413, 429, 500, 503),
 }
 
 

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from service.auth import tenant_of
 from service.errors import Forbidden
+from service.routes import error_responses
 
 router = APIRouter()
 
@@ -51,7 +52,7 @@ def _card(request: Request, revision, resident_ids: set[int]) -> dict:
     }
 
 
-@router.get("/v1/adapters")
+@router.get("/v1/adapters", responses=error_responses(401, 403))
 async def list_adapters(request: Request) -> dict:
     _require_admin(request)
     registry = request.app.state.registry
@@ -60,7 +61,7 @@ async def list_adapters(request: Request) -> dict:
     return {"object": "list", "data": data, "available": registry.available()}
 
 
-@router.post("/v1/adapters")
+@router.post("/v1/adapters", responses=error_responses(400, 401, 403, 404, 503))
 async def load_adapter(body: LoadAdapter, request: Request) -> dict:
     _require_admin(request)
     registry = request.app.state.registry
@@ -68,7 +69,7 @@ async def load_adapter(body: LoadAdapter, request: Request) -> dict:
     return _card(request, revision, await request.app.state.engine.resident_ids())
 
 
-@router.delete("/v1/adapters/{name}")
+@router.delete("/v1/adapters/{name}", responses=error_responses(401, 403, 404))
 async def unload_adapter(name: str, request: Request) -> dict:
     _require_admin(request)
     revisions = await request.app.state.registry.unload(name)

@@ -11,6 +11,7 @@ from fastapi import APIRouter, Request
 from service.auth import tenant_of
 from service.errors import ModelNotFound
 from service.protocol.models import ModelCard, ModelList
+from service.routes import error_responses
 
 router = APIRouter()
 
@@ -26,12 +27,12 @@ def _cards(request: Request) -> list[ModelCard]:
     return cards
 
 
-@router.get("/v1/models", response_model=ModelList)
+@router.get("/v1/models", response_model=ModelList, responses=error_responses(401))
 async def list_models(request: Request) -> ModelList:
     return ModelList(data=_cards(request))
 
 
-@router.get("/v1/models/{model_id}", response_model=ModelCard)
+@router.get("/v1/models/{model_id}", response_model=ModelCard, responses=error_responses(401, 404))
 async def get_model(model_id: str, request: Request) -> ModelCard:
     for card in _cards(request):
         if card.id == model_id:

@@ -6,11 +6,12 @@ from fastapi import APIRouter, Request, Response
 
 from service.errors import APIError, NotReady
 from service.metrics import CONTENT_TYPE
+from service.routes import error_responses
 
 router = APIRouter()
 
 
-@router.get("/health")
+@router.get("/health", responses=error_responses(500, 503))
 async def health(request: Request) -> dict:
     engine = request.app.state.engine
     if request.app.state.engine_dead:
@@ -24,7 +25,7 @@ async def health(request: Request) -> dict:
     return {"status": "ok"}
 
 
-@router.get("/ready")
+@router.get("/ready", responses=error_responses(503))
 async def ready(request: Request) -> dict:
     state = request.app.state
     retry = {"Retry-After": str(state.settings.retry_after_s)}
@@ -43,7 +44,9 @@ async def ready(request: Request) -> dict:
             "unavailable": unavailable}
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=Response, responses={200: {
+    "description": "Prometheus text exposition (vlora's series and vLLM's)",
+    "content": {CONTENT_TYPE.split(";")[0]: {"schema": {"type": "string"}}}}})
 async def metrics(request: Request) -> Response:
     state = request.app.state
     fair = state.chat.fair

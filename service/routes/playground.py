@@ -6,7 +6,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 
 from service.auth import tenant_of
-from service.protocol.models import ErrorResponse
+from service.routes import error_responses
 from service.serving.playground import HEADERS, TYPES, cards
 
 router = APIRouter(tags=["playground"])
@@ -36,7 +36,7 @@ async def style(request: Request) -> Response:
     return _asset(request, "style.css")
 
 
-@router.get("/playground/api/adapters", responses={401: {"model": ErrorResponse, "description": "missing or wrong API key"}})
+@router.get("/playground/api/adapters", responses=error_responses(401))
 async def adapter_cards(request: Request) -> dict:
     state = request.app.state
     resident = await state.engine.resident_ids()

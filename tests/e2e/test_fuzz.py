@@ -2,7 +2,7 @@
 server error, no status code or content type the document does not declare, and the server alive after.
 
 Bounded: a few examples per operation, a time budget, a short context (so no generated request runs long),
-one seed. The admin key is sent so that every operation, the admin API included, is reached."""
+one seed (the coverage phase off, see below). The admin key is sent so that every operation, the admin API included, is reached."""
 
 from __future__ import annotations
 
@@ -38,7 +38,10 @@ def test_openapi_fuzz_finds_no_server_error_and_no_undocumented_answer(server, t
     proc = subprocess.run(
         [str(cli), "run", f"{server.url}/openapi.json", "--checks",
          "not_a_server_error,status_code_conformance,content_type_conformance", "--max-examples", "6",
-         "--max-time", "240", "--seed", "0", "--workers", "2", "--request-timeout", "60", "--no-shrink",
+         "--max-time", "120", "--seed", "0",
+         # The coverage phase crashes inside schemathesis 4.32 on this document (a SystemError in Python's AST
+         # while it compiles a schema walker), a tool bug: the other phases run.
+         "--phases", "examples,fuzzing,stateful", "--workers", "2", "--request-timeout", "60", "--no-shrink",
          "--header", f"Authorization: Bearer {ADMIN}", "--no-color", "--warnings", "off"],
         capture_output=True, text=True, timeout=420, cwd=tmp_path)
     assert proc.returncode == 0, (proc.stdout[-6000:], proc.stderr[-2000:])
