@@ -130,7 +130,10 @@ def test_model_server_protocol_series(server, body):
     deadline, text, info = time.monotonic() + 30, "", ""
     while time.monotonic() < deadline:
         text = httpx.get(f"{server.url}/metrics", timeout=10).text
-        info = next((ln for ln in text.splitlines() if ln.startswith("vllm:lora_requests_info{")), "")
+        # One series per label combination seen, its value the time it was last true: the newest is now (the
+        # picker reads it the same way).
+        series = [ln for ln in text.splitlines() if ln.startswith("vllm:lora_requests_info{")]
+        info = max(series, key=lambda ln: float(ln.rsplit(" ", 1)[1]), default="")
         if "demo-a" in info and "demo-b" in info:
             break
         time.sleep(0.2)
