@@ -183,7 +183,7 @@ def main() -> None:
     args = parser.parse_args()
     phases = set(args.phases.split(","))
     model, adapters = demo_models()
-    work = args.out / "work"
+    work = args.out / "scratch"
     work.mkdir(parents=True, exist_ok=True)
     path = args.out / "results.json"
     results = json.loads(path.read_text()) if path.is_file() else {}

@@ -130,7 +130,7 @@ def main() -> None:
     models = ROOT / "models"
     ensure_demo_assets(models)
     args.out.mkdir(parents=True, exist_ok=True)
-    work = args.out / "work"
+    work = args.out / "scratch"
     work.mkdir(exist_ok=True)
     started = time.time()
     calibration = calibration_file(models, work)
