@@ -83,6 +83,17 @@ VARIANTS = {
     "ours-packed-ckpt": ("qwen3-vl-8b-lora.yaml", {"packing": True, "cuda_graphs": False,
                                                     "gradient_checkpointing": True}),
     "qlora-packed": ("qwen3-vl-8b-qlora.yaml", {"packing": True}),
+    # CUDA graphs with gradient checkpointing inside the captures (all layers, or the first N: checkpoint_layers)
+    "ours-packed-graphs-ckpt": ("qwen3-vl-8b-lora.yaml", {"packing": True, "gradient_checkpointing": True}),
+    "ours-packed-graphs-ckpt28": ("qwen3-vl-8b-lora.yaml", {"packing": True, "gradient_checkpointing": True,
+                                                             "checkpoint_layers": 28}),
+    "ours-packed-graphs-ckpt24": ("qwen3-vl-8b-lora.yaml", {"packing": True, "gradient_checkpointing": True,
+                                                             "checkpoint_layers": 24}),
+    "qlora-graphs-ckpt": ("qwen3-vl-8b-qlora.yaml", {"cuda_graphs": True}),
+    "qlora-graphs-ckpt-8bit": ("qwen3-vl-8b-qlora.yaml", {"cuda_graphs": True, "optim": "adamw_bnb_8bit"}),
+    "qlora-packed-graphs": ("qwen3-vl-8b-qlora.yaml", {"packing": True, "cuda_graphs": True}),
+    "qlora-packed-graphs-8bit": ("qwen3-vl-8b-qlora.yaml", {"packing": True, "cuda_graphs": True,
+                                                            "optim": "adamw_bnb_8bit"}),
     # Unsloth's FastVisionModel, the trainer users pick instead (wheels: ../shared/anchors/unsloth/), as its
     # notebooks set it up: gradient checkpointing "unsloth", 8-bit AdamW, the same LoRA targets and rank.
     "unsloth": ("unsloth", {}),

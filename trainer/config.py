@@ -67,6 +67,8 @@ class TrainConfig:
     quantization: str = _f("none", "'none' or '4bit' (QLoRA: bitsandbytes nf4, double quant, bf16 compute).")
     dtype: str = _f("auto", "'auto' (bf16 on GPU, fp32 on CPU), 'bf16', 'fp32'.")
     gradient_checkpointing: bool = _f(True, "Recompute activations in the backward pass (less memory).")
+    checkpoint_layers: int = _f(0, "With gradient_checkpointing: checkpoint only the first N language decoder layers "
+                                "(0: all); the others keep their activations (faster, more memory).")
     attn_implementation: str = _f("sdpa", "Attention kernel: 'sdpa' or 'eager'.")
     kernels: str = _f("auto", "'auto' (Liger fused RMSNorm/RoPE/SwiGLU/linear cross-entropy on CUDA when liger-kernel "
                       "is installed), 'liger' (required), 'none', or a comma list of Liger parts "
@@ -85,7 +87,8 @@ class TrainConfig:
     cuda_graphs: bool = _f(False, "Capture each language decoder layer's forward and backward as CUDA graphs once per "
                            "batch shape and replay them (one launch per layer instead of hundreds: for steps the CPU "
                            "cannot launch fast enough). Needs CUDA, fixed batch shapes (see pad_to_multiple_of) and "
-                           "keeps one step's activations per shape; not with gradient_checkpointing or torch_compile.")
+                           "keeps one step's activations per shape (with gradient_checkpointing: the checkpointed "
+                           "layers' inputs, each layer recomputed inside its backward graph); not with torch_compile.")
     fsdp: bool = _f(False, "Shard the model, gradients and optimizer state over the GPUs with FSDP2 (through accelerate; "
                     "launch with accelerate launch or torchrun): for models that do not fit one card. Each process "
                     "loads the model to CPU memory and keeps only its shard on the GPU. Not with cuda_graphs, "
@@ -152,8 +155,11 @@ class TrainConfig:
         if self.compile_mode not in ("default", "reduce-overhead", "max-autotune-no-cudagraphs"):
             problems.append(f"compile_mode must be default, reduce-overhead or max-autotune-no-cudagraphs, "
                             f"not {self.compile_mode!r}")
-        if self.cuda_graphs and self.gradient_checkpointing:
-            problems.append("cuda_graphs cannot be combined with gradient_checkpointing (set one of them false)")
+        if self.cuda_graphs and self.gradient_checkpointing and self.lora_dropout:
+            problems.append("cuda_graphs with gradient_checkpointing needs lora_dropout: 0 (a capture cannot replay "
+                            "the forward's dropout masks in the recompute)")
+        if self.checkpoint_layers < 0:
+            problems.append("checkpoint_layers must be >= 0")
         if self.cuda_graphs and self.torch_compile:
             problems.append("cuda_graphs cannot be combined with torch_compile (set one of them false)")
         if self.fsdp and (self.cuda_graphs or self.torch_compile or self.quantization == "4bit"):

@@ -12,7 +12,14 @@ backward N-1..0), into one memory pool, which therefore holds one step's activat
 is kept. Calls that do not fit a capture run the layer eagerly: evaluation and generation (no grad, a KV
 cache), a shape beyond `max_shapes`, unexpected keyword arguments (e.g. flash-attention's packed-sequence
 lengths), a different requires-grad pattern. Shapes are few when batches are padded to fixed lengths
-(`pad_to_multiple_of`).
+(`pad_to_multiple_of`) or rows are packed (one shape).
+
+With gradient checkpointing the checkpoint is taken inside the capture (torch's non-reentrant checkpoint around
+the layer): the forward graph keeps only the layer's input, and the backward graph recomputes the layer and
+runs its backward, so the pool holds one layer's activations at a time instead of a step's. (Checkpointing
+around a replay, transformers' own per-layer wrapper, would save nothing: a capture's memory is static.) Each
+layer's captured input is the previous layer's captured output, and each backward's incoming gradient the
+next layer's captured input gradient, so consecutive layers hand tensors on without copies or extra buffers.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import contextmanager
+from functools import partial
 from types import MethodType, SimpleNamespace
 
 from trainer.layers import base_of, decoder_layers
@@ -54,8 +62,8 @@ def _swapped(layer, tensors: dict):
 class _Captured:
     """One layer's forward and backward graphs and their static tensors."""
 
-    def __init__(self, layer, has_mask: bool, has_pos: bool):
-        self.layer, self.has_mask, self.has_pos = layer, has_mask, has_pos
+    def __init__(self, layer, has_mask: bool, has_pos: bool, checkpoint: bool = False):
+        self.layer, self.has_mask, self.has_pos, self.checkpoint = layer, has_mask, has_pos, checkpoint
         named = [(n, p) for n, p in layer.named_parameters() if p.requires_grad]
         self.params = [p for _, p in named]
         # Capture-time stand-ins sharing each trainable parameter's storage: the graphs read the live values
@@ -66,14 +74,33 @@ class _Captured:
         self.args = self.out = self.grad_out = None
         self.grads: list = []
 
-    def run(self, hidden, cos, sin, *extra):
-        mask = extra[0] if self.has_mask else None
-        pos = extra[-1] if self.has_pos else None
+    def _forward(self, hidden, cos, sin, mask, pos):
         with _swapped(self.layer, self.proxies):
             return type(self.layer).forward(self.layer, hidden, (cos, sin), attention_mask=mask, position_ids=pos)
 
+    def run(self, hidden, cos, sin, *extra):
+        import torch
+
+        mask = extra[0] if self.has_mask else None
+        pos = extra[-1] if self.has_pos else None
+        if self.checkpoint and torch.is_grad_enabled():
+            # The recompute swaps the stand-ins in again, so gradients still reach them. No RNG state is kept
+            # (a capture cannot restore one): the config refuses LoRA dropout with this combination.
+            return _checkpoint(self._forward, hidden, cos, sin, mask, pos, preserve_rng_state=False)
+        return self._forward(hidden, cos, sin, mask, pos)
+
     def grad_inputs(self) -> list:
         return [a for a in self.args if a.requires_grad] + list(self.proxies.values())
+
+
+def _checkpoint(fn, *args, preserve_rng_state: bool = True):
+    from torch.utils.checkpoint import checkpoint
+
+    return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=preserve_rng_state)
+
+
+def _same(a, b) -> bool:
+    return a is not None and b is not None and a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
 
 
 def _capture_layers(captured: list[_Captured], samples: list[tuple], warmup: int = 2) -> None:
@@ -95,14 +122,21 @@ def _capture_layers(captured: list[_Captured], samples: list[tuple], warmup: int
             del out
     torch.cuda.synchronize()
     pool = torch.cuda.graph_pool_handle()
-    for c in captured:
+    for i, c in enumerate(captured):
         c.fwd = torch.cuda.CUDAGraph()
         with torch.cuda.graph(c.fwd, pool=pool):
             c.out = c.run(*c.args)
+        if i + 1 < len(captured) and _same(captured[i + 1].args[0], c.out):  # the next layer reads this output
+            following = captured[i + 1]
+            following.args = (c.out.detach().requires_grad_(following.args[0].requires_grad), *following.args[1:])
+    later = None
     for c in reversed(captured):
         if not c.out.requires_grad:
             continue
-        c.grad_out = torch.empty_like(c.out)
+        # the gradient this layer receives is (usually the very tensor) the next layer's input gradient
+        handed = later.grads[0] if later is not None and later.grads else None
+        c.grad_out = handed if _same(handed, c.out) else torch.empty_like(c.out)
+        later = c
         inputs = c.grad_inputs()
         c.bwd = torch.cuda.CUDAGraph()
         with torch.cuda.graph(c.bwd, pool=pool):
@@ -147,9 +181,12 @@ def _replay_function():
 class LayerGraphs:
     """Replaces each decoder layer's `forward` with a dispatcher that replays captured graphs when it can."""
 
-    def __init__(self, layers, max_shapes: int = 4):
+    def __init__(self, layers, max_shapes: int = 4, checkpoint: int = 0):
+        """`checkpoint`: how many layers, from the first, recompute their activations in the backward (0: none;
+        see the module docstring)."""
         self.layers = list(layers)
         self.max_shapes = max_shapes
+        self.checkpoint = checkpoint
         self.sets: dict[tuple, dict] = {}  # shape key -> {"calls": [...], "grad": [...]}
         self.replays = 0
         self.eager = 0
@@ -184,10 +221,15 @@ class LayerGraphs:
         def forward(layer, hidden_states, position_embeddings=None, attention_mask=None, position_ids=None,
                     past_key_values=None, use_cache=False, **kwargs):
             def eager():
+                import torch
+
                 graphs.eager += 1
-                return type(layer).forward(layer, hidden_states, position_embeddings, attention_mask=attention_mask,
-                                           position_ids=position_ids, past_key_values=past_key_values,
-                                           use_cache=use_cache, **kwargs)
+                call = partial(type(layer).forward, layer, position_embeddings=position_embeddings,
+                               attention_mask=attention_mask, position_ids=position_ids,
+                               past_key_values=past_key_values, use_cache=use_cache, **kwargs)
+                if index < graphs.checkpoint and layer.training and torch.is_grad_enabled() and past_key_values is None:
+                    return _checkpoint(call, hidden_states)
+                return call(hidden_states)
 
             why = graphs._ineligible(layer, hidden_states, position_embeddings, past_key_values, kwargs)
             if why:
@@ -245,7 +287,8 @@ class LayerGraphs:
         for layer in self.layers[:-1]:
             grad.append(grad[-1] or any(p.requires_grad for p in layer.parameters()))
         statics = tuple(t.detach() for t in (cos, sin, mask, pos) if t is not None)
-        calls = [_Captured(layer, mask is not None, pos is not None) for layer in self.layers]
+        calls = [_Captured(layer, mask is not None, pos is not None, checkpoint=i < self.checkpoint)
+                 for i, layer in enumerate(self.layers)]
         samples = [(hidden.detach().clone().requires_grad_(g), *statics) for g in grad]
         enabled, dtype = key[-1]
         # Autocast's weight cache would keep capture-time casts; the captured kernels are the same without it.
@@ -266,9 +309,11 @@ class LayerGraphs:
         return entry
 
 
-def graph_layers(model, max_shapes: int = 4) -> LayerGraphs | None:
+def graph_layers(model, max_shapes: int = 4, checkpoint: int = 0) -> LayerGraphs | None:
     """Install the dispatcher on every decoder layer (CUDA only; None otherwise). The text model stops
-    building a KV cache in training forwards (generation still asks for one explicitly)."""
+    building a KV cache in training forwards (generation still asks for one explicitly). `checkpoint`: the
+    number of layers (from the first) checkpointed inside their captures; transformers' own checkpointing of
+    the decoder layers is turned off (it would wrap the replay, see the module docstring)."""
     import torch
 
     layers = decoder_layers(model)
@@ -281,6 +326,11 @@ def graph_layers(model, max_shapes: int = 4) -> LayerGraphs | None:
     for cfg in (config, getattr(config, "text_config", None)):
         if cfg is not None and hasattr(cfg, "use_cache"):
             cfg.use_cache = False
-    graphs = LayerGraphs(layers, max_shapes)
-    print(f"cuda graphs: {len(layers)} decoder layers will be captured per batch shape", flush=True)
+    if checkpoint:
+        for layer in layers:
+            layer.gradient_checkpointing = False
+    graphs = LayerGraphs(layers, max_shapes, checkpoint)
+    print(f"cuda graphs: {len(layers)} decoder layers will be captured per batch shape"
+          + (f", {min(checkpoint, len(layers))} of them checkpointed inside the capture" if checkpoint else ""),
+          flush=True)
     return graphs

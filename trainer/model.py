@@ -109,6 +109,11 @@ def wrap_lora(model, config: TrainConfig):
     elif config.gradient_checkpointing and not config.fsdp:  # FSDP checkpoints its wrapped layers itself
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
+    if config.gradient_checkpointing and config.checkpoint_layers and not config.fsdp:
+        from trainer.layers import decoder_layers
+
+        for layer in decoder_layers(model)[config.checkpoint_layers:]:  # these keep their activations
+            layer.gradient_checkpointing = False
     regex = re.compile(config.target_regex)
     targets = [n for n, _ in model.named_modules() if regex.fullmatch(n)]
     if not targets:

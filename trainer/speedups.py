@@ -82,7 +82,12 @@ def apply_speedups(peft_model, config: TrainConfig) -> Speedups:
     if config.cuda_graphs:
         from trainer.graphs import graph_layers
 
-        done.graphs = graph_layers(peft_model, config.cuda_graph_shapes)
+        checkpoint = 0
+        if config.gradient_checkpointing:
+            from trainer.layers import decoder_layers
+
+            checkpoint = config.checkpoint_layers or len(decoder_layers(peft_model))
+        done.graphs = graph_layers(peft_model, config.cuda_graph_shapes, checkpoint)
     return done
 
 

@@ -10,7 +10,9 @@ import pytest
 from trainer.config import TrainConfig
 
 
-@pytest.mark.parametrize("kw,needle", [({"cuda_graphs": True, "gradient_checkpointing": True}, "gradient_checkpointing"),
+@pytest.mark.parametrize("kw,needle", [({"cuda_graphs": True, "gradient_checkpointing": True, "lora_dropout": 0.05},
+                                        "lora_dropout"),
+                                       ({"checkpoint_layers": -1}, "checkpoint_layers"),
                                        ({"cuda_graphs": True, "gradient_checkpointing": False, "torch_compile": True},
                                         "torch_compile"),
                                        ({"cuda_graph_shapes": 0}, "cuda_graph_shapes"),
@@ -73,13 +75,13 @@ def test_pad_to_multiple_of(tiny_processor):
     assert (padded["labels"] != -100).sum() == (plain["labels"] != -100).sum()
 
 
-def _model(demo_assets, cuda_graphs: bool, device: str, with_speedups: bool = False):
+def _model(demo_assets, cuda_graphs: bool, device: str, with_speedups: bool = False, **overrides):
     import torch
 
     from trainer.train import prepare_model
 
-    config = TrainConfig(base_model=str(demo_assets["model"]), gradient_checkpointing=False, lora_dropout=0.0,
-                         cuda_graphs=cuda_graphs, kernels="auto")
+    config = TrainConfig(base_model=str(demo_assets["model"]), lora_dropout=0.0, cuda_graphs=cuda_graphs,
+                         kernels="auto", **{"gradient_checkpointing": False, **overrides})
     torch.manual_seed(0)
     model, _, speedups = prepare_model(config)
     with torch.no_grad():  # non-zero B, so that the adapters change the loss and get input gradients
@@ -133,13 +135,64 @@ def test_stand_in_parameters_compute_the_same_and_take_the_gradients(demo_assets
                for n, p in zip(captured.proxies, captured.params, strict=True))  # parameters put back
 
 
-@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="CUDA graphs need a CUDA device")
-def test_graphed_steps_equal_eager_steps(demo_assets, tiny_processor):
+def test_checkpointed_capture_function_computes_the_same_values_and_gradients(demo_assets, monkeypatch):
+    """What a checkpointed capture records (trainer.graphs._Captured.run with checkpoint): the same output and
+    stand-in gradients as the plain layer, with only the input saved for the backward."""
     import torch
 
-    eager = _model(demo_assets, False, "cuda")
-    graphed, speedups = _model(demo_assets, True, "cuda", with_speedups=True)
+    from trainer.graphs import _Captured
+    from trainer.layers import decoder_layers
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    layer = decoder_layers(_model(demo_assets, False, "cpu"))[0]
+    hidden = torch.randn(2, 5, 128, requires_grad=True)
+    cos, sin = torch.randn(2, 5, 64), torch.randn(2, 5, 64)
+    results = []
+    for checkpoint in (False, True):
+        captured = _Captured(layer, has_mask=False, has_pos=False, checkpoint=checkpoint)
+        saved: list = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t, into=saved: into.append(t) or t,
+                                                      lambda t: t):
+            out = captured.run(hidden, cos, sin)
+        grads = torch.autograd.grad(out.square().sum(), [hidden, *captured.proxies.values()], allow_unused=True)
+        results.append((out.detach(), grads, len(saved)))
+    (plain, plain_grads, plain_saved), (ckpt, ckpt_grads, ckpt_saved) = results
+    assert torch.allclose(plain, ckpt)
+    assert all((a is None and b is None) or torch.allclose(a, b, atol=1e-6) for a, b in zip(plain_grads, ckpt_grads,
+                                                                                              strict=True))
+    assert ckpt_saved < plain_saved / 4, (ckpt_saved, plain_saved)  # the checkpoint keeps its inputs, not the layer's
+
+
+def test_partial_checkpointing_keeps_the_loss_and_gradients(demo_assets, tiny_processor, monkeypatch):
+    """checkpoint_layers: N checkpoints the first N decoder layers only; the step's numbers do not change."""
+    import torch
+
+    from trainer.layers import decoder_layers
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    batch = _batch(tiny_processor)
+    results = []
+    for overrides in ({"gradient_checkpointing": False}, {"gradient_checkpointing": True, "checkpoint_layers": 1}):
+        model = _model(demo_assets, False, "cpu", **overrides)
+        flags = [layer.gradient_checkpointing for layer in decoder_layers(model)]
+        loss = model(**batch).loss
+        loss.backward()
+        results.append((flags, loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]))
+    (plain_flags, plain_loss, plain_grads), (flags, loss, grads) = results
+    assert plain_flags == [False, False] and flags == [True, False]
+    assert torch.allclose(plain_loss, loss)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain_grads, grads, strict=True))
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="CUDA graphs need a CUDA device")
+@pytest.mark.parametrize("checkpointed", [False, True], ids=["plain", "checkpointed"])
+def test_graphed_steps_equal_eager_steps(demo_assets, tiny_processor, checkpointed):
+    import torch
+
+    eager = _model(demo_assets, False, "cuda", gradient_checkpointing=checkpointed)
+    graphed, speedups = _model(demo_assets, True, "cuda", with_speedups=True, gradient_checkpointing=checkpointed)
     graphs = speedups.graphs
+    assert graphs.checkpoint == (len(graphs.layers) if checkpointed else 0)
     layers = len(graphs.layers)
     results = {}
     for name, model in (("eager", eager), ("graphed", graphed)):
