@@ -130,7 +130,10 @@ def _capture_layers(captured: list[_Captured], samples: list[tuple], warmup: int
             following = captured[i + 1]
             following.args = (c.out.detach().requires_grad_(following.args[0].requires_grad), *following.args[1:])
     later = None
-    for c in reversed(captured):
+    # Input gradients go to two buffers in turn: layer i's is read by layer i-1's backward, which runs before
+    # layer i-2's overwrites it (a step's backward runs the layers in that order), so two suffice for all layers.
+    handoff = [torch.empty_like(captured[-1].out), torch.empty_like(captured[-1].out)]
+    for n, c in enumerate(reversed(captured)):
         if not c.out.requires_grad:
             continue
         # the gradient this layer receives is (usually the very tensor) the next layer's input gradient
@@ -140,7 +143,9 @@ def _capture_layers(captured: list[_Captured], samples: list[tuple], warmup: int
         inputs = c.grad_inputs()
         c.bwd = torch.cuda.CUDAGraph()
         with torch.cuda.graph(c.bwd, pool=pool):
-            grads = torch.autograd.grad(c.out, inputs, c.grad_out, allow_unused=True)
+            grads = list(torch.autograd.grad(c.out, inputs, c.grad_out, allow_unused=True))
+            if c.args[0].requires_grad and _same(grads[0], handoff[0]):
+                grads[0] = handoff[n % 2].copy_(grads[0])  # the capture's own buffer goes back to the pool
         it = iter(grads)
         # one slot per user argument (None where it needs no gradient), then one per trainable parameter
         c.grads = [next(it) if a.requires_grad else None for a in c.args] + [next(it) for _ in c.proxies]
@@ -289,7 +294,10 @@ class LayerGraphs:
         statics = tuple(t.detach() for t in (cos, sin, mask, pos) if t is not None)
         calls = [_Captured(layer, mask is not None, pos is not None, checkpoint=i < self.checkpoint)
                  for i, layer in enumerate(self.layers)]
-        samples = [(hidden.detach().clone().requires_grad_(g), *statics) for g in grad]
+        # Warm-up inputs (their values do not matter): one tensor per requires-grad flag, shared by the layers;
+        # each capture after the first reads the previous layer's captured output instead (_capture_layers).
+        warm = {g: hidden.detach().clone().requires_grad_(g) for g in set(grad)}
+        samples = [(warm[g], *statics) for g in grad]
         enabled, dtype = key[-1]
         # Autocast's weight cache would keep capture-time casts; the captured kernels are the same without it.
         try:
