@@ -89,7 +89,8 @@ VARIANTS = {
                                                              "checkpoint_layers": 28}),
     "ours-packed-graphs-ckpt24": ("qwen3-vl-8b-lora.yaml", {"packing": True, "gradient_checkpointing": True,
                                                              "checkpoint_layers": 24}),
-    "qlora-graphs-ckpt": ("qwen3-vl-8b-qlora.yaml", {"cuda_graphs": True}),
+    "qlora-graphs-ckpt": ("qwen3-vl-8b-qlora.yaml", {"cuda_graphs": True}),  # the QLoRA recipe since these runs
+    "qlora-no-graphs": ("qwen3-vl-8b-qlora.yaml", {"cuda_graphs": False}),  # the QLoRA recipe before them
     "qlora-graphs-ckpt-8bit": ("qwen3-vl-8b-qlora.yaml", {"cuda_graphs": True, "optim": "adamw_bnb_8bit"}),
     "qlora-packed-graphs": ("qwen3-vl-8b-qlora.yaml", {"packing": True, "cuda_graphs": True}),
     "qlora-packed-graphs-8bit": ("qwen3-vl-8b-qlora.yaml", {"packing": True, "cuda_graphs": True,

@@ -18,6 +18,8 @@ def test_recipes_load():
     assert (qlora.learning_rate, qlora.per_device_batch_size, qlora.grad_accum) == (2e-4, 2, 8)
     # The measured levers (bench/results/train-gpu*): QLoRA keeps checkpointing, skips the fp32 upcast.
     assert qlora.gradient_checkpointing and not qlora.kbit_fp32_upcast and qlora.kernels == "auto"
+    # ... and captures its checkpointed decoder layers as CUDA graphs (bench/results/train-gpu-graphs-ckpt)
+    assert qlora.cuda_graphs and qlora.pad_to_multiple_of == 128
     lora = TrainConfig.load(CONFIGS / "qwen3-vl-8b-lora.yaml")
     assert not lora.gradient_checkpointing and lora.optim == "adamw_torch_fused" and lora.lora_dropout == 0.0
     packed = TrainConfig.load(CONFIGS / "qwen3-vl-8b-lora-packed.yaml")
