@@ -179,8 +179,6 @@ class TrainConfig:
             problems.append(f"eval_backend must be auto, vllm or transformers, not {self.eval_backend!r}")
         if self.truncation not in ("error", "drop"):
             problems.append(f"truncation must be 'error' or 'drop', not {self.truncation!r}")
-        if self.packing and self.streaming:
-            problems.append("packing needs every record's length first: not with streaming (yet)")
         if self.packing and self.packed_length < 64:
             problems.append("packed_length must be >= 64")
         if self.streaming and self.max_steps <= 0:

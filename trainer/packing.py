@@ -15,13 +15,17 @@ LLaMA-Factory's neat_packing breaks on Qwen3-VL). What it relies on is transform
 
 Rows are filled up to `packed_length` tokens with whole samples, first-fit decreasing over shuffled windows;
 a row's tail is padding, a sample of its own that attends to nothing else and carries no labels, so every row
-has one shape (what CUDA graphs need).
+has one shape (what CUDA graphs need). A stream (`streaming: true`) is packed the same way, one window of its
+records at a time as they arrive (`PackedStream`), without knowing the stream's length.
 """
 
 from __future__ import annotations
 
 import random
+from collections.abc import Callable, Iterable
 from typing import Any
+
+import torch.utils.data
 
 from trainer.data import IGNORE_INDEX, ChatCollator, ChatRecords
 
@@ -81,6 +85,58 @@ class PackedRecords:
 
     def __getitem__(self, i: int) -> list[dict]:
         return [self.records[j] for j in self.rows[i]]
+
+
+class PackedStream(torch.utils.data.IterableDataset):
+    """Packed rows (lists of chats) from a stream of chats: `window` records at a time, each counted as the
+    collator will tokenize it, packed as `pack` packs a window. The rows depend only on the stream's order (a
+    seeded shuffle for training streams), so a resumed run that skips the batches it trained on sees the same
+    rows after them. A record longer than `longest` (default: a row) is dropped (`drop`, counted in `dropped`)
+    or refused."""
+
+    def __init__(self, chats: Iterable[dict], count: Callable[[dict], int], packed_length: int, seed: int,
+                 window: int = 1000, drop: bool = True, longest: int | None = None):
+        self.chats, self.count, self.packed_length = chats, count, packed_length
+        self.seed, self.window, self.drop = seed, window, drop
+        self.longest = min(longest or packed_length, packed_length)
+        self.dropped = 0
+
+    def set_epoch(self, epoch: int) -> None:  # the Trainer's call each epoch, for the stream's shuffle
+        if hasattr(self.chats, "set_epoch"):
+            self.chats.set_epoch(epoch)
+
+    def __iter__(self):
+        # DataLoader workers each read the stream and keep every n-th row: the same rows in the same order
+        # as one process (the loader takes batches from its workers in turn).
+        worker = torch.utils.data.get_worker_info()
+        workers, me = (worker.num_workers, worker.id) if worker is not None else (1, 0)
+        for n, row in enumerate(self._rows()):
+            if n % workers == me:
+                yield row
+
+    def _rows(self):
+        window: list[tuple[dict, int]] = []
+        for number, chat in enumerate(self.chats):
+            tokens = self.count(chat)
+            if tokens > self.longest:
+                if not self.drop:
+                    raise ValueError(f"streamed record {number} has {tokens} tokens, over the {self.longest} a "
+                                     "record may have (packed_length, max_length; truncation: drop leaves such "
+                                     "records out)")
+                self.dropped += 1
+                continue
+            window.append((chat, tokens))
+            if len(window) == self.window:
+                yield from self._packed(window)
+                window = []
+        if window:
+            yield from self._packed(window)
+
+    def _packed(self, window: list[tuple[dict, int]]):
+        rows = pack({i: tokens for i, (_, tokens) in enumerate(window)}, self.packed_length, self.seed,
+                    window=len(window))
+        for row in rows:
+            yield [window[i][0] for i in row]
 
 
 VISION_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")

@@ -88,10 +88,22 @@ def load_data(config: TrainConfig, processor) -> Data:
             if config.val_fraction > 0 else 0
         val = list(streamed_chats(rows, found.format, config.seed, 1, take=held_out)) if held_out else []
     if config.streaming:
+        drop = config.truncation == "drop"
+        # Packing counts every record's tokens itself (and drops what does not fit a row): counted once.
         train = streamed_chats(rows, found.format, config.seed, config.shuffle_buffer, skip=held_out,
-                               max_length=config.longest if config.truncation == "drop" else None,
+                               max_length=config.longest if drop and not config.packing else None,
                                processor=processor)
         info["held_out"] = held_out
+        if config.packing:
+            from trainer.data import TokenCounter
+            from trainer.packing import PackedStream
+
+            train = PackedStream(train, TokenCounter(processor), config.packed_length, config.seed,
+                                 window=config.shuffle_buffer, drop=drop, longest=config.longest)
+            info["packing"] = {"packed_length": config.packed_length, "streaming": True,
+                               "window": config.shuffle_buffer}
+            print(f"packing: streamed records in rows of {config.packed_length} tokens, {config.shuffle_buffer} "
+                  "records at a time")
         return Data(train, val, info)
     keep = _kept(found)
     if not val and config.val_fraction > 0:

@@ -99,6 +99,33 @@ def test_streamed_parquet_resumes_after_kill_9_where_it_stopped(data, demo_asset
     assert abs(streamed_em - jsonl_em) <= 0.2 and streamed_em > 0, (streamed_em, jsonl_em)
 
 
+@pytest.mark.parametrize("streamed", [False, True], ids=["map", "streamed"])
+def test_packed_training_with_accumulation_resumes_after_kill_9_where_it_stopped(data, demo_assets, tmp_path,
+                                                                                streamed):
+    """Packed rows (a map-style set, or a stream packed window by window), two rows a batch, two batches an
+    optimizer step: killed with SIGKILL after a checkpoint and resumed, every later loss is the uninterrupted
+    run's (the resumed run skips exactly the rows it trained on)."""
+    root, _ = data
+    steps = 12
+    common = ["--base-model", str(demo_assets["model"]), "--train-data", str(root / "train.parquet"),
+              "--eval-data", str(root / "val.parquet"), "--max-steps", str(steps), "--save-steps", "4", *SHORT,
+              "--packing", "--packed-length", "256", "--per-device-batch-size", "2", "--grad-accum", "2",
+              *(["--streaming", "--shuffle-buffer", "64"] if streamed else [])]
+    whole = tmp_path / "whole"
+    done = run_train(*common, "--output-dir", str(whole))
+    assert "packing:" in done.stdout
+    out = tmp_path / "killed"
+    saved = kill_after_checkpoint([*common, "--output-dir", str(out)], out.with_name("killed.partial"), 4)[-1]
+    assert saved < steps
+    done = run_train(*common, "--output-dir", str(out), "--resume", env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert "resuming from" in done.stdout
+    resumed, uninterrupted = _losses(out), _losses(whole)
+    after = [s for s in uninterrupted if s > saved]
+    assert after and all(abs(resumed[s] - uninterrupted[s]) < 1e-4 for s in after), (resumed, uninterrupted)
+    packing = json.loads((out / "manifest.json").read_text())["dataset"]["packing"]
+    assert packing["packed_length"] == 256 and packing.get("streaming", False) == streamed
+
+
 def test_mlflow_file_store_gets_metrics_tags_config_and_manifest(data, demo_assets, tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
 

@@ -92,3 +92,52 @@ def test_each_sample_keeps_its_own_positions_and_sees_only_itself(model, tiny_pr
 def test_a_sample_longer_than_a_row_is_refused():
     with pytest.raises(ValueError, match="does not fit"):
         pack({0: 10, 1: 500}, 100, seed=0)
+
+
+def _chats(n: int) -> list[dict]:
+    return [{"messages": [{"role": "user", "content": [{"type": "text", "text": "x" * (1 + (7 * i) % 40)}]}],
+             "id": i} for i in range(n)]
+
+
+def _tokens(chat: dict) -> int:
+    return len(chat["messages"][0]["content"][0]["text"])
+
+
+def test_a_stream_is_packed_window_by_window_as_pack_packs():
+    from trainer.packing import PackedStream
+
+    chats = _chats(50)
+    stream = PackedStream(chats, _tokens, packed_length=64, seed=3, window=20)
+    rows = [[c["id"] for c in row] for row in stream]
+    expected = []
+    for start in range(0, 50, 20):  # each window of the stream is packed on its own, as it arrives
+        window = chats[start:start + 20]
+        expected += [[window[i]["id"] for i in row]
+                     for row in pack({i: _tokens(c) for i, c in enumerate(window)}, 64, 3, window=len(window))]
+    assert rows == expected
+    assert sorted(i for row in rows for i in row) == list(range(50))  # every record once, whole
+    assert all(sum(_tokens(chats[i]) for i in row) <= 64 for row in rows)
+    assert rows == [[c["id"] for c in row] for row in stream]  # the same rows again: what a resume skips over
+
+
+def test_a_streamed_record_longer_than_a_row_is_dropped_or_refused():
+    from trainer.packing import PackedStream
+
+    chats = _chats(6) + [{"messages": [{"role": "user", "content": [{"type": "text", "text": "y" * 100}]}], "id": 99}]
+    dropping = PackedStream(chats, _tokens, packed_length=64, seed=0, window=4)
+    assert 99 not in [c["id"] for row in dropping for c in row] and dropping.dropped == 1
+    with pytest.raises(ValueError, match="over the 64"):
+        list(PackedStream(chats, _tokens, packed_length=64, seed=0, window=4, drop=False))
+    short = PackedStream(chats, _tokens, packed_length=64, seed=0, window=4, longest=20)  # max_length 20
+    assert all(_tokens(c) <= 20 for row in short for c in row) and short.dropped == 4  # 22, 29, 36, 100
+
+
+def test_dataloader_workers_share_a_stream_without_repeating_a_row():
+    import torch
+
+    from trainer.packing import PackedStream
+
+    stream = PackedStream(_chats(60), _tokens, packed_length=64, seed=1, window=25)
+    alone = [[c["id"] for c in row] for row in stream]
+    loader = torch.utils.data.DataLoader(stream, batch_size=1, num_workers=2, collate_fn=lambda batch: batch[0])
+    assert [[c["id"] for c in row] for row in loader] == alone
