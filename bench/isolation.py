@@ -180,6 +180,8 @@ def main() -> None:
                         help="flood (isolation on and off), soak (defaults), soak-no-mm-cache (vLLM's multimodal "
                              "processor cache off: what the engine's RSS growth in the soak is); earlier phases' "
                              "results are kept in results.json")
+    parser.add_argument("--soak-args", default="",
+                        help="more server arguments for the soak-no-mm-cache phase (space-separated)")
     args = parser.parse_args()
     phases = set(args.phases.split(","))
     model, adapters = demo_models()
@@ -194,7 +196,7 @@ def main() -> None:
         results["soak"] = soak(model, adapters, work)
     if "soak-no-mm-cache" in phases:
         results["soak_no_mm_cache"] = soak(model, adapters, work, "soak-no-mm-cache",
-                                           ("--engine-arg", "mm_processor_cache_gb=0"))
+                                           ("--engine-arg", "mm_processor_cache_gb=0", *args.soak_args.split()))
     path.write_text(json.dumps(results, indent=2))
     text = tables(results["flood"], [r for r in (results.get("soak"), results.get("soak_no_mm_cache")) if r])
     (args.out / "results.md").write_text("Command: `.venv/bin/python bench/isolation.py`\n\n" + text + "\n")

