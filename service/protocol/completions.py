@@ -1,8 +1,10 @@
 """OpenAI (legacy) completions wire models (pure pydantic): `POST /v1/completions`, text prompts.
 
 `prompt` is one string (or a list holding one); `logprobs` is the number of alternatives per token (0..5),
-returned in the legacy shape (`tokens`, `token_logprobs`, `top_logprobs`, `text_offset`). `echo`, `suffix`
-and `best_of` > `n` are refused with a 400 naming the field.
+returned in the legacy shape (`tokens`, `token_logprobs`, `top_logprobs`, `text_offset`). `echo` puts the
+prompt before each choice's text (streamed: the first chunk of each choice); with `logprobs` OpenAI would add
+the prompt's own token logprobs, which this server does not compute: that combination, `suffix` and
+`best_of` > `n` are refused with a 400 naming the field.
 """
 
 from __future__ import annotations
@@ -34,7 +36,15 @@ class CompletionRequest(SamplingRequest):
             raise ValueError("the prompt is empty")
         return v
 
-    @field_validator("echo", "suffix", "best_of")
+    @field_validator("echo")
+    @classmethod
+    def _echo(cls, v: bool, info: ValidationInfo) -> bool:
+        if v and info.data.get("logprobs") is not None:
+            return refuse_if_set(v, "echo", "with logprobs (the prompt's own token logprobs) is not supported; "
+                                            "send echo or logprobs")
+        return v
+
+    @field_validator("suffix", "best_of")
     @classmethod
     def _unsupported(cls, v: Any, info: ValidationInfo) -> Any:
         if info.field_name == "best_of" and v == info.data.get("n", 1):

@@ -36,13 +36,16 @@ class CompletionService:
         self.renderer = renderer
 
     async def handle(self, req: CompletionRequest, tenant: Tenant = OPEN):
-        stream = (lambda prep: CompletionStream(prep, req.include_usage)) if req.stream else None
+        stream = ((lambda prep: CompletionStream(prep, req.include_usage, req.prompt if req.echo else "", req.n))
+                  if req.stream else None)
         return await self.gen.serve(req.model, lambda: self.prepare(req, tenant), stream,
                                     lambda prep, totals: self.completion(req, prep, totals), tenant)
 
     @staticmethod
     def completion(req: CompletionRequest, prep: Prepared, totals: Totals) -> Completion:
-        choices = [CompletionChoice(index=i, text="".join(totals.text.get(i, [])), finish_reason=totals.finish.get(i),
+        echoed = req.prompt if req.echo else ""
+        choices = [CompletionChoice(index=i, text=echoed + "".join(totals.text.get(i, [])),
+                                    finish_reason=totals.finish.get(i),
                                     logprobs=legacy_logprobs(totals.logprobs.get(i, []))
                                     if req.logprobs is not None else None)
                    for i in range(req.n)]
@@ -69,8 +72,8 @@ class CompletionService:
 class CompletionStream:
     """Completion chunks (`object: text_completion`): text and logprob deltas, usage last, then [DONE]."""
 
-    def __init__(self, prep: Prepared, include_usage: bool):
-        self.prep, self.include_usage = prep, include_usage
+    def __init__(self, prep: Prepared, include_usage: bool, echo: str = "", n: int = 1):
+        self.prep, self.include_usage, self.echo, self.n = prep, include_usage, echo, n
         self.offsets: dict[int, int] = {}
 
     def _chunk(self, choices: list[CompletionChoice], usage=None) -> str:
@@ -79,7 +82,9 @@ class CompletionStream:
                                     usage=usage))
 
     def start(self) -> list[str]:
-        return []
+        if not self.echo:  # echo: each choice starts with the prompt, before its first token
+            return []
+        return [self._chunk([CompletionChoice(index=i, text=self.echo)]) for i in range(self.n)]
 
     def delta(self, delta: Delta) -> list[str]:
         if not (delta.text or delta.finish_reason or delta.logprobs):

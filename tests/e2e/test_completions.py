@@ -46,9 +46,23 @@ def test_legacy_logprobs_and_constraints(client):
     assert choice.choices[0].text in ("red", "blue")
 
 
+@pytest.mark.parametrize("model", [BASE, "demo-a"])
+def test_echo_puts_the_prompt_before_the_completion(client, model):
+    kw = dict(model=model, prompt=PROMPT, max_tokens=6, temperature=1.0, seed=7, n=2, extra_body={"min_tokens": 6})
+    plain = client.completions.create(**kw)
+    echoed = client.completions.create(echo=True, **kw)
+    assert [c.text for c in echoed.choices] == [PROMPT + c.text for c in plain.choices]
+    assert echoed.usage.completion_tokens == plain.usage.completion_tokens  # the prompt is not counted twice
+    texts: dict[int, str] = {}
+    for chunk in client.completions.create(echo=True, stream=True, **kw):
+        for c in chunk.choices:
+            texts[c.index] = texts.get(c.index, "") + c.text
+    assert [texts[i] for i in range(2)] == [c.text for c in echoed.choices]
+
+
 @pytest.mark.parametrize(("kw", "param"), [
     ({"prompt": ["a", "b"]}, "prompt"),
-    ({"echo": True}, "echo"),
+    ({"echo": True, "logprobs": 1}, "echo"),
     ({"suffix": "x"}, "suffix"),
     ({"logprobs": 6}, "logprobs"),
     ({"max_tokens": 100000}, "max_tokens"),
