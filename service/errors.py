@@ -115,6 +115,15 @@ class EngineRestarting(NotReady):
     code = "engine_restarting"
 
 
+class ClientGone(APIError):
+    """The client went away while its request waited for an engine slot: the request never reaches the engine
+    (nobody is there to read this answer; it is logged and counted)."""
+
+    status = 499
+    type = "invalid_request_error"
+    code = "client_closed_request"
+
+
 class EngineFailure(APIError):
     status = 500
     type = "internal_error"

@@ -242,7 +242,11 @@ class FairShare:
         weighted share of the slots keeps one free slot in reserve, so that its next request starts at once
         instead of waiting for a flooding tenant's request to finish (work-conserving otherwise)."""
         now = self.clock()
-        active = [t for t, at in self._seen.items() if now - at <= self.idle_s or self.dispatched.get(t)]
+        # Active: asked within idle_s, or has requests dispatched or waiting (a request may wait longer than
+        # idle_s behind long ones), and the asking tenant itself.
+        waiting = {w.tenant for w in self._waiting if not w.future.done()}
+        active = [t for t, at in self._seen.items()
+                  if now - at <= self.idle_s or self.dispatched.get(t) or t in waiting or t == tenant]
         reserve = sum(1 for t in active if t != tenant and self.dispatched.get(t, 0) < self._fair_slots(t, active))
         mine = self.dispatched.get(tenant, 0) < self._fair_slots(tenant, active)
         return self.total < self.slots - (0 if mine else reserve)

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
-from service.auth import tenant_of
 from service.protocol.chat import ChatCompletion, ChatCompletionRequest
-from service.routes import GENERATION_RESPONSES, answer
+from service.routes import GENERATION_RESPONSES, answer, requester
 
 router = APIRouter()
 
@@ -14,4 +13,4 @@ router = APIRouter()
 @router.post("/v1/chat/completions", response_model=ChatCompletion, response_model_exclude_none=True,
              responses=GENERATION_RESPONSES)
 async def chat_completions(body: ChatCompletionRequest, request: Request):
-    return answer(await request.app.state.chat.handle(body, tenant_of(request)), body.stream)
+    return answer(await request.app.state.chat.handle(body, requester(request)), body.stream)

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
-from service.auth import tenant_of
 from service.protocol.completions import Completion, CompletionRequest
-from service.routes import GENERATION_RESPONSES, answer
+from service.routes import GENERATION_RESPONSES, answer, requester
 
 router = APIRouter()
 
@@ -14,4 +13,4 @@ router = APIRouter()
 @router.post("/v1/completions", response_model=Completion, response_model_exclude_none=True,
              responses=GENERATION_RESPONSES)
 async def completions(body: CompletionRequest, request: Request):
-    return answer(await request.app.state.completions.handle(body, tenant_of(request)), body.stream)
+    return answer(await request.app.state.completions.handle(body, requester(request)), body.stream)

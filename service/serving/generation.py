@@ -9,9 +9,12 @@ with the format's error event; one whose client goes away aborts its engine requ
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextvars import ContextVar
 from typing import Any, Protocol
 
 import anyio
@@ -21,6 +24,7 @@ from service.auth import OPEN, Tenant
 from service.engine.base import Delta, Engine
 from service.errors import (
     APIError,
+    ClientGone,
     ContextLengthExceeded,
     ModelNotFound,
     Overloaded,
@@ -34,6 +38,11 @@ from service.serving.sse import DONE, sse_json
 from service.serving.totals import Prepared, Totals
 
 logger = logging.getLogger("vlora.generation")
+
+# Set by the generating routes to their request's `is_disconnected`: a request waiting in the fair-share queue
+# whose client has gone is dropped before it reaches the engine.
+CLIENT_GONE: ContextVar[Callable[[], Awaitable[bool]] | None] = ContextVar("vlora_client_gone", default=None)
+DISCONNECT_POLL_S = 0.25
 
 
 class StreamFormat(Protocol):
@@ -130,9 +139,26 @@ class Generation:
     async def dispatch(self, prep: Prepared) -> None:
         """Wait for an engine slot when fair share is on (weighted by the tenant's priority class)."""
         if self.fair is not None:
-            waited = await self.fair.acquire(prep.tenant, self.weights.get(prep.tenant, 1.0))
+            waited = await self._acquire_while_connected(prep.tenant)
             prep.dispatched = True
             self.metrics.tenant_queue_wait(prep.tenant, waited)
+
+    async def _acquire_while_connected(self, tenant: str) -> float:
+        """The fair-share slot, unless the client goes away first (then ClientGone, and no slot is held)."""
+        acquire = asyncio.ensure_future(self.fair.acquire(tenant, self.weights.get(tenant, 1.0)))
+        gone = CLIENT_GONE.get()
+        try:
+            while True:
+                done, _ = await asyncio.wait({acquire}, timeout=None if gone is None else DISCONNECT_POLL_S)
+                if done:
+                    return acquire.result()
+                if await gone():
+                    raise ClientGone("the client closed the connection while the request waited for the engine")
+        finally:
+            if not acquire.done():
+                acquire.cancel()  # FairShare.acquire passes on a slot it was handed as it was cancelled
+                with contextlib.suppress(asyncio.CancelledError):
+                    await acquire
 
     def undispatch(self, prep: Prepared) -> None:
         if self.fair is not None and prep.dispatched:

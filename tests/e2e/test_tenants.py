@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import httpx
 import pytest
@@ -35,8 +36,8 @@ def server(demo_assets, tmp_path_factory):
     srv.stop()
 
 
-def post(server, tenant, body=None, **kw) -> httpx.Response:
-    return httpx.post(f"{server.url}/v1/chat/completions", json=body or BODY, timeout=60,
+def post(server, tenant, body=None, timeout: float = 60, **kw) -> httpx.Response:
+    return httpx.post(f"{server.url}/v1/chat/completions", json=body or BODY, timeout=timeout,
                       headers={"Authorization": f"Bearer {KEYS[tenant]}"}, **kw)
 
 
@@ -138,3 +139,38 @@ def test_keys_file_rotation_without_restart(server):
     assert status("sk-rotated-0001") == 200  # the keys in use stay
     assert "tenants file not reloaded; keeping the keys in use" in server.log_tail(400)
 
+
+
+@pytest.fixture(scope="module")
+def one_slot(demo_assets, tmp_path_factory):
+    """Fair share with one engine slot: a second request waits in vlora's queue, not in the engine."""
+    keys = tmp_path_factory.mktemp("one-slot-keys") / "keys.yaml"
+    keys.write_text(json.dumps({"tenants": [{"name": "vip", "keys": [KEYS["vip"]], "adapters": ["*"], "base": True}]}))
+    srv = start_server(["--model", str(demo_assets["model"]), "--api-keys-file", str(keys),
+                        "--max-running-requests", "1"], tmp_path_factory.mktemp("one-slot-server") / "server.log")
+    yield srv
+    srv.stop()
+
+
+def test_a_queued_request_whose_client_left_never_reaches_the_engine(one_slot):
+    from concurrent.futures import ThreadPoolExecutor
+
+    def engine_finished() -> float:
+        text = httpx.get(f"{one_slot.url}/metrics", timeout=10).text
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith("vllm:request_success_total"))
+
+    before = engine_finished()
+    long = {**BODY, "max_tokens": 3000, "min_tokens": 3000}  # holds the only slot for seconds
+    with ThreadPoolExecutor(1) as pool:
+        first = pool.submit(post, one_slot, "vip", long)
+        deadline = time.monotonic() + 30
+        while "vlora_engine_requests_running 1.0" not in httpx.get(f"{one_slot.url}/metrics").text:
+            assert time.monotonic() < deadline, "the first request never started"
+            time.sleep(0.05)
+        with pytest.raises(httpx.TimeoutException):  # queued behind it; this client gives up after 1 s
+            post(one_slot, "vip", timeout=1.0)
+        assert first.result().status_code == 200
+    time.sleep(1.0)
+    assert engine_finished() - before == 1  # only the first request ran on the engine
+    assert post(one_slot, "vip").status_code == 200  # and its slot was not lost

@@ -188,3 +188,21 @@ def test_fair_share_never_hands_a_slot_to_a_cancelled_waiter():
         assert fair.total == 0 and fair.waiting() == 0
 
     asyncio.run(scenario())
+
+
+def test_fair_share_hands_the_slot_to_a_request_that_waited_longer_than_the_idle_window():
+    """A request queued behind a long one for more than `idle_s` still counts its tenant as active: the slot
+    freed when the long one finishes is handed to it (this used to divide by an empty active set)."""
+    now = [0.0]
+
+    async def scenario():
+        fair = FairShare(slots=1, idle_s=2.0, clock=lambda: now[0])
+        await fair.acquire("solo", 1.0)  # a long request holds the only slot
+        queued = asyncio.create_task(fair.acquire("solo", 1.0))
+        await asyncio.sleep(0)
+        now[0] = 10.0  # the long request runs far past the idle window
+        fair.release("solo")
+        await asyncio.wait_for(queued, 1)
+        return fair.dispatched, fair.total
+
+    assert asyncio.run(scenario()) == ({"solo": 1}, 1)
