@@ -257,12 +257,20 @@ class FairShare:
 
     async def acquire(self, tenant: str, weight: float) -> float:
         """Wait for a dispatch slot; returns the seconds waited."""
+        return 0.0 if self.try_take(tenant, weight) else await self.wait(tenant)
+
+    def try_take(self, tenant: str, weight: float) -> bool:
+        """Take a dispatch slot now if one is free for `tenant` and nobody waiting has a better claim."""
         self._weights[tenant] = weight
         self._seen[tenant] = self.clock()
         ahead = min((self._share(w.tenant) for w in self._waiting if not w.future.done()), default=float("inf"))
-        if self._room_for(tenant) and self._share(tenant) < ahead:  # nobody waiting has a better claim
+        if self._room_for(tenant) and self._share(tenant) < ahead:
             self._take(tenant)
-            return 0.0
+            return True
+        return False
+
+    async def wait(self, tenant: str) -> float:
+        """Queue for a slot (after `try_take` found none); returns the seconds waited."""
         started = time.perf_counter()
         self._seq += 1
         waiter = _Waiter(self._seq, tenant, asyncio.get_running_loop().create_future())

@@ -145,18 +145,22 @@ class Generation:
 
     async def _acquire_while_connected(self, tenant: str) -> float:
         """The fair-share slot, unless the client goes away first (then ClientGone, and no slot is held)."""
-        acquire = asyncio.ensure_future(self.fair.acquire(tenant, self.weights.get(tenant, 1.0)))
+        if self.fair.try_take(tenant, self.weights.get(tenant, 1.0)):  # a free slot: no waiting, no watching
+            return 0.0
         gone = CLIENT_GONE.get()
+        if gone is None:
+            return await self.fair.wait(tenant)
+        acquire = asyncio.ensure_future(self.fair.wait(tenant))
         try:
             while True:
-                done, _ = await asyncio.wait({acquire}, timeout=None if gone is None else DISCONNECT_POLL_S)
+                done, _ = await asyncio.wait({acquire}, timeout=DISCONNECT_POLL_S)
                 if done:
                     return acquire.result()
                 if await gone():
                     raise ClientGone("the client closed the connection while the request waited for the engine")
         finally:
             if not acquire.done():
-                acquire.cancel()  # FairShare.acquire passes on a slot it was handed as it was cancelled
+                acquire.cancel()  # FairShare.wait passes on a slot it was handed as it was cancelled
                 with contextlib.suppress(asyncio.CancelledError):
                     await acquire
 
