@@ -62,14 +62,24 @@ class ServerProcess:
 
 
 def start_server(args: list[str], log_path: Path, env: dict[str, str] | None = None,
-                 wait_path: str = "/ready") -> ServerProcess:
-    server = ServerProcess(args, log_path, env)
-    try:
-        server.wait_healthy(path=wait_path)
-    except BaseException:
-        server.stop()
-        raise
-    return server
+                 wait_path: str = "/ready", attempts: int = 3) -> ServerProcess:
+    """Start a server and wait until it is ready. The port is picked free, but the server binds it only after
+    its engine has loaded, and in that window another process (another test server's engine, which takes
+    ephemeral ports of its own) may take it: a start that fails on a port in use is retried on a new port."""
+    for attempt in range(attempts):
+        server = ServerProcess(args, log_path, env)
+        try:
+            server.wait_healthy(path=wait_path)
+            return server
+        except RuntimeError:
+            server.stop()
+            if attempt + 1 < attempts and "address already in use" in server.log_tail(200).lower():
+                continue
+            raise
+        except BaseException:
+            server.stop()
+            raise
+    raise AssertionError("unreachable")
 
 
 def start_failure(args: list[str], log_path: Path, timeout: float = 180.0) -> str:
