@@ -95,6 +95,21 @@ VARIANTS = {
     "qlora-packed-graphs": ("qwen3-vl-8b-qlora.yaml", {"packing": True, "cuda_graphs": True}),
     "qlora-packed-graphs-8bit": ("qwen3-vl-8b-qlora.yaml", {"packing": True, "cuda_graphs": True,
                                                             "optim": "adamw_bnb_8bit"}),
+    # attention per packed sample (PyTorch's FlashAttention-2 varlen kernel, trainer/attention.py) and checkpointed
+    # layer inputs kept in CPU memory (trainer/offload.py)
+    "ours-packed-varlen": ("qwen3-vl-8b-lora.yaml", {"packing": True, "attn_implementation": "varlen"}),
+    "ours-packed-graphs-ckpt-varlen": ("qwen3-vl-8b-lora.yaml", {"packing": True, "gradient_checkpointing": True,
+                                                                  "attn_implementation": "varlen"}),
+    "ours-packed-graphs-ckpt28-varlen": ("qwen3-vl-8b-lora.yaml", {"packing": True, "gradient_checkpointing": True,
+                                                                    "checkpoint_layers": 28,
+                                                                    "attn_implementation": "varlen"}),
+    "qlora-packed-varlen": ("qwen3-vl-8b-qlora.yaml", {"packing": True, "attn_implementation": "varlen"}),
+    "qlora-packed-offload": ("qwen3-vl-8b-qlora.yaml", {"packing": True, "cuda_graphs": False,
+                                                        "offload_checkpoints": True}),
+    "qlora-packed-offload-varlen": ("qwen3-vl-8b-qlora.yaml", {"packing": True, "cuda_graphs": False,
+                                                               "offload_checkpoints": True,
+                                                               "attn_implementation": "varlen"}),
+    "qlora-offload": ("qwen3-vl-8b-qlora.yaml", {"cuda_graphs": False, "offload_checkpoints": True}),
     # Unsloth's FastVisionModel, the trainer users pick instead (wheels: ../shared/anchors/unsloth/), as its
     # notebooks set it up: gradient checkpointing "unsloth", 8-bit AdamW, the same LoRA targets and rank.
     "unsloth": ("unsloth", {}),

@@ -69,7 +69,12 @@ class TrainConfig:
     gradient_checkpointing: bool = _f(True, "Recompute activations in the backward pass (less memory).")
     checkpoint_layers: int = _f(0, "With gradient_checkpointing: checkpoint only the first N language decoder layers "
                                 "(0: all); the others keep their activations (faster, more memory).")
-    attn_implementation: str = _f("sdpa", "Attention kernel: 'sdpa' or 'eager'.")
+    offload_checkpoints: bool = _f(False, "With gradient_checkpointing: keep each checkpointed decoder layer's input in "
+                                   "CPU memory until the backward pass needs it (less device memory; eager layers "
+                                   "only, lora_dropout: 0; see trainer/offload.py).")
+    attn_implementation: str = _f("sdpa", "Attention kernel: 'sdpa', 'eager', or 'varlen' (packed rows: each sample's "
+                                  "causal attention only, through PyTorch's FlashAttention-2 variable-length kernel "
+                                  "on CUDA; SDPA with the block-diagonal mask elsewhere; see trainer/attention.py).")
     kernels: str = _f("auto", "'auto' (Liger fused RMSNorm/RoPE/SwiGLU/linear cross-entropy on CUDA when liger-kernel "
                       "is installed), 'liger' (required), 'none', or a comma list of Liger parts "
                       f"({', '.join(LIGER_PARTS)}).")
@@ -160,6 +165,16 @@ class TrainConfig:
                             "the forward's dropout masks in the recompute)")
         if self.checkpoint_layers < 0:
             problems.append("checkpoint_layers must be >= 0")
+        if self.offload_checkpoints:
+            if not self.gradient_checkpointing:
+                problems.append("offload_checkpoints needs gradient_checkpointing: true (it offloads the checkpoints)")
+            if self.cuda_graphs:
+                problems.append("offload_checkpoints needs cuda_graphs: false (a capture owns its inputs' memory)")
+            if self.lora_dropout:
+                problems.append("offload_checkpoints needs lora_dropout: 0 (the recompute does not replay the "
+                                "forward's dropout masks)")
+            if self.fsdp:
+                problems.append("offload_checkpoints does not apply with fsdp (FSDP checkpoints its layers itself)")
         if self.cuda_graphs and self.torch_compile:
             problems.append("cuda_graphs cannot be combined with torch_compile (set one of them false)")
         if self.fsdp and (self.cuda_graphs or self.torch_compile or self.quantization == "4bit"):

@@ -79,6 +79,10 @@ def load_base(config: TrainConfig, dtype=None):
     from transformers import AutoModelForImageTextToText
 
     dtype = dtype or resolve_dtype(config)
+    if config.attn_implementation == "varlen":
+        from trainer.attention import register
+
+        register()
     kwargs: dict = {"dtype": dtype, "attn_implementation": config.attn_implementation}
     if config.quantization == "4bit":
         from transformers import BitsAndBytesConfig
@@ -114,6 +118,11 @@ def wrap_lora(model, config: TrainConfig):
 
         for layer in decoder_layers(model)[config.checkpoint_layers:]:  # these keep their activations
             layer.gradient_checkpointing = False
+    if config.gradient_checkpointing and config.offload_checkpoints and not config.fsdp:
+        from trainer.layers import decoder_layers
+        from trainer.offload import offload_checkpoints
+
+        offload_checkpoints(decoder_layers(model))
     regex = re.compile(config.target_regex)
     targets = [n for n, _ in model.named_modules() if regex.fullmatch(n)]
     if not targets:

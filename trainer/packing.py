@@ -52,9 +52,14 @@ class RopeIndex:
                                                image_grid_thw=image_grid_thw, video_grid_thw=video_grid_thw)[0]
 
 
-def pack(lengths: dict[int, int], packed_length: int, seed: int, window: int = 1000) -> list[list[int]]:
-    """Rows of record indices, each summing to at most `packed_length` tokens: the records shuffled (seeded), then
-    first-fit decreasing within each window of `window` records. A record longer than a row is refused."""
+MAX_SAMPLES_PER_ROW = 64  # what the varlen attention's fixed-size boundaries hold (trainer/attention.py)
+
+
+def pack(lengths: dict[int, int], packed_length: int, seed: int, window: int = 1000,
+         max_samples: int = MAX_SAMPLES_PER_ROW) -> list[list[int]]:
+    """Rows of record indices, each summing to at most `packed_length` tokens and holding at most `max_samples`
+    records: the records shuffled (seeded), then first-fit decreasing within each window of `window` records. A
+    record longer than a row is refused."""
     order = list(lengths)
     random.Random(seed).shuffle(order)
     rows: list[list[int]] = []
@@ -64,7 +69,7 @@ def pack(lengths: dict[int, int], packed_length: int, seed: int, window: int = 1
             if lengths[index] > packed_length:
                 raise ValueError(f"a record of {lengths[index]} tokens does not fit a packed row of {packed_length}")
             for b, (room, members) in enumerate(bins):
-                if lengths[index] <= room:
+                if lengths[index] <= room and len(members) < max_samples:
                     bins[b] = (room - lengths[index], members + [index])
                     break
             else:
