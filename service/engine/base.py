@@ -41,6 +41,7 @@ class Sampling:
     min_tokens: int = 0
     ignore_eos: bool = False
     logprobs: int | None = None  # alternatives per token to report (0: the sampled token only); None: none
+    prompt_logprobs: int | None = None  # the same for the prompt's own tokens (completions' echo); None: none
     logit_bias: dict[int, float] | None = None
     constraint: Constraint | None = None
 
@@ -92,6 +93,9 @@ class Delta:
     prompt_tokens: int | None = None
     logprobs: list[TokenLogprob] | None = None  # one per new token, when the request asked for them
     token_ids: Sequence[int] = ()  # the new tokens
+    # The prompt's tokens with their logprobs (None for the first, which nothing precedes), once per request on
+    # the first delta after the prompt was read, when the request asked for them.
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 @dataclass

@@ -65,20 +65,33 @@ def _token_bytes(token: str) -> list[int]:
     return list(token.encode("utf-8", errors="replace"))
 
 
+def _entry(lp) -> tuple[str, float, list[int]]:
+    token = lp.decoded_token or ""
+    return token, max(lp.logprob, -9999.0), _token_bytes(token)  # -inf is no JSON number
+
+
+def _token_logprob(token_id: int, alternatives: dict, wanted: int) -> TokenLogprob:
+    """One position's token and its `wanted` best alternatives from vLLM's {token id: Logprob} map."""
+    ranked = sorted(alternatives.values(), key=lambda lp: lp.rank or 0)[:wanted]  # none when wanted is 0
+    token, logprob, data = _entry(alternatives[token_id])
+    return TokenLogprob(token=token, logprob=logprob, bytes=data, top=[_entry(lp) for lp in ranked])
+
+
 def _token_logprobs(choice, wanted: int | None) -> list[TokenLogprob] | None:
     """OpenAI-shaped logprobs of a delta's new tokens from vLLM's per-position {token id: Logprob} maps."""
     if wanted is None or choice.logprobs is None:
         return None
-    def entry(lp) -> tuple[str, float, list[int]]:
-        token = lp.decoded_token or ""
-        return token, max(lp.logprob, -9999.0), _token_bytes(token)  # -inf is no JSON number
+    return [_token_logprob(token_id, alternatives, wanted)
+            for token_id, alternatives in zip(choice.token_ids, choice.logprobs, strict=False)]
 
-    out = []
-    for token_id, alternatives in zip(choice.token_ids, choice.logprobs, strict=False):
-        ranked = sorted(alternatives.values(), key=lambda lp: lp.rank or 0)[:wanted]  # none when wanted is 0
-        token, logprob, data = entry(alternatives[token_id])
-        out.append(TokenLogprob(token=token, logprob=logprob, bytes=data, top=[entry(lp) for lp in ranked]))
-    return out
+
+def _prompt_logprobs(out, wanted: int | None) -> list[TokenLogprob | None] | None:
+    """The prompt's tokens with their logprobs (vLLM sends them once, when the prompt has been read); the first
+    position has none."""
+    if wanted is None or not out.prompt_logprobs or out.prompt_token_ids is None:
+        return None
+    return [_token_logprob(token_id, alternatives, wanted) if alternatives else None
+            for token_id, alternatives in zip(out.prompt_token_ids, out.prompt_logprobs, strict=False)]
 
 
 def _bad_request(exc: Exception, request: GenerationRequest) -> BadRequest:
@@ -336,6 +349,7 @@ class VLLMEngine:
             min_tokens=min(s.min_tokens, s.max_tokens),
             ignore_eos=s.ignore_eos,
             logprobs=s.logprobs,
+            prompt_logprobs=s.prompt_logprobs,
             logit_bias=s.logit_bias,
             structured_outputs=self._structured_outputs(s.constraint),
             output_kind=RequestOutputKind.DELTA,
@@ -379,11 +393,13 @@ class VLLMEngine:
                                         **self._reasoning_kwargs(request), **extra)
             async for out in stream:
                 prompt_tokens = len(out.prompt_token_ids) if out.prompt_token_ids is not None else None
+                prompt_logprobs = _prompt_logprobs(out, request.sampling.prompt_logprobs)
                 for choice in out.outputs:
                     yield Delta(index=choice.index, text=choice.text, new_tokens=len(choice.token_ids),
                                 finish_reason=choice.finish_reason, prompt_tokens=prompt_tokens,
                                 logprobs=_token_logprobs(choice, request.sampling.logprobs),
-                                token_ids=choice.token_ids)
+                                token_ids=choice.token_ids, prompt_logprobs=prompt_logprobs)
+                    prompt_logprobs = None  # once per request
                 finished = out.finished
                 # When outputs are already queued, neither vLLM's collector nor the response writer yields
                 # to the event loop: one fast stream would starve every other request (health checks,

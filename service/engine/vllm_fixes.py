@@ -10,6 +10,14 @@ slot: a base-model request batched with adapter requests receives an adapter's d
 #48421 / #49656). The fix zeroes the inputs of rows with index -1 (the LoRA delta is linear in them, so
 their contribution becomes exactly zero) and clamps the index, for every bgmv op (the sgmv ops call them).
 
+`lora-prompt-logprobs` — with LoRA enabled, vLLM computes a request's prompt logprobs (`prompt_logprobs`,
+completions' echo with logprobs) through the LoRA logits processor with the LoRA indices of the step's
+*sampled* rows, one per request, while the hidden states are the prompt's tokens: a batch of more than one
+request crashes the engine in the punica ops (shape mismatch; upstream issues #16668, #29955), one request
+alone broadcasts. When the rows differ from the sampler's indices, the fix computes the base head's logits
+only, which is exact for adapters that do not adapt `lm_head` (the server refuses prompt logprobs for those
+that do: their delta would be missing, upstream issue #51594). When the rows match, vLLM's own path runs.
+
 `shm-spin` (a tuning, not a bug) — the readers of vLLM's shared-memory message queues (the worker waiting
 for the scheduler, the engine core waiting for the worker) spin on `sched_yield` for 1 s after every read
 before they sleep on a notify socket. That assumes dedicated cores: on a small CPU host the spinning
@@ -82,6 +90,32 @@ def fix_lora_no_adapter_index() -> bool:
     return True
 
 
+def _base_logits_for_prompt_rows(original):
+    @functools.wraps(original)
+    def fixed(self, hidden_states, lm_head, embedding_bias=None, skip_gather=False):
+        sampler = getattr(self.punica_wrapper, "sampler_indices", None)
+        if sampler is not None and hidden_states.shape[0] != sampler.shape[0]:
+            head = lm_head.base_layer if hasattr(lm_head, "base_layer") else lm_head
+            return self.base_layer._get_logits(hidden_states, head, embedding_bias)
+        return original(self, hidden_states, lm_head, embedding_bias, skip_gather)
+
+    fixed.__vlora_fixed__ = True
+    return fixed
+
+
+def fix_lora_prompt_logprobs() -> bool:
+    """Patch the LoRA logits processor (see the module docstring); a no-op where its rows match."""
+    try:
+        from vllm.lora.layers.logits_processor import LogitsProcessorWithLoRA
+    except ImportError:
+        return False
+    if getattr(LogitsProcessorWithLoRA._get_logits, "__vlora_fixed__", False):
+        return False
+    LogitsProcessorWithLoRA._get_logits = _base_logits_for_prompt_rows(LogitsProcessorWithLoRA._get_logits)
+    logger.info("vlora fix applied: lora-prompt-logprobs")
+    return True
+
+
 def engine_spin_sleep_us(env: dict | None = None, cpu_count: int | None = None) -> float:
     """Microseconds each spin turn of an shm queue reader sleeps; 0 keeps vLLM's `sched_yield`."""
     env = os.environ if env is None else env
@@ -123,4 +157,5 @@ def tune_shm_spin() -> float:
 def register() -> None:
     """Entry point of `vllm.general_plugins` (see pyproject.toml); safe to call many times."""
     fix_lora_no_adapter_index()
+    fix_lora_prompt_logprobs()
     tune_shm_spin()

@@ -2,9 +2,9 @@
 
 `prompt` is one string (or a list holding one); `logprobs` is the number of alternatives per token (0..5),
 returned in the legacy shape (`tokens`, `token_logprobs`, `top_logprobs`, `text_offset`). `echo` puts the
-prompt before each choice's text (streamed: the first chunk of each choice); with `logprobs` OpenAI would add
-the prompt's own token logprobs, which this server does not compute: that combination, `suffix` and
-`best_of` > `n` are refused with a 400 naming the field.
+prompt before each choice's text (streamed: the first chunk of each choice); with `logprobs` the prompt's own
+tokens lead each choice's logprobs, as OpenAI returns them (the first token's logprob and alternatives are
+null: nothing precedes it). `suffix` and `best_of` > `n` are refused with a 400 naming the field.
 """
 
 from __future__ import annotations
@@ -36,14 +36,6 @@ class CompletionRequest(SamplingRequest):
             raise ValueError("the prompt is empty")
         return v
 
-    @field_validator("echo")
-    @classmethod
-    def _echo(cls, v: bool, info: ValidationInfo) -> bool:
-        if v and info.data.get("logprobs") is not None:
-            return refuse_if_set(v, "echo", "with logprobs (the prompt's own token logprobs) is not supported; "
-                                            "send echo or logprobs")
-        return v
-
     @field_validator("suffix", "best_of")
     @classmethod
     def _unsupported(cls, v: Any, info: ValidationInfo) -> Any:
@@ -62,8 +54,8 @@ class CompletionRequest(SamplingRequest):
 
 class CompletionLogprobs(BaseModel):
     tokens: list[str] = Field(default_factory=list)
-    token_logprobs: list[float] = Field(default_factory=list)
-    top_logprobs: list[dict[str, float]] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)  # None: a prompt's first token (echo)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
     text_offset: list[int] = Field(default_factory=list)
 
 

@@ -46,6 +46,7 @@ class Totals:
     text: dict[int, list[str]] = field(default_factory=dict)
     logprobs: dict[int, list[TokenLogprob]] = field(default_factory=dict)
     token_ids: dict[int, list[int]] = field(default_factory=dict)
+    prompt_logprobs: list[TokenLogprob | None] | None = None
     first_token_at: float | None = None
     last_token_at: float | None = None
     gaps: list[tuple[float, int]] = field(default_factory=list)  # (seconds since previous tokens, new tokens)
@@ -58,6 +59,8 @@ class Totals:
         self.token_ids.setdefault(delta.index, []).extend(delta.token_ids)
         if delta.logprobs is not None:
             self.logprobs.setdefault(delta.index, []).extend(delta.logprobs)
+        if delta.prompt_logprobs is not None:
+            self.prompt_logprobs = delta.prompt_logprobs
         if delta.finish_reason:
             self.finish[delta.index] = delta.finish_reason
         if delta.new_tokens:

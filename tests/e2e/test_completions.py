@@ -60,10 +60,74 @@ def test_echo_puts_the_prompt_before_the_completion(client, model):
     assert [texts[i] for i in range(2)] == [c.text for c in echoed.choices]
 
 
+def _merged_stream_logprobs(chunks) -> dict[int, dict[str, list]]:
+    out: dict[int, dict[str, list]] = {}
+    for chunk in chunks:
+        for c in chunk.choices:
+            merged = out.setdefault(c.index, {"text": [], "tokens": [], "token_logprobs": [], "text_offset": []})
+            merged["text"].append(c.text)
+            if c.logprobs is not None:
+                for key in ("tokens", "token_logprobs", "text_offset"):
+                    merged[key] += getattr(c.logprobs, key)
+    return out
+
+
+@pytest.mark.parametrize("model", [BASE])
+def test_echo_with_logprobs_scores_the_prompt_as_the_model_scores_its_own_output(client, model):
+    kw = dict(model=model, max_tokens=4, temperature=0, logprobs=2, extra_body={"min_tokens": 4})
+    plain = client.completions.create(prompt=PROMPT, **kw).choices[0]
+    echoed = client.completions.create(prompt=PROMPT, echo=True, **kw)
+    lp, n = echoed.choices[0].logprobs, echoed.usage.prompt_tokens
+    assert echoed.choices[0].text == PROMPT + plain.text and len(lp.tokens) == n + 4
+    assert "".join(lp.tokens[:n]) == PROMPT and lp.text_offset[n] == len(PROMPT)
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None  # nothing precedes the first token
+    assert all(x <= 0 and len(top) <= 2 for x, top in zip(lp.token_logprobs[1:], lp.top_logprobs[1:], strict=True))
+    assert lp.tokens[n:] == plain.logprobs.tokens
+    assert lp.token_logprobs[n:] == pytest.approx(plain.logprobs.token_logprobs, abs=1e-4)
+    # The model's own greedy output, sent back as the prompt: its tokens score as they did when generated.
+    again = client.completions.create(prompt=PROMPT + plain.text, echo=True, **{**kw, "max_tokens": 1,
+                                                                                "extra_body": {}})
+    lp2, n2 = again.choices[0].logprobs, again.usage.prompt_tokens
+    assert lp2.tokens[n2 - 4:n2] == plain.logprobs.tokens
+    assert lp2.token_logprobs[n2 - 4:n2] == pytest.approx(plain.logprobs.token_logprobs, abs=1e-3)
+    sampled = {**kw, "n": 2, "temperature": 1.0, "seed": 7}  # two choices: each streams the prompt's logprobs
+    whole = client.completions.create(prompt=PROMPT, echo=True, **sampled).choices
+    streamed = _merged_stream_logprobs(client.completions.create(prompt=PROMPT, echo=True, stream=True, **sampled))
+    for i in range(2):
+        assert "".join(streamed[i]["text"]) == whole[i].text
+        assert streamed[i]["tokens"] == whole[i].logprobs.tokens
+        assert streamed[i]["text_offset"] == whole[i].logprobs.text_offset
+        assert streamed[i]["tokens"][:n] == lp.tokens[:n] and streamed[i]["token_logprobs"][0] is None
+        assert streamed[i]["token_logprobs"][1:] == pytest.approx(whole[i].logprobs.token_logprobs[1:], abs=1e-4)
+
+
+def test_echo_with_logprobs_batched_with_other_adapters_gets_its_solo_answer(client):
+    """The engine computes prompt logprobs beside other requests' sampling (a vLLM bug crashed it there:
+    service/engine/vllm_fixes.py, lora-prompt-logprobs)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    kw = dict(max_tokens=6, temperature=0, extra_body={"min_tokens": 6})
+    jobs = [dict(model=m, prompt=PROMPT + " " * i, echo=m == BASE, logprobs=2, **kw)
+            for i, m in enumerate([BASE, "demo-a", "demo-b", "demo-a", BASE, "demo-b"])]
+
+    def answer(job):
+        c = client.completions.create(**job).choices[0]
+        return c.text, c.logprobs.tokens, c.logprobs.token_logprobs
+
+    solo = [answer(job) for job in jobs]
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        batched = list(pool.map(answer, jobs))
+    for (text, tokens, lps), (want_text, want_tokens, want_lps) in zip(batched, solo, strict=True):
+        assert (text, tokens) == (want_text, want_tokens)
+        assert [x is None for x in lps] == [x is None for x in want_lps]
+        # batched GEMMs round differently on CPU: the same tokens, logprobs within 1e-2
+        assert [x for x in lps if x is not None] == pytest.approx([x for x in want_lps if x is not None], abs=1e-2)
+
+
 @pytest.mark.parametrize(("kw", "param"), [
     ({"prompt": ["a", "b"]}, "prompt"),
-    ({"echo": True, "logprobs": 1}, "echo"),
     ({"suffix": "x"}, "suffix"),
+    ({"echo": True, "logprobs": 1}, "echo"),  # through an adapter (demo-a): the engine scores prompts wrongly
     ({"logprobs": 6}, "logprobs"),
     ({"max_tokens": 100000}, "max_tokens"),
     ({"prompt": "<|vision_start|><|image_pad|><|vision_end|>"}, "prompt"),

@@ -86,3 +86,29 @@ def test_shm_queue_spin_sleeps_instead_of_yielding(monkeypatch):
     # The spin condition's wait() and the writer's acquire loop call the module-level name.
     import inspect
     assert "sched_yield()" in inspect.getsource(shm_broadcast.SpinCondition.wait)
+
+
+def test_prompt_rows_get_the_base_heads_logits_and_sampled_rows_vllms_path():
+    from types import SimpleNamespace
+
+    from service.engine.vllm_fixes import _base_logits_for_prompt_rows
+
+    calls = []
+    original = lambda self, h, head, bias=None, skip=False: calls.append(("lora", h.shape[0])) or "lora"  # noqa: E731
+    base = SimpleNamespace(_get_logits=lambda h, head, bias: calls.append(("base", h.shape[0], head)) or "base")
+    layer = SimpleNamespace(punica_wrapper=SimpleNamespace(sampler_indices=torch.zeros(2)), base_layer=base)
+    fixed = _base_logits_for_prompt_rows(original)
+    head = SimpleNamespace(base_layer="the head")
+    assert fixed(layer, torch.zeros(11, 4), head) == "base"  # a request's 11 prompt tokens
+    assert fixed(layer, torch.zeros(2, 4), head) == "lora"  # the step's two sampled rows
+    assert calls == [("base", 11, "the head"), ("lora", 2)]
+
+
+def test_the_installed_lora_logits_processor_is_patched():
+    from vllm.lora.layers.logits_processor import LogitsProcessorWithLoRA
+
+    from service.engine.vllm_fixes import fix_lora_prompt_logprobs
+
+    fix_lora_prompt_logprobs()
+    assert getattr(LogitsProcessorWithLoRA._get_logits, "__vlora_fixed__", False)
+    assert fix_lora_prompt_logprobs() is False  # once
