@@ -80,13 +80,17 @@ def _packed(model, processor, device: str) -> dict:
     return {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
 
 
+def _both(demo_assets, processor, device: str, dtype) -> tuple:
+    """(sdpa loss, sdpa grads, varlen loss, varlen grads) on the same packed rows."""
+    models = _models(demo_assets, device, dtype)
+    batch = _packed(models["sdpa"], processor, device)
+    return (*loss_and_grads(models["sdpa"], batch), *loss_and_grads(models["varlen"], batch))
+
+
 def test_packed_rows_on_cpu_give_sdpas_loss_and_gradients(demo_assets, tiny_processor):
     import torch
 
-    models = _models(demo_assets, "cpu", torch.float32)
-    batch = _packed(models["sdpa"], tiny_processor, "cpu")
-    want_loss, want = loss_and_grads(models["sdpa"], batch)
-    got_loss, got = loss_and_grads(models["varlen"], batch)
+    want_loss, want, got_loss, got = _both(demo_assets, tiny_processor, "cpu", torch.float32)
     assert got_loss == pytest.approx(want_loss, rel=1e-6)
     for name, grad in want.items():
         torch.testing.assert_close(got[name], grad, rtol=1e-5, atol=1e-7, msg=name)
@@ -96,10 +100,7 @@ def test_packed_rows_on_cpu_give_sdpas_loss_and_gradients(demo_assets, tiny_proc
 def test_the_varlen_kernel_gives_sdpas_loss_and_gradients_on_cuda(demo_assets, tiny_processor):
     import torch
 
-    models = _models(demo_assets, "cuda", torch.bfloat16)
-    batch = _packed(models["sdpa"], tiny_processor, "cuda")
-    want_loss, want = loss_and_grads(models["sdpa"], batch)
-    got_loss, got = loss_and_grads(models["varlen"], batch)
+    want_loss, want, got_loss, got = _both(demo_assets, tiny_processor, "cuda", torch.bfloat16)
     assert got_loss == pytest.approx(want_loss, rel=2e-2)
     for name, grad in want.items():  # bf16: the two kernels sum in different orders
         assert (got[name].float() - grad.float()).norm() <= 0.05 * grad.float().norm() + 1e-6, name
