@@ -1,6 +1,8 @@
 """OpenAI (legacy) completions wire models (pure pydantic): `POST /v1/completions`, text prompts.
 
-`prompt` is one string (or a list holding one); `logprobs` is the number of alternatives per token (0..5),
+`prompt` is a string, a list of token ids, or a batch of either (up to `MAX_PROMPTS`; each prompt is served as
+a request of its own, and its `n` choices take the indices `k * n .. k * n + n - 1` for the k-th prompt, as
+OpenAI numbers them); `logprobs` is the number of alternatives per token (0..5),
 returned in the legacy shape (`tokens`, `token_logprobs`, `top_logprobs`, `text_offset`). `echo` puts the
 prompt before each choice's text (streamed: the first chunk of each choice); with `logprobs` the prompt's own
 tokens lead each choice's logprobs, as OpenAI returns them (the first token's logprob and alternatives are
@@ -16,9 +18,12 @@ from pydantic import BaseModel, Field, ValidationInfo, field_validator
 
 from service.protocol.sampling import SamplingRequest, Usage, refuse_if_set
 
+MAX_PROMPTS = 64  # prompts in one request (a batch): each is admitted and generated as a request of its own
+
 
 class CompletionRequest(SamplingRequest):
-    prompt: str | list[str]
+    # One prompt (text or token ids) or a batch of them; validated into a list of prompts.
+    prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = Field(default=16, ge=1)
     logprobs: int | None = Field(default=None, ge=0, le=5)
     echo: bool = False
@@ -27,14 +32,20 @@ class CompletionRequest(SamplingRequest):
 
     @field_validator("prompt")
     @classmethod
-    def _prompt(cls, v: str | list[str]) -> str:
-        if isinstance(v, list):
-            if len(v) != 1:
-                raise ValueError("send one prompt per request (a list of prompts is a batch this server refuses)")
-            v = v[0]
-        if not v:
+    def _prompt(cls, v: str | list) -> list[str | list[int]]:
+        prompts = [v] if isinstance(v, str) else v
+        if prompts and all(isinstance(t, int) for t in prompts):  # one prompt of token ids
+            prompts = [prompts]
+        if not prompts:
             raise ValueError("the prompt is empty")
-        return v
+        if len(prompts) > MAX_PROMPTS:
+            raise ValueError(f"send at most {MAX_PROMPTS} prompts per request, not {len(prompts)}")
+        for one in prompts:
+            if not one:
+                raise ValueError("a prompt is empty")
+            if isinstance(one, list) and min(one) < 0:
+                raise ValueError("token ids are not negative")
+        return prompts
 
     @field_validator("suffix", "best_of")
     @classmethod

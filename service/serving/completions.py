@@ -4,17 +4,21 @@ service's (`generation.py`), so one backpressure bound covers every endpoint."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import time
 import uuid
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 
 from service.auth import OPEN, Tenant
 from service.engine.base import Delta, GenerationRequest, TokenLogprob
-from service.errors import BadRequest
+from service.errors import APIError, BadRequest
 from service.protocol.completions import Completion, CompletionChoice, CompletionLogprobs, CompletionRequest
+from service.protocol.sampling import Usage
 from service.serving.generation import Generation, sse_error
 from service.serving.render import ChatRenderer
 from service.serving.sampling import sampling_for
-from service.serving.sse import DONE, sse_event
+from service.serving.sse import DONE, sse_event, sse_json
 from service.serving.totals import Prepared, Totals
 
 
@@ -50,17 +54,107 @@ def _text_end(logprobs: CompletionLogprobs) -> int:
     return logprobs.text_offset[-1] + len(logprobs.tokens[-1]) if logprobs.tokens else 0
 
 
+@dataclass
+class Batch:
+    """What the streams of one batch of prompts share: one completion id and time, their usage, the first
+    error event of one of them (the merged stream ends with it)."""
+
+    id: str = field(default_factory=lambda: f"cmpl-{uuid.uuid4().hex}")
+    created: int = field(default_factory=lambda: int(time.time()))
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: str | None = None
+
+    def usage(self) -> Usage:
+        return Usage(prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens,
+                     total_tokens=self.prompt_tokens + self.completion_tokens)
+
+
+def _first_error(group: BaseExceptionGroup) -> BaseException:
+    """The exception to answer a failed batch with: an API error (a 4xx/5xx of one prompt) before others."""
+    flat = []
+    stack = [group]
+    while stack:
+        for exc in stack.pop().exceptions:
+            (stack if isinstance(exc, BaseExceptionGroup) else flat).append(exc)
+    return next((e for e in flat if isinstance(e, APIError)), flat[0])
+
+
 class CompletionService:
     def __init__(self, generation: Generation, renderer: ChatRenderer):
         self.gen = generation
         self.renderer = renderer
 
     async def handle(self, req: CompletionRequest, tenant: Tenant = OPEN):
-        stream = ((lambda prep: CompletionStream(prep, req.include_usage, req.prompt if req.echo else "", req.n,
-                                                 self._first_token(prep) if self._echo_logprobs(req) else None))
+        if len(req.prompt) == 1:
+            return await self._serve(req, req.prompt[0], 0, tenant)
+        if not req.stream:
+            parts = await self._all(req, tenant, None)
+            return Completion(id=parts[0].id, created=parts[0].created, model=parts[0].model,
+                              choices=[c for part in parts for c in part.choices],
+                              usage=Usage(prompt_tokens=sum(p.usage.prompt_tokens for p in parts),
+                                          completion_tokens=sum(p.usage.completion_tokens for p in parts),
+                                          total_tokens=sum(p.usage.total_tokens for p in parts)))
+        batch = Batch()
+        return self._merged(await self._all(req, tenant, batch), batch, req)
+
+    async def _all(self, req: CompletionRequest, tenant: Tenant, batch: Batch | None) -> list:
+        """Every prompt of a batch served at once; the first failure cancels the others and is the answer."""
+        try:
+            async with asyncio.TaskGroup() as group:
+                tasks = [group.create_task(self._serve(req, prompt, k * req.n, tenant, batch))
+                         for k, prompt in enumerate(req.prompt)]
+        except BaseExceptionGroup as failed:
+            for task in tasks:  # streams that had opened: run each to its first event and close it (its slot)
+                if task.done() and not task.cancelled() and task.exception() is None:
+                    body = task.result()
+                    with contextlib.suppress(StopAsyncIteration):
+                        await anext(body)
+                    await body.aclose()
+            raise _first_error(failed) from None
+        return [task.result() for task in tasks]
+
+    async def _merged(self, bodies: list, batch: Batch, req: CompletionRequest):
+        """The prompts' streams as one: their chunks as they come (choice indices already offset), then the
+        usage of all of them and one [DONE]; an error event of one ends it."""
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(body) -> None:
+            try:
+                async for event in body:
+                    await queue.put(event)
+            finally:
+                await queue.put(None)
+
+        tasks = [asyncio.create_task(pump(body)) for body in bodies]
+        try:
+            open_ = len(tasks)
+            while open_:
+                event = await queue.get()
+                if event is None:
+                    open_ -= 1
+                    continue
+                yield event
+                if event is batch.error:
+                    break
+            if batch.error is None and req.include_usage:
+                yield sse_event(Completion(id=batch.id, created=batch.created, model=req.model, choices=[],
+                                           usage=batch.usage()))
+            yield DONE
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _serve(self, req: CompletionRequest, prompt: str | list[int], offset: int, tenant: Tenant,
+                     batch: Batch | None = None):
+        """One prompt as one request: its choices numbered from `offset`."""
+        stream = ((lambda prep: CompletionStream(prep, req.include_usage, prep.request.prompt if req.echo else "",
+                                                 req.n, self._first_token(prep) if self._echo_logprobs(req) else None,
+                                                 offset=offset, batch=batch))
                   if req.stream else None)
-        return await self.gen.serve(req.model, lambda: self.prepare(req, tenant), stream,
-                                    lambda prep, totals: self.completion(req, prep, totals), tenant)
+        return await self.gen.serve(req.model, lambda: self.prepare(req, prompt, tenant), stream,
+                                    lambda prep, totals: self.completion(req, prep, totals, offset), tenant)
 
     @staticmethod
     def _echo_logprobs(req: CompletionRequest) -> bool:
@@ -70,8 +164,8 @@ class CompletionService:
         ids = prep.request.prompt_token_ids or []
         return self.renderer.tokenizer.decode(ids[:1]) if ids else ""
 
-    def completion(self, req: CompletionRequest, prep: Prepared, totals: Totals) -> Completion:
-        echoed = req.prompt if req.echo else ""
+    def completion(self, req: CompletionRequest, prep: Prepared, totals: Totals, offset: int = 0) -> Completion:
+        echoed = prep.request.prompt if req.echo else ""
 
         def logprobs(i: int) -> CompletionLogprobs | None:
             if req.logprobs is None:
@@ -81,16 +175,26 @@ class CompletionService:
             head = prompt_logprobs(totals.prompt_logprobs, self._first_token(prep))
             return legacy_logprobs(totals.logprobs.get(i, []), _text_end(head), head)
 
-        choices = [CompletionChoice(index=i, text=echoed + "".join(totals.text.get(i, [])),
+        choices = [CompletionChoice(index=offset + i, text=echoed + "".join(totals.text.get(i, [])),
                                     finish_reason=totals.finish.get(i), logprobs=logprobs(i))
                    for i in range(req.n)]
         return Completion(id=prep.request.request_id, created=prep.created, model=prep.model, choices=choices,
                           usage=totals.usage())
 
-    async def prepare(self, req: CompletionRequest, tenant: Tenant) -> Prepared:
+    def _ids(self, prompt: str | list[int]) -> tuple[str, list[int]]:
+        """(text, token ids) of one prompt, given as text or as token ids."""
+        if isinstance(prompt, str):
+            return prompt, self.renderer.tokenize(prompt)
+        beyond = sorted({t for t in prompt if t >= self.renderer.vocab_size})
+        if beyond:
+            raise BadRequest(f"the prompt holds token id(s) {beyond[:5]} outside the vocabulary (size "
+                             f"{self.renderer.vocab_size})", param="prompt")
+        return self.renderer.tokenizer.decode(prompt), list(prompt)
+
+    async def prepare(self, req: CompletionRequest, prompt: str | list[int], tenant: Tenant) -> Prepared:
         revision = await self.gen.resolve(req.model, tenant)
         try:
-            ids = self.renderer.tokenize(req.prompt)
+            text, ids = self._ids(prompt)
             prompt_tokens = self.renderer.text_tokens(ids)
             room = self.gen.room_for(prompt_tokens, req.max_tokens, "prompt")
             sampling = sampling_for(req, req.max_tokens or room, self.renderer.vocab_size)
@@ -100,7 +204,7 @@ class CompletionService:
                                      f"only, not for adapter '{req.model}': the engine does not score a prompt "
                                      "through an adapter correctly", param="echo")
                 sampling = replace(sampling, prompt_logprobs=req.logprobs)
-            gen = GenerationRequest(request_id=f"cmpl-{uuid.uuid4().hex}", prompt=req.prompt, prompt_token_ids=ids,
+            gen = GenerationRequest(request_id=f"cmpl-{uuid.uuid4().hex}", prompt=text, prompt_token_ids=ids,
                                     sampling=sampling,
                                     adapter=revision.key if revision is not None else None)
             return Prepared(request=gen, model=req.model, revision=revision, kind="completion", prompt_tokens=prompt_tokens,
@@ -114,19 +218,24 @@ class CompletionStream:
     """Completion chunks (`object: text_completion`): text and logprob deltas, usage last, then [DONE]."""
 
     def __init__(self, prep: Prepared, include_usage: bool, echo: str = "", n: int = 1,
-                 echo_first_token: str | None = None):
+                 echo_first_token: str | None = None, offset: int = 0, batch: Batch | None = None):
         """`echo_first_token` (the prompt's first token's text): echo with logprobs, whose echo chunks carry
-        the prompt's logprobs and so wait for the first delta (which brings them)."""
+        the prompt's logprobs and so wait for the first delta (which brings them). `offset`: the index of the
+        prompt's first choice in a batch; `batch`: the batch whose merged stream this one feeds (its chunks take
+        the batch's id, its usage and ending are the merged stream's)."""
         self.prep, self.include_usage, self.echo, self.n = prep, include_usage, echo, n
+        self.offset, self.batch = offset, batch
         self.first_token = echo_first_token
         self.offsets: dict[int, int] = {}
         self.prompt: CompletionLogprobs | None = None
         self.echoed: set[int] = set()
 
     def _chunk(self, choices: list[CompletionChoice], usage=None) -> str:
-        p = self.prep
-        return sse_event(Completion(id=p.request.request_id, created=p.created, model=p.model, choices=choices,
-                                    usage=usage))
+        p, b = self.prep, self.batch
+        for choice in choices:
+            choice.index += self.offset
+        return sse_event(Completion(id=b.id if b else p.request.request_id, created=b.created if b else p.created,
+                                    model=p.model, choices=choices, usage=usage))
 
     def start(self) -> list[str]:
         if not self.echo or self.first_token is not None:  # echo: each choice starts with the prompt
@@ -154,7 +263,16 @@ class CompletionStream:
                                                      finish_reason=delta.finish_reason, logprobs=logprobs)])]
 
     def end(self, totals: Totals) -> list[str]:
+        if self.batch is not None:
+            self.batch.prompt_tokens += totals.prompt_tokens
+            self.batch.completion_tokens += totals.completion_tokens
+            return []
         return ([self._chunk([], usage=totals.usage())] if self.include_usage else []) + [DONE]
 
     def error(self, body: dict) -> list[str]:
+        if self.batch is not None:
+            event = sse_json(body)
+            if self.batch.error is None:
+                self.batch.error = event
+            return [event]
         return sse_error(body)

@@ -60,6 +60,38 @@ def test_echo_puts_the_prompt_before_the_completion(client, model):
     assert [texts[i] for i in range(2)] == [c.text for c in echoed.choices]
 
 
+def _texts(chunks) -> dict[int, str]:
+    texts: dict[int, str] = {}
+    for chunk in chunks:
+        for c in chunk.choices:
+            texts[c.index] = texts.get(c.index, "") + c.text
+    return texts
+
+
+def test_a_batch_of_prompts_answers_each_prompt_as_alone(client, tiny_processor):
+    prompts = [PROMPT, "The color is", "Shapes and colors:"]
+    kw = dict(model="demo-a", max_tokens=5, temperature=0, extra_body={"min_tokens": 5})
+    solo = [client.completions.create(prompt=p, **kw) for p in prompts]
+    batch = client.completions.create(prompt=prompts, **kw)
+    assert [c.index for c in batch.choices] == [0, 1, 2]
+    assert [c.text for c in batch.choices] == [r.choices[0].text for r in solo]
+    assert batch.usage.prompt_tokens == sum(r.usage.prompt_tokens for r in solo)
+    assert batch.usage.completion_tokens == 15
+    chunks = list(client.completions.create(prompt=prompts, stream=True, stream_options={"include_usage": True}, **kw))
+    assert _texts(chunks) == {i: r.choices[0].text for i, r in enumerate(solo)}
+    assert len({c.id for c in chunks}) == 1 and chunks[-1].usage.completion_tokens == 15
+    # token ids instead of text: the same prompts, the same answers (echo gives the prompt's text back)
+    ids = [tiny_processor.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    assert client.completions.create(prompt=ids[0], **kw).choices[0].text == solo[0].choices[0].text
+    by_ids = client.completions.create(prompt=ids, echo=True, **kw)
+    assert [c.text for c in by_ids.choices] == [p + r.choices[0].text for p, r in zip(prompts, solo, strict=True)]
+    # n choices per prompt: the k-th prompt's choices are k*n .. k*n+n-1
+    sampled = dict(model="demo-b", max_tokens=4, temperature=1.0, seed=5, n=2)
+    alone = [client.completions.create(prompt=p, **sampled).choices for p in prompts[:2]]
+    both = client.completions.create(prompt=prompts[:2], **sampled).choices
+    assert [(c.index, c.text) for c in both] == [(k * 2 + c.index, c.text) for k, cs in enumerate(alone) for c in cs]
+
+
 def _merged_stream_logprobs(chunks) -> dict[int, dict[str, list]]:
     out: dict[int, dict[str, list]] = {}
     for chunk in chunks:
@@ -125,7 +157,11 @@ def test_echo_with_logprobs_batched_with_other_adapters_gets_its_solo_answer(cli
 
 
 @pytest.mark.parametrize(("kw", "param"), [
-    ({"prompt": ["a", "b"]}, "prompt"),
+    ({"prompt": []}, "prompt"),
+    ({"prompt": [PROMPT, ""]}, "prompt"),
+    ({"prompt": [10**9]}, "prompt"),  # a token id outside the vocabulary
+    ({"prompt": [PROMPT] * 65}, "prompt"),
+    ({"prompt": [PROMPT, "word " * 40000]}, "prompt"),  # one prompt of the batch over the context
     ({"suffix": "x"}, "suffix"),
     ({"echo": True, "logprobs": 1}, "echo"),  # through an adapter (demo-a): the engine scores prompts wrongly
     ({"logprobs": 6}, "logprobs"),
