@@ -1,19 +1,22 @@
 """OpenAI Responses API wire models (pure pydantic): `POST /v1/responses`, text and images in, text out.
 
-Supported: `input` as a string or message items (`input_text`, `input_image` parts; `output_text` in earlier
-assistant turns), `instructions`, `max_output_tokens`, `temperature`, `top_p`, `text.format` (text,
-json_object, json_schema), `stream` (the typed events), `metadata`; a thinking model's reasoning (with
---reasoning-parser) comes as a `reasoning` output item before the message. Nothing is stored: `store` is accepted
-and the answer says `store: false`; `previous_response_id`, `conversation`, `tools`, `reasoning` and
-`background` are refused with a 400 naming the field (tools are served by /v1/chat/completions).
+Supported: `input` as a string or items (messages with `input_text`, `input_image` parts and `output_text` in
+earlier assistant turns; `function_call` and `function_call_output` items of earlier tool calls), `instructions`,
+`max_output_tokens`, `temperature`, `top_p`, `text.format` (text, json_object, json_schema; or vLLM's
+`structured_outputs` as on the chat path), function `tools`
+with `tool_choice` (none, auto, required, a named function) and `parallel_tool_calls`, `stream` (the typed
+events), `metadata`; a thinking model's reasoning (with --reasoning-parser) comes as a `reasoning` output item
+before the message, tool calls as `function_call` items. Nothing is stored: `store` is accepted and the answer
+says `store: false`; `previous_response_id`, `conversation`, `reasoning`, `background` and tools other than
+functions (web search, file search, ...) are refused with a 400 naming the field.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, Discriminator, Field, Tag, ValidationInfo, field_validator
 
 from service.protocol.sampling import _Lenient, refuse_if_set
 
@@ -43,6 +46,47 @@ class InputMessage(_Lenient):
     content: str | list[InputText | InputImage]
 
 
+class FunctionCallItem(_Lenient):
+    """A tool call of an earlier turn, as a Response output it (sent back as input)."""
+
+    type: Literal["function_call"]
+    call_id: str = Field(min_length=1)
+    name: str = Field(min_length=1)
+    arguments: str
+    id: str | None = None
+    status: str | None = None
+
+
+class FunctionCallOutput(_Lenient):
+    """The result of an earlier tool call."""
+
+    type: Literal["function_call_output"]
+    call_id: str = Field(min_length=1)
+    output: str
+
+
+def _item_type(v: Any) -> str:
+    """An input item's kind: its `type`, "message" when it has none (a bare {role, content} message)."""
+    return (v.get("type") if isinstance(v, dict) else getattr(v, "type", None)) or "message"
+
+
+InputItem = Annotated[Annotated[InputMessage, Tag("message")] | Annotated[FunctionCallItem, Tag("function_call")]
+                      | Annotated[FunctionCallOutput, Tag("function_call_output")], Discriminator(_item_type)]
+
+
+class FunctionTool(_Lenient):
+    type: Literal["function"]
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class NamedFunctionChoice(_Lenient):
+    type: Literal["function"]
+    name: str
+
+
 class TextFormat(_Lenient):
     type: Literal["text", "json_object", "json_schema"] = "text"
     name: str | None = None
@@ -55,12 +99,12 @@ class TextConfig(_Lenient):
     format: TextFormat = Field(default_factory=TextFormat)
 
 
-_REFUSED = ("previous_response_id", "conversation", "tools", "reasoning", "background", "prompt")
+_REFUSED = ("previous_response_id", "conversation", "reasoning", "background", "prompt")
 
 
 class ResponsesRequest(_Lenient):
     model: str = Field(min_length=1)
-    input: str | list[InputMessage] = Field(min_length=1)
+    input: str | list[InputItem] = Field(min_length=1)
     instructions: str | None = None
     max_output_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
@@ -70,12 +114,13 @@ class ResponsesRequest(_Lenient):
     text: TextConfig = Field(default_factory=TextConfig)
     metadata: dict[str, str] | None = None
     user: str | None = None
-    tool_choice: Literal["none", "auto"] | None = None
-    parallel_tool_calls: bool | None = None
+    structured_outputs: dict[str, Any] | None = None  # vLLM's constraint parameter, as on the chat path
+    tools: list[FunctionTool] | None = Field(default=None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedFunctionChoice | None = None
+    parallel_tool_calls: bool = True
     truncation: Literal["disabled"] | None = None
     previous_response_id: Any = None
     conversation: Any = None
-    tools: Any = None
     reasoning: Any = None
     background: Any = None
     prompt: Any = None
@@ -87,13 +132,36 @@ class ResponsesRequest(_Lenient):
         return refuse_if_set(v, info.field_name,
                              "this server stores no responses; send the whole conversation as input" if stored else None)
 
+    @field_validator("tools", mode="before")
+    @classmethod
+    def _functions_only(cls, v: Any) -> Any:
+        for tool in v or []:
+            kind = tool.get("type") if isinstance(tool, dict) else None
+            if kind != "function":
+                raise ValueError(f"only function tools are supported, not {kind!r}")
+        return v
+
     def chat_body(self) -> dict:
-        """The same request as a chat completion (what the engine path serves)."""
+        """The same request as a chat completion (what the engine path serves): function calls of earlier
+        turns become the assistant turn's tool_calls (after its message, when one precedes them), their
+        outputs tool turns."""
         messages: list[dict] = []
         if self.instructions:
             messages.append({"role": "system", "content": self.instructions})
         items = [InputMessage(role="user", content=self.input)] if isinstance(self.input, str) else self.input
         for item in items:
+            if isinstance(item, FunctionCallItem):
+                call = {"id": item.call_id, "type": "function",
+                        "function": {"name": item.name, "arguments": item.arguments}}
+                last = messages[-1] if messages else None
+                if last is not None and last["role"] == "assistant":
+                    last.setdefault("tool_calls", []).append(call)
+                else:
+                    messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+                continue
+            if isinstance(item, FunctionCallOutput):
+                messages.append({"role": "tool", "tool_call_id": item.call_id, "content": item.output})
+                continue
             if isinstance(item.content, str):
                 messages.append({"role": item.role, "content": item.content})
                 continue
@@ -102,7 +170,17 @@ class ResponsesRequest(_Lenient):
                      for p in item.content]
             messages.append({"role": item.role, "content": parts})
         body: dict[str, Any] = {"model": self.model, "messages": messages, "temperature": self.temperature,
-                                "top_p": self.top_p, "max_tokens": self.max_output_tokens, "user": self.user}
+                                "top_p": self.top_p, "max_tokens": self.max_output_tokens, "user": self.user,
+                                "parallel_tool_calls": self.parallel_tool_calls}
+        if self.structured_outputs is not None:
+            body["structured_outputs"] = self.structured_outputs
+        if self.tools:
+            body["tools"] = [{"type": "function", "function": t.model_dump(exclude={"type"}, exclude_none=True)}
+                             for t in self.tools]
+        if isinstance(self.tool_choice, NamedFunctionChoice):
+            body["tool_choice"] = {"type": "function", "function": {"name": self.tool_choice.name}}
+        elif self.tool_choice is not None:
+            body["tool_choice"] = self.tool_choice
         fmt = self.text.format
         if fmt.type == "json_object":
             body["response_format"] = {"type": "json_object"}
@@ -150,13 +228,22 @@ class ResponseUsage(BaseModel):
     output_tokens_details: dict = Field(default_factory=lambda: {"reasoning_tokens": 0})
 
 
+class OutputFunctionCall(BaseModel):
+    type: Literal["function_call"] = "function_call"
+    id: str
+    call_id: str
+    name: str
+    arguments: str
+    status: Literal["in_progress", "completed", "incomplete"] = "completed"
+
+
 class Response(BaseModel):
     id: str
     object: Literal["response"] = "response"
     created_at: int = Field(default_factory=lambda: int(time.time()))
     status: Literal["in_progress", "completed", "incomplete", "failed"]
     model: str
-    output: list[OutputReasoning | OutputMessage] = Field(default_factory=list)
+    output: list[OutputReasoning | OutputMessage | OutputFunctionCall] = Field(default_factory=list)
     usage: ResponseUsage | None = None
     incomplete_details: dict | None = None
     error: dict | None = None
@@ -165,7 +252,7 @@ class Response(BaseModel):
     temperature: float | None = None
     top_p: float | None = None
     parallel_tool_calls: bool = True
-    tool_choice: str = "none"
+    tool_choice: str | dict = "auto"
     tools: list = Field(default_factory=list)
     text: dict = Field(default_factory=lambda: {"format": {"type": "text"}})
     metadata: dict = Field(default_factory=dict)

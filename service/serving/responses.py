@@ -2,8 +2,9 @@
 the system turn, input items as turns, `text.format` as `response_format`), served by the chat path, and its
 output is written as a Response object or the Responses stream of typed events (created, in_progress, then
 per output item: output_item.added, content_part.added, output_text.delta... (reasoning_text.delta... for a
-thinking model's reasoning item), the matching .done events; then completed or incomplete). Nothing is
-stored."""
+thinking model's reasoning item, function_call_arguments.delta... for a tool call), the matching .done
+events; then completed or incomplete). Tool calls are parsed as the chat path parses them (the engine's tool
+parser; required and named choices constrained) and written as `function_call` items. Nothing is stored."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from service.engine.base import Delta
 from service.errors import BadRequest
 from service.protocol.chat import ChatCompletionRequest
 from service.protocol.responses import (
+    OutputFunctionCall,
     OutputMessage,
     OutputReasoning,
     OutputText,
@@ -26,6 +28,7 @@ from service.protocol.responses import (
     ResponseUsage,
 )
 from service.serving.chat import ChatService, join_text
+from service.serving.tools import StreamedCalls
 from service.serving.totals import Prepared, Totals
 
 
@@ -42,17 +45,24 @@ def _response(req: ResponsesRequest, prep: Prepared, status: str, output: list |
                               output_tokens_details={"reasoning_tokens": reasoning_tokens or 0})
     incomplete = {"reason": "max_output_tokens"} if status == "incomplete" else None
     fmt = req.text.format.model_dump(by_alias=True, exclude_none=True)
+    choice = req.tool_choice.model_dump() if hasattr(req.tool_choice, "model_dump") else (req.tool_choice or "auto")
     return Response(id=prep.request.request_id, created_at=prep.created, status=status, model=prep.model,
                     output=output or [], usage=usage, incomplete_details=incomplete, instructions=req.instructions,
                     max_output_tokens=req.max_output_tokens, temperature=req.temperature, top_p=req.top_p,
-                    text={"format": fmt}, metadata=req.metadata or {})
+                    text={"format": fmt}, metadata=req.metadata or {}, parallel_tool_calls=req.parallel_tool_calls,
+                    tool_choice=choice, tools=[t.model_dump(exclude_none=True) for t in req.tools or []])
 
 
-def _items(status: str, reasoning: str | None, text: str, reasoning_id: str, message_id: str) -> list:
-    """The output items: the reasoning (when there is any), then the message."""
+def _items(status: str, reasoning: str | None, text: str | None, reasoning_id: str, message_id: str,
+           calls: list | None = None) -> list:
+    """The output items: the reasoning (when there is any), the message (when it has text, or nothing was
+    called), then the function calls."""
     items: list = [OutputReasoning(id=reasoning_id, status=status, content=[ReasoningText(text=reasoning)])] \
         if reasoning is not None else []
-    return items + [OutputMessage(id=message_id, status=status, content=[OutputText(text=text)])]
+    if text or not calls:
+        items.append(OutputMessage(id=message_id, status=status, content=[OutputText(text=text or "")]))
+    return items + [OutputFunctionCall(id=f"fc_{uuid.uuid4().hex}", call_id=c.id, name=c.function.name,
+                                       arguments=c.function.arguments) for c in calls or []]
 
 
 class ResponsesService:
@@ -64,8 +74,11 @@ class ResponsesService:
             return ChatCompletionRequest.model_validate(req.chat_body())
         except ValidationError as exc:
             err = exc.errors()[0]
-            where = ".".join(str(p) for p in err.get("loc", ()))
-            raise BadRequest(f"input: {where}: {err.get('msg', 'invalid')}", param="input") from None
+            loc = err.get("loc", ())
+            where = ".".join(str(p) for p in loc)
+            field = loc[0] if loc and loc[0] in ("tools", "tool_choice", "parallel_tool_calls",
+                                                 "structured_outputs") else "input"
+            raise BadRequest(f"{field}: {where}: {err.get('msg', 'invalid')}", param=field) from None
 
     async def handle(self, req: ResponsesRequest, tenant: Tenant = OPEN):
         async def prepare() -> Prepared:
@@ -75,7 +88,9 @@ class ResponsesService:
         def complete(prep: Prepared, totals: Totals) -> Response:
             status = _status(totals)
             reasoning, content, tokens = self.chat.split(prep, totals, 0)
-            output = _items(status, reasoning, content or "", f"rs_{uuid.uuid4().hex}", f"msg_{uuid.uuid4().hex}")
+            message, _ = self.chat.message(prep, content, totals.finish.get(0), reasoning)
+            output = _items(status, reasoning, message.content, f"rs_{uuid.uuid4().hex}", f"msg_{uuid.uuid4().hex}",
+                            message.tool_calls)
             return _response(req, prep, status, output, totals, tokens)
 
         stream = (lambda prep: ResponsesStream(req, prep, self.chat)) if req.stream else None
@@ -84,56 +99,78 @@ class ResponsesService:
 
 class ResponsesStream:
     """The Responses API's typed events (each `event: TYPE` + `data: {...}` with a sequence number). Items open
-    as their text arrives: the reasoning item (a thinking model's), then the message (opened at the start when
-    the output has no reasoning, and at the end at the latest, so that every response has one)."""
+    as their output arrives, each at the next output index: the reasoning item (a thinking model's), the message
+    (opened at the start when the output can be neither reasoning nor a tool call, and at the end at the latest
+    unless a tool was called), function calls (name first, then their arguments as they are written)."""
 
     def __init__(self, req: ResponsesRequest, prep: Prepared, chat: ChatService):
         self.req, self.prep = req, prep
         self.thinker = chat.engine.reasoning_parser(prep.request.reasoning) \
             if prep.request.reasoning is not None else None
+        self.calls = StreamedCalls(chat.engine.tool_call_parser(), forced=prep.forced_tools,
+                                   parallel=prep.parallel_tool_calls) if prep.tool_mode != "none" else None
         self.reasoning_id, self.message_id = f"rs_{uuid.uuid4().hex}", f"msg_{uuid.uuid4().hex}"
         self.seq = 0
+        self.order: list[str] = []  # item ids, in output order
         self.reasoning: list[str] | None = None  # None until the reasoning item opens
         self.text: list[str] | None = None  # None until the message item opens
+        self.functions: dict[int, OutputFunctionCall] = {}  # by the call's index, while streaming
 
     def _event(self, type_: str, **fields) -> str:
         payload = {"type": type_, "sequence_number": self.seq, **fields}
         self.seq += 1
         return f"event: {type_}\ndata: {json.dumps(payload, separators=(',', ':'))}\n\n"
 
-    def _where(self, item: str) -> dict:
-        if item == "reasoning":
-            return {"item_id": self.reasoning_id, "output_index": 0, "content_index": 0}
-        return {"item_id": self.message_id, "output_index": 1 if self.reasoning is not None else 0,
-                "content_index": 0}
+    def _where(self, item_id: str) -> dict:
+        return {"item_id": item_id, "output_index": self.order.index(item_id), "content_index": 0}
+
+    def _added(self, item) -> str:
+        self.order.append(item.id)
+        return self._event("response.output_item.added", output_index=len(self.order) - 1, item=item.model_dump())
 
     def start(self) -> list[str]:
         shell = _response(self.req, self.prep, "in_progress").model_dump()
         events = [self._event("response.created", response=shell), self._event("response.in_progress", response=shell)]
-        return events + (self._open_message() if self.thinker is None else [])
+        return events + (self._open_message() if self.thinker is None and self.calls is None else [])
 
     def _open_reasoning(self) -> list[str]:
         self.reasoning = []
-        item = OutputReasoning(id=self.reasoning_id, status="in_progress").model_dump()
-        return [self._event("response.output_item.added", output_index=0, item=item),
-                self._event("response.content_part.added", **self._where("reasoning"),
+        return [self._added(OutputReasoning(id=self.reasoning_id, status="in_progress")),
+                self._event("response.content_part.added", **self._where(self.reasoning_id),
                             part=ReasoningText(text="").model_dump())]
 
     def _close_reasoning(self, status: str) -> list[str]:
+        if self.reasoning is None or self.text is not None or self.functions:
+            return []  # not open, or closed already (the message or a call came after it)
         text = "".join(self.reasoning)
-        part = ReasoningText(text=text).model_dump()
+        where = self._where(self.reasoning_id)
         item = OutputReasoning(id=self.reasoning_id, status=status, content=[ReasoningText(text=text)]).model_dump()
-        return [self._event("response.reasoning_text.done", **self._where("reasoning"), text=text),
-                self._event("response.content_part.done", **self._where("reasoning"), part=part),
-                self._event("response.output_item.done", output_index=0, item=item)]
+        return [self._event("response.reasoning_text.done", **where, text=text),
+                self._event("response.content_part.done", **where, part=ReasoningText(text=text).model_dump()),
+                self._event("response.output_item.done", output_index=where["output_index"], item=item)]
 
     def _open_message(self, reasoning_status: str = "completed") -> list[str]:
-        events = self._close_reasoning(reasoning_status) if self.reasoning is not None else []
+        events = self._close_reasoning(reasoning_status)
         self.text = []
-        item = OutputMessage(id=self.message_id, status="in_progress").model_dump()
-        where = self._where("message")
-        return events + [self._event("response.output_item.added", output_index=where["output_index"], item=item),
-                         self._event("response.content_part.added", **where, part=OutputText(text="").model_dump())]
+        return events + [self._added(OutputMessage(id=self.message_id, status="in_progress")),
+                         self._event("response.content_part.added", **self._where(self.message_id),
+                                     part=OutputText(text="").model_dump())]
+
+    def _function_deltas(self, deltas) -> list[str]:
+        events = []
+        for d in deltas:
+            call = self.functions.get(d.index)
+            if call is None:
+                events += self._close_reasoning("completed")
+                call = OutputFunctionCall(id=f"fc_{uuid.uuid4().hex}", call_id=d.id, name=d.function.name or "",
+                                          arguments="", status="in_progress")
+                self.functions[d.index] = call
+                events.append(self._added(call))
+            if d.function.arguments:
+                call.arguments += d.function.arguments
+                events.append(self._event("response.function_call_arguments.delta", item_id=call.id,
+                                          output_index=self.order.index(call.id), delta=d.function.arguments))
+        return events
 
     def delta(self, delta: Delta) -> list[str]:
         reasoning, content = None, delta.text or None
@@ -142,34 +179,57 @@ class ResponsesStream:
             if delta.finish_reason:
                 held_reasoning, held_content = self.thinker.end()
                 reasoning, content = join_text(reasoning, held_reasoning), join_text(content, held_content)
+        calls = []
+        if self.calls is not None:
+            if content:
+                content, calls = self.calls.feed(content)
+            if delta.finish_reason:
+                calls += self.calls.end()
         events = []
-        if reasoning and self.text is None:  # reasoning after the message opened is not expected; it is dropped
+        if reasoning and self.text is None and not self.functions:  # reasoning after other output is dropped
             if self.reasoning is None:
                 events += self._open_reasoning()
             self.reasoning.append(reasoning)
-            events.append(self._event("response.reasoning_text.delta", **self._where("reasoning"), delta=reasoning))
-        if content:
+            events.append(self._event("response.reasoning_text.delta", **self._where(self.reasoning_id),
+                                      delta=reasoning))
+        if content and not self.functions:  # text after a call is not expected; it is dropped
             if self.text is None:
                 events += self._open_message()
             self.text.append(content)
-            events.append(self._event("response.output_text.delta", **self._where("message"), delta=content,
+            events.append(self._event("response.output_text.delta", **self._where(self.message_id), delta=content,
                                       logprobs=[]))
-        return events
+        return events + self._function_deltas(calls)
 
     def end(self, totals: Totals) -> list[str]:
         status = _status(totals)
-        events = self._open_message(status) if self.text is None else []
-        text = "".join(self.text)
-        reasoning = "".join(self.reasoning) if self.reasoning is not None else None
-        where = self._where("message")
+        events = []
+        if self.text is None and not self.functions:
+            events += self._open_message(status)
+        events += self._close_reasoning(status)
         tokens = self.thinker.reasoning_tokens() if self.thinker is not None else None
-        done = _response(self.req, self.prep, status, _items(status, reasoning, text, self.reasoning_id,
-                                                             self.message_id), totals, tokens).model_dump()
-        return events + [self._event("response.output_text.done", **where, text=text, logprobs=[]),
-                         self._event("response.content_part.done", **where, part=OutputText(text=text).model_dump()),
-                         self._event("response.output_item.done", output_index=where["output_index"],
-                                     item=done["output"][-1]),
-                         self._event(f"response.{status}", response=done)]
+        by_id = {c.id: c for c in self.functions.values()}
+        output = []
+        for item_id in self.order:
+            if item_id == self.reasoning_id:
+                output.append(OutputReasoning(id=item_id, status=status,
+                                              content=[ReasoningText(text="".join(self.reasoning))]))
+            elif item_id == self.message_id:
+                text = "".join(self.text)
+                output.append(OutputMessage(id=item_id, status=status, content=[OutputText(text=text)]))
+                where = self._where(item_id)
+                events += [self._event("response.output_text.done", **where, text=text, logprobs=[]),
+                           self._event("response.content_part.done", **where, part=OutputText(text=text).model_dump()),
+                           self._event("response.output_item.done", output_index=where["output_index"],
+                                       item=output[-1].model_dump())]
+            else:
+                call = by_id[item_id].model_copy(update={"status": "completed" if status == "completed" else status})
+                output.append(call)
+                index = self.order.index(item_id)
+                events += [self._event("response.function_call_arguments.done", item_id=item_id, output_index=index,
+                                       arguments=call.arguments),
+                           self._event("response.output_item.done", output_index=index, item=call.model_dump())]
+        done = _response(self.req, self.prep, status, output, totals, tokens).model_dump()
+        return events + [self._event(f"response.{status}", response=done)]
 
     def error(self, body: dict) -> list[str]:
         err = body["error"]

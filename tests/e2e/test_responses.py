@@ -1,14 +1,17 @@
 """`/v1/responses` end to end with the official client: text and image input, instructions, streamed typed
-events, structured text format, base and adapters, and the 400s for what is not served."""
+events, structured text format, function tools (calls as `function_call` items, results sent back as
+`function_call_output`), base and adapters, and the 400s for what is not served."""
 
 from __future__ import annotations
 
 import json
 
+import jsonschema
 import openai
 import pytest
 from openai import OpenAI
 
+from tests.e2e.test_tools import COLOR, SCHEMAS, SHAPE, STEER
 from tests.images import data_uri, encode, shape_image
 
 BASE = "tiny-qwen3-vl"
@@ -59,10 +62,88 @@ def test_string_input_and_json_schema_format(client):
 
 @pytest.mark.parametrize(("kw", "param"), [
     ({"previous_response_id": "resp_1"}, "previous_response_id"),
-    ({"tools": [{"type": "function", "name": "f", "parameters": {}}]}, "tools"),
+    ({"tools": [{"type": "web_search"}]}, "tools"),
+    ({"tools": [{"type": "function", "name": "f", "parameters": {}}],
+      "tool_choice": {"type": "function", "name": "nope"}}, "tool_choice"),
+    ({"reasoning": {"effort": "low"}}, "reasoning"),
     ({"input": [{"role": "user", "content": [{"type": "input_image", "file_id": "file-1"}]}]}, "input.0.content.0.input_image.file_id"),
 ])
 def test_unsupported_fields_are_400_naming_them(client, kw, param):
     with pytest.raises(openai.BadRequestError) as exc:
         client.responses.create(model="demo-a", **{"input": "hi", "max_output_tokens": 4, **kw})
     assert exc.value.body["param"].startswith(param.split(".")[0]), exc.value.body
+
+
+TOOLS = [{"type": "function", "name": "set_color", "description": "Record the color", "parameters": COLOR},
+         {"type": "function", "name": "set_shape", "description": "Record the shape", "parameters": SHAPE}]
+ASK = "What is in the picture? Record it with a tool."
+
+
+def _calls(client, model, stream: bool, **kw) -> tuple[str, list[tuple[str, str, str]], list[str]]:
+    """(text, [(call_id, name, arguments)], output item types), from the stream's events when streaming."""
+    kw = {"input": ASK, "tools": TOOLS, "temperature": 0, "max_output_tokens": 240, **kw}
+    if not stream:
+        r = client.responses.create(model=model, **kw)
+        calls = [(o.call_id, o.name, o.arguments) for o in r.output if o.type == "function_call"]
+        return r.output_text, calls, [o.type for o in r.output]
+    events = list(client.responses.create(model=model, stream=True, **kw))
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    done = events[-1].response
+    streamed = {e.item_id: "" for e in events if e.type == "response.function_call_arguments.delta"}
+    for e in events:
+        if e.type == "response.function_call_arguments.delta":
+            streamed[e.item_id] += e.delta
+    calls = []
+    for o in done.output:
+        if o.type == "function_call":
+            added = next(e.item for e in events if e.type == "response.output_item.added" and e.item.id == o.id)
+            final = next(e.arguments for e in events
+                         if e.type == "response.function_call_arguments.done" and e.item_id == o.id)
+            assert added.name == o.name and streamed.get(o.id, "") == final == o.arguments
+            calls.append((o.call_id, o.name, o.arguments))
+    return done.output_text, calls, [o.type for o in done.output]
+
+
+def _valid(calls, names):
+    assert calls and len({c[0] for c in calls}) == len(calls)
+    for call_id, name, arguments in calls:
+        assert call_id.startswith("call_") and name in names
+        jsonschema.validate(json.loads(arguments), SCHEMAS[name])
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("model", [BASE, "demo-a"])
+def test_required_and_named_tool_calls_come_as_function_call_items(client, model, stream):
+    text, calls, types = _calls(client, model, stream, tool_choice="required")
+    assert types == ["function_call"] * len(calls) and text == ""
+    _valid(calls, {"set_color", "set_shape"})
+    text, calls, types = _calls(client, model, stream, tool_choice={"type": "function", "name": "set_shape"})
+    assert types == ["function_call"] and text == ""
+    _valid(calls, {"set_shape"})
+
+
+def test_auto_calls_follow_the_models_text_and_a_result_goes_back_as_input(client):
+    full = _calls(client, "demo-b", False, tool_choice="auto", extra_body=STEER)
+    streamed = _calls(client, "demo-b", True, tool_choice="auto", extra_body=STEER)
+    for text, calls, types in (full, streamed):
+        assert text == "Checking.\n" and types == ["message", "function_call", "function_call"]
+        _valid(calls, {"set_color"})
+    assert [c[1:] for c in full[1]] == [c[1:] for c in streamed[1]]
+    _, one, _ = _calls(client, "demo-b", False, tool_choice="auto", parallel_tool_calls=False, extra_body=STEER)
+    assert [c[1:] for c in one] == [full[1][0][1:]]
+    text, calls, types = _calls(client, "demo-b", False, tool_choice="none", extra_body=STEER)
+    assert calls == [] and types == ["message"] and "<tool_call>" in text
+    # the calls and their results sent back: rendered through the chat template as the chat path renders them
+    call_id, name, arguments = full[1][0]
+    history = [{"role": "user", "content": ASK},
+               {"type": "function_call", "call_id": call_id, "name": name, "arguments": arguments},
+               {"type": "function_call_output", "call_id": call_id, "output": "recorded"}]
+    r = client.responses.create(model="demo-a", input=history, tools=TOOLS, max_output_tokens=4, temperature=0)
+    chat = client.chat.completions.create(model="demo-a", max_tokens=4, temperature=0, tools=[
+        {"type": "function", "function": {k: v for k, v in t.items() if k != "type"}} for t in TOOLS], messages=[
+        {"role": "user", "content": ASK},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}]},
+        {"role": "tool", "tool_call_id": call_id, "content": "recorded"}])
+    assert r.usage.input_tokens == chat.usage.prompt_tokens > 100
+    assert r.output_text == (chat.choices[0].message.content or "")
