@@ -189,3 +189,36 @@ def test_cpu_workers_get_their_own_cores():
     assert cpu_thread_binding([0, 1, 2, 3, 4], 2) == "0,1,2|3,4"
     assert cpu_thread_binding(list(range(8)), 4) == "0,1|2,3|4,5|6,7"
     assert cpu_thread_binding([3], 2) == "3|3"  # fewer cores than workers: shared
+
+
+class _BadPromptFails(FakeEngine):
+    """Streams the fake's reply, and fails after the first piece for the prompt "bad"."""
+
+    async def generate(self, request):
+        async for delta in super().generate(request):
+            yield delta
+            if request.prompt == "bad":
+                raise RuntimeError("the fake engine failed mid-stream")
+
+
+def test_a_batch_stream_ends_with_the_failing_prompts_error_and_frees_every_slot(demo_assets, tiny_processor):
+    metrics = Metrics()
+    engine = _BadPromptFails(events=metrics, reply=lambda r: ["a", "b", "c"])
+    # two slots: a slot a failed batch kept would refuse the requests after it
+    app = _app(demo_assets, tiny_processor, engine, metrics, argv=["--max-pending-requests", "2"])
+    base = app.state.settings.base_name
+
+    async def body(http, client):
+        raw = await http.post("/v1/completions", json={"model": base, "prompt": ["good", "bad"], "stream": True,
+                                                       "max_tokens": 8})
+        after = [await client.completions.create(model=base, prompt=["good", "good"], max_tokens=8)
+                 for _ in range(3)]
+        return raw, after
+
+    raw, after = asyncio.run(_with_client(app, body))
+    events = [line for line in raw.text.split("\n\n") if line]
+    assert '"error"' in events[-2] and "internal server error" in events[-2]
+    assert events[-1] == "data: [DONE]" and sum(e == "data: [DONE]" for e in events) == 1
+    assert len({e.split('"id":"')[1][:20] for e in events if '"id":"' in e}) == 1  # one completion id
+    for r in after:
+        assert [c.index for c in r.choices] == [0, 1] and [c.text for c in r.choices] == ["abc", "abc"]
