@@ -112,3 +112,19 @@ def test_the_installed_lora_logits_processor_is_patched():
     fix_lora_prompt_logprobs()
     assert getattr(LogitsProcessorWithLoRA._get_logits, "__vlora_fixed__", False)
     assert fix_lora_prompt_logprobs() is False  # once
+
+
+@pytest.mark.parametrize(("config", "expected"), [
+    ({"target_modules": ["q_proj", "v_proj"]}, False),
+    ({"target_modules": ["q_proj", "lm_head"]}, True),
+    ({"target_modules": r".*\.(q_proj|v_proj)"}, False),
+    ({"target_modules": r".*(q_proj|lm_head)"}, True),
+    ({"target_modules": ["q_proj"], "modules_to_save": ["lm_head"]}, True),
+])
+def test_adapters_that_adapt_the_head_are_known(tmp_path, config, expected):
+    import json
+
+    from service.serving.completions import adapts_lm_head
+
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    assert adapts_lm_head(str(tmp_path)) is expected
