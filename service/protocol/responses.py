@@ -135,7 +135,7 @@ class ResponsesRequest(_Lenient):
     @field_validator("tools", mode="before")
     @classmethod
     def _functions_only(cls, v: Any) -> Any:
-        for tool in v or []:
+        for tool in v if isinstance(v, list) else []:  # anything else: the type check below refuses it
             kind = tool.get("type") if isinstance(tool, dict) else None
             if kind != "function":
                 raise ValueError(f"only function tools are supported, not {kind!r}")
