@@ -152,6 +152,10 @@ class AdapterMeta:
     targets: dict[str, list[str]] = field(default_factory=dict)  # language / vision / merger -> modules
     manifest: Manifest | None = None
 
+    def adapts(self, module: str) -> bool:
+        """Whether the adapter's weights change `module` (e.g. `lm_head`: LoRA on it, or a retrained copy)."""
+        return any(module in modules for modules in self.targets.values())
+
 
 def _module_of(key: str) -> str:
     """`base_model.model.model.language_model.layers.0.self_attn.q_proj.lora_A.weight` -> `q_proj`."""

@@ -6,13 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import re
 import time
 import uuid
 from dataclasses import dataclass, field, replace
-from functools import lru_cache
-from pathlib import Path
 
 from service.auth import OPEN, Tenant
 from service.engine.base import Delta, GenerationRequest, TokenLogprob
@@ -52,22 +48,6 @@ def prompt_logprobs(tokens: list[TokenLogprob | None] | None, first: str) -> Com
     out.top_logprobs.append(None)
     out.text_offset.append(0)
     return legacy_logprobs([t for t in tokens[1:] if t is not None], len(first), out)
-
-
-@lru_cache(maxsize=1024)
-def adapts_lm_head(path: str) -> bool:
-    """Whether the adapter at `path` adapts (or retrains) the output head: its prompt logprobs would miss its
-    delta (service/engine/vllm_fixes.py, lora-prompt-logprobs; upstream issue #51594)."""
-    try:
-        config = json.loads((Path(path) / "adapter_config.json").read_text())
-    except (OSError, ValueError):
-        return False
-    targets = config.get("target_modules") or []
-    if isinstance(targets, str):
-        hit = re.fullmatch(targets, "lm_head") is not None or "lm_head" in targets
-    else:
-        hit = any(t == "lm_head" or str(t).endswith(".lm_head") for t in targets)
-    return hit or any("lm_head" in str(m) for m in config.get("modules_to_save") or [])
 
 
 def _text_end(logprobs: CompletionLogprobs) -> int:
@@ -219,7 +199,8 @@ class CompletionService:
             room = self.gen.room_for(prompt_tokens, req.max_tokens, "prompt")
             sampling = sampling_for(req, req.max_tokens or room, self.renderer.vocab_size)
             if self._echo_logprobs(req):
-                if revision is not None and adapts_lm_head(revision.path):  # see vllm_fixes, lora-prompt-logprobs
+                # The engine leaves an lm_head delta out of a prompt's logprobs (vllm_fixes, lora-prompt-logprobs).
+                if revision is not None and revision.meta is not None and revision.meta.adapts("lm_head"):
                     raise BadRequest(f"echo with logprobs is not supported for adapter '{req.model}': it adapts "
                                      "lm_head, whose delta the engine leaves out of a prompt's logprobs",
                                      param="echo")

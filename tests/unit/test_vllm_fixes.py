@@ -114,17 +114,22 @@ def test_the_installed_lora_logits_processor_is_patched():
     assert fix_lora_prompt_logprobs() is False  # once
 
 
-@pytest.mark.parametrize(("config", "expected"), [
-    ({"target_modules": ["q_proj", "v_proj"]}, False),
-    ({"target_modules": ["q_proj", "lm_head"]}, True),
-    ({"target_modules": r".*\.(q_proj|v_proj)"}, False),
-    ({"target_modules": r".*(q_proj|lm_head)"}, True),
-    ({"target_modules": ["q_proj"], "modules_to_save": ["lm_head"]}, True),
+@pytest.mark.parametrize(("keys", "expected"), [
+    (["base_model.model.model.language_model.layers.0.self_attn.q_proj.lora_A.weight"], False),
+    (["base_model.model.model.language_model.layers.0.self_attn.q_proj.lora_A.weight",
+      "base_model.model.lm_head.lora_A.weight"], True),  # LoRA on the head
+    (["base_model.model.model.language_model.layers.0.self_attn.q_proj.lora_A.weight",
+      "base_model.model.lm_head.weight"], True),  # a retrained copy of the head (modules_to_save)
 ])
-def test_adapters_that_adapt_the_head_are_known(tmp_path, config, expected):
+def test_adapters_that_adapt_the_head_are_known(tmp_path, keys, expected):
+    """From the adapter's weights, as the registry inspects them at load (what prompt logprobs are refused for)."""
     import json
 
-    from service.serving.completions import adapts_lm_head
+    from safetensors.torch import save_file
 
-    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
-    assert adapts_lm_head(str(tmp_path)) is expected
+    from service.adapters.store import inspect_adapter
+
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 4, "target_modules": ["q_proj"]}))
+    save_file({k: torch.zeros(4, 8) for k in keys}, str(tmp_path / "adapter_model.safetensors"))
+    meta = inspect_adapter("a", tmp_path, max_rank=64, tower_lora=False, base_fingerprint=None)
+    assert meta.adapts("lm_head") is expected
