@@ -18,6 +18,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Discriminator, Field, Tag, ValidationInfo, field_validator
 
+from service.protocol.chat import FunctionDefinition
 from service.protocol.sampling import _Lenient, refuse_if_set
 
 
@@ -74,12 +75,10 @@ InputItem = Annotated[Annotated[InputMessage, Tag("message")] | Annotated[Functi
                       | Annotated[FunctionCallOutput, Tag("function_call_output")], Discriminator(_item_type)]
 
 
-class FunctionTool(_Lenient):
+class FunctionTool(FunctionDefinition):
+    """A Responses function tool: the chat path's function definition, flat, with its `type`."""
+
     type: Literal["function"]
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
-    description: str | None = None
-    parameters: dict[str, Any] | None = None
-    strict: bool | None = None
 
 
 class NamedFunctionChoice(_Lenient):
