@@ -2,6 +2,7 @@
 
     python bench/packing_parity.py --out bench/results/packing-parity        # on one GPU (about 3 minutes)
     python bench/packing_parity.py --shape tiny --steps 4                    # the same code path on a CPU
+    python bench/packing_parity.py --attn varlen                             # packed rows on the varlen kernel
 
 One base model (the random-weight 8B shape of bench/train_gpu.py), two LoRA adapters with the same initial
 weights, each with its own AdamW: step s trains adapter "packed" on packed row s (whole samples of the varlen
@@ -31,7 +32,7 @@ from bench.train_gpu import IDS, PACKED_LENGTH, make_model, padded_collate, varl
 RTOL = 1.6e-2  # bf16's customary comparison tolerance (torch.testing's default for bfloat16)
 
 
-def run(shape: str, model_dir: Path, steps: int) -> dict:
+def run(shape: str, model_dir: Path, steps: int, attn: str = "sdpa") -> dict:
     import torch
 
     from trainer.config import TrainConfig
@@ -42,7 +43,7 @@ def run(shape: str, model_dir: Path, steps: int) -> dict:
     torch.manual_seed(0)
     config = TrainConfig.load(ROOT / "trainer" / "configs" / "qwen3-vl-8b-lora.yaml",
                               {"base_model": str(model_dir), "cuda_graphs": False, "gradient_checkpointing": True,
-                               "packing": True})
+                               "packing": True, "attn_implementation": attn})
     model, _, _ = prepare_model(config)
     model.add_adapter("unpacked", model.peft_config["default"])
     with torch.no_grad():  # the same initial adapter weights (peft would draw new lora_A for the second)
@@ -120,11 +121,14 @@ def main() -> None:
     p.add_argument("--shape", choices=["8b", "tiny"], default="8b")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--model-dir", type=Path, default=None, help="where the random model is (default /tmp)")
+    p.add_argument("--attn", choices=["sdpa", "varlen"], default="sdpa",
+                   help="attention of both adapters' steps (varlen: the packed rows through the variable-length "
+                        "kernel; the padded batches stay on SDPA, see trainer/attention.py)")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "packing-parity")
     args = p.parse_args()
     model_dir = args.model_dir or Path("/tmp") / f"qwen3-vl-{args.shape}-random"
     make_model(args.shape, model_dir)
-    result = run(args.shape, model_dir, args.steps)
+    result = run(args.shape, model_dir, args.steps, args.attn)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "result.json").write_text(json.dumps(result, indent=2))
     text = table(result)

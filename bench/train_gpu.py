@@ -564,7 +564,7 @@ def main() -> None:
     if args.tabulate:
         order = list(VARIANTS)
         results = sorted((json.loads(f.read_text()) for f in args.tabulate), key=lambda r: order.index(r["variant"]))
-        print(table(results))
+        print(varlen_table(results) if args.workload == "varlen" else table(results))
         return
     if args.worker:
         worker(args.worker, model_dir, args.result, args.grad_accum, args.sequential, args.workload)

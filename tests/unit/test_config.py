@@ -24,6 +24,11 @@ def test_recipes_load():
     assert not lora.gradient_checkpointing and lora.optim == "adamw_torch_fused" and lora.lora_dropout == 0.0
     packed = TrainConfig.load(CONFIGS / "qwen3-vl-8b-lora-packed.yaml")
     assert packed.packing and packed.packed_length == 4096 and packed.longest == 4096 and packed.truncation == "drop"
+    # the measured levers of bench/results/train-gpu-varlen-attn: varlen attention, checkpoints inside the graphs
+    assert packed.attn_implementation == "varlen" and packed.gradient_checkpointing and packed.cuda_graphs
+    qpacked = TrainConfig.load(CONFIGS / "qwen3-vl-8b-qlora-packed.yaml")
+    assert (qpacked.quantization, qpacked.packing, qpacked.attn_implementation) == ("4bit", True, "varlen")
+    assert qpacked.offload_checkpoints and qpacked.gradient_checkpointing and not qpacked.cuda_graphs
     # packing reads streams too (trainer.packing.PackedStream)
     assert TrainConfig.load(CONFIGS / "qwen3-vl-8b-lora-packed.yaml", {"streaming": True, "max_steps": 10}).packing
     for name in ("tiny-colors", "tiny-shapes", "qwen3-vl-8b-lora"):
