@@ -37,10 +37,11 @@ KEYS = {"A": "sk-tenant-a-flood", "B": "sk-tenant-b-light"}
 SCENARIOS = ROOT / "loadtests" / "scenarios"
 
 
-def keys_file(out: Path) -> Path:
+def keys_file(out: Path, limits: dict[str, dict] | None = None) -> Path:
     path = out / "keys.json"
     path.write_text(json.dumps({"tenants": [
-        {"name": name, "keys": [key], "adapters": ["*"], "base": True} for name, key in KEYS.items()]}))
+        {"name": name, "keys": [key], "adapters": ["*"], "base": True, **(limits or {}).get(name, {})}
+        for name, key in KEYS.items()]}))
     return path
 
 
@@ -74,17 +75,19 @@ def window(rows: list[dict], lo: float, hi: float) -> dict:
 
 
 def capacity(url: str, adapters: list[str], out: Path) -> float:
-    proc = load(url, "A", "tenant-light.yaml", out, adapters, "--concurrency", "16", "--duration", "30")
+    # as tenant B, which has no limits in any phase (A may carry a quota)
+    proc = load(url, "B", "tenant-light.yaml", out, adapters, "--concurrency", "16", "--duration", "30")
     proc.wait(120)
     summary = json.loads((out / "summary.json").read_text())
     return summary["requests_per_s"]
 
 
-def flood_run(name: str, model: Path, adapters: dict[str, Path], out: Path, extra: tuple[str, ...]) -> dict:
-    run = out / name
+def flood_run(name: str, model: Path, adapters: dict[str, Path], out: Path, extra: tuple[str, ...],
+              limits: dict[str, dict] | None = None) -> dict:
+    run = out / name.split(",")[0].replace(" ", "-").replace(":", "")
     shutil.rmtree(run, ignore_errors=True)  # no figure from an earlier run
     run.mkdir(parents=True)
-    proc, url = start("vlora", model, adapters, run, ("--api-keys-file", str(keys_file(run)), *extra))
+    proc, url = start("vlora", model, adapters, run, ("--api-keys-file", str(keys_file(run, limits)), *extra))
     try:
         names = list(adapters)
         cap = capacity(url, names, run / "capacity")
@@ -157,8 +160,8 @@ def tables(flood: list[dict], soaked: list[dict]) -> str:
                      f"{a['share_429']:.1%} of {a['requests']} | "
                      f"{a['other_failures'] + alone['other_failures'] + during['other_failures']} |")
     lines.append("")
-    lines.append(f"capacity {flood[0]['capacity_rps']:.1f} req/s (closed loop c=16); flood at "
-                 f"{flood[0]['flood_rate']:.1f} req/s for 60 s")
+    lines += [f"{r['isolation']}: capacity {r['capacity_rps']:.1f} req/s (closed loop c=16); flood at "
+              f"{r['flood_rate']:.1f} req/s for 60 s" for r in flood]
     if soaked:
         lines += ["", "| soak (c=32, 5 min, all adapters, mixed images) | requests | ok | 429 | other failures | "
                   "API RSS growth m1->m5 | engine RSS growth m1->m5 |", "|---|---|---|---|---|---|---|"]
@@ -177,9 +180,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "isolation")
     parser.add_argument("--phases", default="flood,soak,soak-no-mm-cache",
-                        help="flood (isolation on and off), soak (defaults), soak-no-mm-cache (vLLM's multimodal "
+                        help="flood (isolation on and off), flood-quota (on, with a max_concurrent quota on A), soak (defaults), soak-no-mm-cache (vLLM's multimodal "
                              "processor cache off: what the engine's RSS growth in the soak is); earlier phases' "
                              "results are kept in results.json")
+    parser.add_argument("--flood-quota", default="1,2",
+                        help="max_concurrent of tenant A in the flood-quota phase (a comma-separated list: a run each)")
     parser.add_argument("--soak-args", default="",
                         help="more server arguments for the soak-no-mm-cache phase (space-separated)")
     args = parser.parse_args()
@@ -192,6 +197,11 @@ def main() -> None:
     if "flood" in phases:
         results["flood"] = [flood_run("on", model, adapters, work, ()),
                             flood_run("off", model, adapters, work, ("--no-fair-share",))]
+    if "flood-quota" in phases:  # fair share plus a concurrency quota on the flooding tenant (its keys-file entry)
+        results["flood"] = [r for r in results.get("flood", []) if not r["isolation"].startswith("on + A")]
+        for quota in (int(q) for q in args.flood_quota.split(",")):
+            results["flood"].append(flood_run(f"on + A max_concurrent: {quota}", model, adapters, work, (),
+                                              {"A": {"max_concurrent": quota}}))
     if "soak" in phases:
         results["soak"] = soak(model, adapters, work)
     if "soak-no-mm-cache" in phases:
