@@ -3,13 +3,12 @@
     .venv/bin/python bench/isolation.py [--out bench/results/isolation] [--skip-soak]
 
 On this machine (127.0.0.1 only, bounded in time), the tiny model with four adapters, two tenants in a keys
-file (equal priority; no limits but in the quota runs):
+file (equal priority, no limits: what protects B is fair share, not a quota):
   1. capacity: closed loop c=16 for 30 s (requests/s);
-  2. isolation on (the default: fair share per tenant), off (`--no-fair-share`: first come, first served),
-     and on with a concurrency quota on A (`max_concurrent` from `--flood-quota`, a run per value): B runs
-     `loadtests/scenarios/tenant-light.yaml` (closed loop c=2, 3 minutes) while A runs `tenant-flood.yaml`
-     (open loop at 4x capacity) for the middle minute. B's TTFT p50/p95 and throughput alone (first and last
-     minute) vs during the flood, B's 429s, A's 429 share, and every other failure.
+  2. isolation on (the default: fair share per tenant) and then off (`--no-fair-share`: first come, first
+     served): B runs `loadtests/scenarios/tenant-light.yaml` (closed loop c=2, 3 minutes) while A runs
+     `tenant-flood.yaml` (open loop at 4x capacity) for the middle minute. B's TTFT p50/p95 and throughput
+     alone (first and last minute) vs during the flood, B's 429s, A's 429 share, and every other failure.
      Targets (isolation on): B's TTFT p95 during the flood <= 1.5x alone, B gets zero 429s, no request of
      either tenant fails with anything but a 429.
   3. soak: `soak-c32.yaml` (closed loop c=32 over all adapters, mixed image sizes, 5 minutes); API process
@@ -180,7 +179,7 @@ def tables(flood: list[dict], soaked: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "isolation")
-    parser.add_argument("--phases", default="flood,flood-quota,soak,soak-no-mm-cache",
+    parser.add_argument("--phases", default="flood,soak,soak-no-mm-cache",
                         help="flood (isolation on and off), flood-quota (on, with a max_concurrent quota on A), soak (defaults), soak-no-mm-cache (vLLM's multimodal "
                              "processor cache off: what the engine's RSS growth in the soak is); earlier phases' "
                              "results are kept in results.json")
