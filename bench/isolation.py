@@ -84,7 +84,7 @@ def capacity(url: str, adapters: list[str], out: Path) -> float:
 
 def flood_run(name: str, model: Path, adapters: dict[str, Path], out: Path, extra: tuple[str, ...],
               limits: dict[str, dict] | None = None) -> dict:
-    run = out / name.split(",")[0].replace(" ", "-").replace(":", "")
+    run = out / name.replace(" ", "-").replace(":", "")  # "on + A max_concurrent: 1" -> on-+-A-max_concurrent-1
     shutil.rmtree(run, ignore_errors=True)  # no figure from an earlier run
     run.mkdir(parents=True)
     proc, url = start("vlora", model, adapters, run, ("--api-keys-file", str(keys_file(run, limits)), *extra))

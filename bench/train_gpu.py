@@ -540,6 +540,10 @@ def varlen_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def tabulate(results: list[dict], workload: str) -> str:
+    return varlen_table(results) if workload == "varlen" else table(results)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", choices=sorted(SHAPES), default="8b")
@@ -564,7 +568,7 @@ def main() -> None:
     if args.tabulate:
         order = list(VARIANTS)
         results = sorted((json.loads(f.read_text()) for f in args.tabulate), key=lambda r: order.index(r["variant"]))
-        print(varlen_table(results) if args.workload == "varlen" else table(results))
+        print(tabulate(results, args.workload))
         return
     if args.worker:
         worker(args.worker, model_dir, args.result, args.grad_accum, args.sequential, args.workload)
@@ -598,7 +602,7 @@ def main() -> None:
         results.append(json.loads(result_file.read_text()))
         print(f"{variant}: {results[-1]['tokens_per_s']:.0f} tok/s in {time.time() - t0:.0f}s", flush=True)
     if results:
-        text = varlen_table(results) if args.workload == "varlen" else table(results)
+        text = tabulate(results, args.workload)
         (args.out / "table.txt").write_text(text + "\n")
         print(text)
 
