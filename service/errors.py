@@ -58,9 +58,12 @@ class Forbidden(APIError):
     code = "permission_denied"
 
 
-class ModelNotFound(APIError):
+class NotFound(APIError):
     status = 404
     type = "invalid_request_error"
+
+
+class ModelNotFound(NotFound):
     code = "model_not_found"
 
     @classmethod

@@ -116,6 +116,10 @@ class Metrics:
                                  ["max_lora", "loaded_lora_adapters"], registry=r)
         self.fair_waiting = Gauge("vlora_fair_share_waiting", "Requests waiting for a fair-share engine slot "
                                   "(in front of the engine's own queue).", registry=r)
+        self.responses_stored = Gauge("vlora_responses_stored", "Responses API answers held in the response store.",
+                                      registry=r)
+        self.responses_stored_bytes = Gauge("vlora_responses_stored_bytes", "Bytes the response store holds "
+                                            "(bounded by --responses-store-bytes).", registry=r)
 
     def observe_request(self, *, adapter: str, status: str, finish_reason: str, prompt_tokens: int,
                         image_tokens: int, completion_tokens: int, ttft: float | None, e2e: float,
@@ -192,8 +196,10 @@ class Metrics:
                 "ttft_p50_s": _quantile(0.5, buckets), "ttft_p95_s": _quantile(0.95, buckets)}
 
     def exposition(self, engine_unfinished: int, fair_waiting: int = 0, loaded: list[str] | None = None,
-                   max_lora: int = 0) -> bytes:
+                   max_lora: int = 0, stored: tuple[int, int] = (0, 0)) -> bytes:
         self.engine_unfinished.set(engine_unfinished)
+        self.responses_stored.set(stored[0])
+        self.responses_stored_bytes.set(stored[1])
         self.lora_loaded.clear()
         self.lora_loaded.labels(str(max_lora), ",".join(sorted(loaded or [])[: self.labels.max_named])).set(1)
         self.fair_waiting.set(fair_waiting)

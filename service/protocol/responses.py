@@ -6,9 +6,9 @@ earlier assistant turns; `function_call` and `function_call_output` items of ear
 `structured_outputs` as on the chat path), function `tools`
 with `tool_choice` (none, auto, required, a named function) and `parallel_tool_calls`, `stream` (the typed
 events), `metadata`; a thinking model's reasoning (with --reasoning-parser) comes as a `reasoning` output item
-before the message, tool calls as `function_call` items. Nothing is stored: `store` is accepted and the answer
-says `store: false`; `previous_response_id`, `conversation`, `reasoning`, `background` and tools other than
-functions (web search, file search, ...) are refused with a 400 naming the field.
+before the message, tool calls as `function_call` items. Responses are stored unless `store: false` (see
+service.serving.response_store) and `previous_response_id` continues a stored one; `conversation`, `reasoning`,
+`background` and tools other than functions (web search, file search, ...) are refused with a 400 naming the field.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Discriminator, Field, Tag, ValidationInfo, field_validator
+from pydantic import BaseModel, Discriminator, Field, Tag, TypeAdapter, ValidationInfo, field_validator
 
 from service.protocol.chat import FunctionDefinition
 from service.protocol.sampling import _Lenient, refuse_if_set
@@ -73,6 +73,7 @@ def _item_type(v: Any) -> str:
 
 InputItem = Annotated[Annotated[InputMessage, Tag("message")] | Annotated[FunctionCallItem, Tag("function_call")]
                       | Annotated[FunctionCallOutput, Tag("function_call_output")], Discriminator(_item_type)]
+INPUT_ITEMS = TypeAdapter(list[InputItem])  # stored items read back (service.serving.response_store)
 
 
 class FunctionTool(FunctionDefinition):
@@ -98,7 +99,7 @@ class TextConfig(_Lenient):
     format: TextFormat = Field(default_factory=TextFormat)
 
 
-_REFUSED = ("previous_response_id", "conversation", "reasoning", "background", "prompt")
+_REFUSED = ("conversation", "reasoning", "background", "prompt")
 
 
 class ResponsesRequest(_Lenient):
@@ -118,7 +119,7 @@ class ResponsesRequest(_Lenient):
     tool_choice: Literal["none", "auto", "required"] | NamedFunctionChoice | None = None
     parallel_tool_calls: bool = True
     truncation: Literal["disabled"] | None = None
-    previous_response_id: Any = None
+    previous_response_id: str | None = Field(default=None, min_length=1)
     conversation: Any = None
     reasoning: Any = None
     background: Any = None
@@ -127,9 +128,9 @@ class ResponsesRequest(_Lenient):
     @field_validator(*_REFUSED)
     @classmethod
     def _refused(cls, v: Any, info: ValidationInfo) -> Any:
-        stored = info.field_name in ("previous_response_id", "conversation")
-        return refuse_if_set(v, info.field_name,
-                             "this server stores no responses; send the whole conversation as input" if stored else None)
+        why = "continue a stored response with previous_response_id, or send the whole conversation as input" \
+            if info.field_name == "conversation" else None
+        return refuse_if_set(v, info.field_name, why)
 
     @field_validator("tools", mode="before")
     @classmethod
@@ -140,15 +141,18 @@ class ResponsesRequest(_Lenient):
                 raise ValueError(f"only function tools are supported, not {kind!r}")
         return v
 
-    def chat_body(self) -> dict:
-        """The same request as a chat completion (what the engine path serves): function calls of earlier
-        turns become the assistant turn's tool_calls (after its message, when one precedes them), their
-        outputs tool turns."""
+    def items(self) -> list[InputMessage | FunctionCallItem | FunctionCallOutput]:
+        return [InputMessage(role="user", content=self.input)] if isinstance(self.input, str) else self.input
+
+    def chat_body(self, history: list[dict] = ()) -> dict:
+        """The same request as a chat completion (what the engine path serves), after the input items of the
+        stored conversation it continues (`history`; this request's instructions come first, an earlier
+        response's are not carried over, as OpenAI's are not): function calls of earlier turns become the
+        assistant turn's tool_calls (after its message, when one precedes them), their outputs tool turns."""
         messages: list[dict] = []
         if self.instructions:
             messages.append({"role": "system", "content": self.instructions})
-        items = [InputMessage(role="user", content=self.input)] if isinstance(self.input, str) else self.input
-        for item in items:
+        for item in [*INPUT_ITEMS.validate_python(list(history)), *self.items()]:
             if isinstance(item, FunctionCallItem):
                 call = {"id": item.call_id, "type": "function",
                         "function": {"name": item.name, "arguments": item.arguments}}
@@ -256,4 +260,21 @@ class Response(BaseModel):
     text: dict = Field(default_factory=lambda: {"format": {"type": "text"}})
     metadata: dict = Field(default_factory=dict)
     store: bool = False
+    previous_response_id: str | None = None
     truncation: str = "disabled"
+
+
+class ResponseDeleted(BaseModel):
+    id: str
+    object: Literal["response"] = "response"
+    deleted: Literal[True] = True
+
+
+class InputItemList(BaseModel):
+    """A stored response's input items (`GET /v1/responses/{id}/input_items`), one page."""
+
+    object: Literal["list"] = "list"
+    data: list[dict]
+    first_id: str | None = None
+    last_id: str | None = None
+    has_more: bool = False

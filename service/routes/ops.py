@@ -49,8 +49,9 @@ async def ready(request: Request) -> dict:
     "content": {CONTENT_TYPE.split(";")[0]: {"schema": {"type": "string"}}}}})
 async def metrics(request: Request) -> Response:
     state = request.app.state
-    fair = state.chat.fair
+    fair, store = state.chat.fair, state.responses.store
     ours = state.metrics.exposition(engine_unfinished=state.engine.unfinished_requests(),
                                     fair_waiting=fair.waiting() if fair is not None else 0,
-                                    loaded=state.registry.names(), max_lora=state.settings.max_loras)
+                                    loaded=state.registry.names(), max_lora=state.settings.max_loras,
+                                    stored=(len(store), store.bytes) if store is not None else (0, 0))
     return Response(ours + state.engine.engine_metrics(), media_type=CONTENT_TYPE)

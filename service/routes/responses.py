@@ -1,11 +1,15 @@
-"""POST /v1/responses (the Responses API; nothing is stored)."""
+"""POST /v1/responses (the Responses API) and the stored responses: GET / DELETE /v1/responses/{id}, GET
+/v1/responses/{id}/input_items (a tenant reaches only its own; see service.serving.response_store)."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from typing import Literal
 
-from service.protocol.responses import Response, ResponsesRequest
-from service.routes import GENERATION_RESPONSES, answer, requester
+from fastapi import APIRouter, Query, Request
+
+from service.auth import tenant_of
+from service.protocol.responses import InputItemList, Response, ResponseDeleted, ResponsesRequest
+from service.routes import GENERATION_RESPONSES, answer, error_responses, requester
 
 router = APIRouter()
 
@@ -13,3 +17,21 @@ router = APIRouter()
 @router.post("/v1/responses", response_model=Response, responses=GENERATION_RESPONSES)
 async def responses(body: ResponsesRequest, request: Request):
     return answer(await request.app.state.responses.handle(body, requester(request)), body.stream)
+
+
+@router.get("/v1/responses/{response_id}", response_model=Response, responses=error_responses(401, 404))
+async def get_response(response_id: str, request: Request):
+    return request.app.state.responses.stored(response_id, tenant_of(request)).response
+
+
+@router.delete("/v1/responses/{response_id}", response_model=ResponseDeleted, responses=error_responses(401, 404))
+async def delete_response(response_id: str, request: Request) -> ResponseDeleted:
+    request.app.state.responses.delete(response_id, tenant_of(request))
+    return ResponseDeleted(id=response_id)
+
+
+@router.get("/v1/responses/{response_id}/input_items", response_model=InputItemList,
+            responses=error_responses(400, 401, 404))
+async def input_items(response_id: str, request: Request, limit: int = Query(20, ge=1, le=100),
+                      order: Literal["asc", "desc"] = "desc", after: str | None = None) -> InputItemList:
+    return request.app.state.responses.input_items(response_id, tenant_of(request), limit, order, after)

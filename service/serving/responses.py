@@ -4,20 +4,24 @@ output is written as a Response object or the Responses stream of typed events (
 per output item: output_item.added, content_part.added, output_text.delta... (reasoning_text.delta... for a
 thinking model's reasoning item, function_call_arguments.delta... for a tool call), the matching .done
 events; then completed or incomplete). Tool calls are parsed as the chat path parses them (the engine's tool
-parser; required and named choices constrained) and written as `function_call` items. Nothing is stored."""
+parser; required and named choices constrained) and written as `function_call` items. A finished response is
+kept in the response store (service.serving.response_store) unless `store: false`; `previous_response_id`
+puts the stored conversation before this request's input."""
 
 from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Callable
 
 from pydantic import ValidationError
 
 from service.auth import OPEN, Tenant
 from service.engine.base import Delta
-from service.errors import BadRequest
+from service.errors import BadRequest, NotFound
 from service.protocol.chat import ChatCompletionRequest
 from service.protocol.responses import (
+    InputItemList,
     OutputFunctionCall,
     OutputMessage,
     OutputReasoning,
@@ -28,6 +32,7 @@ from service.protocol.responses import (
     ResponseUsage,
 )
 from service.serving.chat import ChatService, join_text
+from service.serving.response_store import ResponseStore, Stored
 from service.serving.tools import StreamedCalls
 from service.serving.totals import Prepared, Totals
 
@@ -36,8 +41,12 @@ def _status(totals: Totals) -> str:
     return "incomplete" if totals.finish.get(0) == "length" else "completed"
 
 
+def stores(req: ResponsesRequest, store: ResponseStore | None) -> bool:
+    return store is not None and store.enabled and req.store is not False
+
+
 def _response(req: ResponsesRequest, prep: Prepared, status: str, output: list | None = None,
-              totals: Totals | None = None, reasoning_tokens: int | None = None) -> Response:
+              totals: Totals | None = None, reasoning_tokens: int | None = None, stored: bool = False) -> Response:
     usage = None
     if totals is not None and status != "in_progress":
         usage = ResponseUsage(input_tokens=totals.prompt_tokens, output_tokens=totals.completion_tokens,
@@ -50,7 +59,8 @@ def _response(req: ResponsesRequest, prep: Prepared, status: str, output: list |
                     output=output or [], usage=usage, incomplete_details=incomplete, instructions=req.instructions,
                     max_output_tokens=req.max_output_tokens, temperature=req.temperature, top_p=req.top_p,
                     text={"format": fmt}, metadata=req.metadata or {}, parallel_tool_calls=req.parallel_tool_calls,
-                    tool_choice=choice, tools=[t.model_dump(exclude_none=True) for t in req.tools or []])
+                    tool_choice=choice, tools=[t.model_dump(exclude_none=True) for t in req.tools or []],
+                    store=stored, previous_response_id=req.previous_response_id)
 
 
 def _items(status: str, reasoning: str | None, text: str | None, reasoning_id: str, message_id: str,
@@ -65,13 +75,68 @@ def _items(status: str, reasoning: str | None, text: str | None, reasoning_id: s
                                        arguments=c.function.arguments) for c in calls or []]
 
 
-class ResponsesService:
-    def __init__(self, chat: ChatService):
-        self.chat = chat
+def _stored_items(req: ResponsesRequest) -> list[dict]:
+    """This request's input items as the store keeps them and input_items lists them: each with an id, a
+    message's text as an input_text part."""
+    items = []
+    for item in req.items():
+        data = item.model_dump(exclude_none=True)
+        if data["type"] == "message" and isinstance(data["content"], str):
+            data["content"] = [{"type": "input_text", "text": data["content"]}]
+        prefix = {"message": "msg", "function_call": "fc", "function_call_output": "fco"}[data["type"]]
+        data.setdefault("id", f"{prefix}_{uuid.uuid4().hex}")
+        items.append(data)
+    return items
 
-    def _chat_request(self, req: ResponsesRequest) -> ChatCompletionRequest:
+
+class ResponsesService:
+    def __init__(self, chat: ChatService, store: ResponseStore | None = None):
+        self.chat = chat
+        self.store = store
+
+    def history(self, req: ResponsesRequest, tenant: Tenant) -> list[dict]:
+        """The stored conversation `previous_response_id` continues (empty without one)."""
+        if req.previous_response_id is None:
+            return []
+        items = self.store.conversation(tenant.name, req.previous_response_id) if self.store is not None else None
+        if items is None:
+            raise NotFound(f"Previous response with id '{req.previous_response_id}' not found.",
+                           param="previous_response_id", code="previous_response_not_found")
+        return items
+
+    def stored(self, response_id: str, tenant: Tenant) -> Stored:
+        entry = self.store.get(tenant.name, response_id) if self.store is not None else None
+        if entry is None:
+            raise NotFound(f"No response found with id '{response_id}'.", param="response_id")
+        return entry
+
+    def delete(self, response_id: str, tenant: Tenant) -> None:
+        self.stored(response_id, tenant)
+        self.store.delete(tenant.name, response_id)
+
+    def input_items(self, response_id: str, tenant: Tenant, limit: int, order: str, after: str | None) -> InputItemList:
+        """One page of a stored response's own input items (`after`: the id the page starts after)."""
+        items = self.stored(response_id, tenant).items
+        items = items[::-1] if order == "desc" else items
+        if after is not None:
+            ids = [item["id"] for item in items]
+            if after not in ids:
+                raise BadRequest(f"after: no input item '{after}' in response '{response_id}'", param="after")
+            items = items[ids.index(after) + 1:]
+        page = items[:limit]
+        return InputItemList(data=page, first_id=page[0]["id"] if page else None,
+                             last_id=page[-1]["id"] if page else None, has_more=len(items) > limit)
+
+    def keep(self, req: ResponsesRequest, tenant: Tenant, response: Response) -> Response:
+        """Store a finished response (unless `store: false`); the answer says whether it was stored."""
+        if response.store and not self.store.put(tenant.name, response.model_dump(), _stored_items(req),
+                                                  req.previous_response_id):
+            response.store = False
+        return response
+
+    def _chat_request(self, req: ResponsesRequest, history: list[dict]) -> ChatCompletionRequest:
         try:
-            return ChatCompletionRequest.model_validate(req.chat_body())
+            return ChatCompletionRequest.model_validate(req.chat_body(history))
         except ValidationError as exc:
             err = exc.errors()[0]
             loc = err.get("loc", ())
@@ -81,8 +146,11 @@ class ResponsesService:
             raise BadRequest(f"{field}: {where}: {err.get('msg', 'invalid')}", param=field) from None
 
     async def handle(self, req: ResponsesRequest, tenant: Tenant = OPEN):
+        stored = stores(req, self.store)
+
         async def prepare() -> Prepared:
-            return await self.chat.prepare(self._chat_request(req), tenant, request_id=f"resp_{uuid.uuid4().hex}",
+            chat_request = self._chat_request(req, self.history(req, tenant))
+            return await self.chat.prepare(chat_request, tenant, request_id=f"resp_{uuid.uuid4().hex}",
                                            kind="response")
 
         def complete(prep: Prepared, totals: Totals) -> Response:
@@ -91,10 +159,12 @@ class ResponsesService:
             message, _ = self.chat.message(prep, content, totals.finish.get(0), reasoning)
             output = _items(status, reasoning, message.content, f"rs_{uuid.uuid4().hex}", f"msg_{uuid.uuid4().hex}",
                             message.tool_calls)
-            return _response(req, prep, status, output, totals, tokens)
+            return self.keep(req, tenant, _response(req, prep, status, output, totals, tokens, stored))
 
-        stream = (lambda prep: ResponsesStream(req, prep, self.chat)) if req.stream else None
-        return await self.chat.serve(req.model, prepare, stream, complete, tenant)
+        def stream(prep: Prepared) -> ResponsesStream:
+            return ResponsesStream(req, prep, self.chat, stored, lambda response: self.keep(req, tenant, response))
+
+        return await self.chat.serve(req.model, prepare, stream if req.stream else None, complete, tenant)
 
 
 class ResponsesStream:
@@ -103,8 +173,10 @@ class ResponsesStream:
     (opened at the start when the output can be neither reasoning nor a tool call, and at the end at the latest
     unless a tool was called), function calls (name first, then their arguments as they are written)."""
 
-    def __init__(self, req: ResponsesRequest, prep: Prepared, chat: ChatService):
+    def __init__(self, req: ResponsesRequest, prep: Prepared, chat: ChatService, stored: bool = False,
+                 keep: Callable[[Response], Response] = lambda response: response):
         self.req, self.prep = req, prep
+        self.stored, self.keep = stored, keep  # whether the answer is to be stored, and what stores it
         self.thinker = chat.engine.reasoning_parser(prep.request.reasoning) \
             if prep.request.reasoning is not None else None
         self.calls = StreamedCalls(chat.engine.tool_call_parser(), forced=prep.forced_tools,
@@ -129,7 +201,7 @@ class ResponsesStream:
         return self._event("response.output_item.added", output_index=len(self.order) - 1, item=item.model_dump())
 
     def start(self) -> list[str]:
-        shell = _response(self.req, self.prep, "in_progress").model_dump()
+        shell = _response(self.req, self.prep, "in_progress", stored=self.stored).model_dump()
         events = [self._event("response.created", response=shell), self._event("response.in_progress", response=shell)]
         return events + (self._open_message() if self.thinker is None and self.calls is None else [])
 
@@ -228,7 +300,7 @@ class ResponsesStream:
                 events += [self._event("response.function_call_arguments.done", item_id=item_id, output_index=index,
                                        arguments=call.arguments),
                            self._event("response.output_item.done", output_index=index, item=call.model_dump())]
-        done = _response(self.req, self.prep, status, output, totals, tokens).model_dump()
+        done = self.keep(_response(self.req, self.prep, status, output, totals, tokens, self.stored)).model_dump()
         return events + [self._event(f"response.{status}", response=done)]
 
     def error(self, body: dict) -> list[str]:

@@ -1,11 +1,14 @@
 """`/v1/responses` end to end with the official client: text and image input, instructions, streamed typed
 events, structured text format, function tools (calls as `function_call` items, results sent back as
-`function_call_output`), base and adapters, and the 400s for what is not served."""
+`function_call_output`), base and adapters, stored responses (retrieve, delete, input items, a conversation
+continued with `previous_response_id` equal to the same conversation sent whole), and the 400s for what is not
+served."""
 
 from __future__ import annotations
 
 import json
 
+import httpx
 import jsonschema
 import openai
 import pytest
@@ -35,7 +38,7 @@ def test_response_matches_the_chat_answer_and_streams_the_same(client, model):
         {"role": "system", "content": "Answer briefly."},
         {"role": "user", "content": [{"type": "image_url", "image_url": {"url": _input()[0]["content"][0]["image_url"]}},
                                      {"type": "text", "text": "What color is the shape?"}]}])
-    assert r.object == "response" and r.id.startswith("resp_") and r.store is False
+    assert r.object == "response" and r.id.startswith("resp_") and r.store is True
     assert r.output_text == chat.choices[0].message.content
     assert r.usage.output_tokens == chat.usage.completion_tokens
     assert r.usage.input_tokens == chat.usage.prompt_tokens
@@ -61,7 +64,7 @@ def test_string_input_and_json_schema_format(client):
 
 
 @pytest.mark.parametrize(("kw", "param"), [
-    ({"previous_response_id": "resp_1"}, "previous_response_id"),
+    ({"conversation": "conv_1"}, "conversation"),
     ({"tools": [{"type": "web_search"}]}, "tools"),
     ({"tools": [{"type": "function", "name": "f", "parameters": {}}],
       "tool_choice": {"type": "function", "name": "nope"}}, "tool_choice"),
@@ -147,3 +150,77 @@ def test_auto_calls_follow_the_models_text_and_a_result_goes_back_as_input(clien
         {"role": "tool", "tool_call_id": call_id, "content": "recorded"}])
     assert r.usage.input_tokens == chat.usage.prompt_tokens > 100
     assert r.output_text == (chat.choices[0].message.content or "")
+
+
+def _turn(text: str) -> dict:
+    return {"role": "user", "content": [{"type": "input_text", "text": text}]}
+
+
+def _said(r) -> dict:
+    return {"role": "assistant", "content": [{"type": "output_text", "text": r.output_text}]}
+
+
+@pytest.mark.parametrize("model", [BASE, "demo-a"])
+def test_a_stored_conversation_continues_as_if_sent_whole(client, model):
+    kw = {"model": model, "max_output_tokens": 8, "temperature": 0, "instructions": "Answer briefly.",
+          "extra_body": {"min_tokens": 8}}
+    first = client.responses.create(input=_input(), **kw)
+    assert first.store is True and client.responses.retrieve(first.id).model_dump() == first.model_dump()
+    second = client.responses.create(previous_response_id=first.id, input="And the shape?", **kw)
+    whole = client.responses.create(store=False, input=[*_input(), _said(first), _turn("And the shape?")], **kw)
+    assert second.previous_response_id == first.id and whole.store is False
+    assert second.output_text == whole.output_text and second.usage.input_tokens == whole.usage.input_tokens
+    # a third turn, streamed, through the chain of two; stored when its stream ends
+    events = list(client.responses.create(previous_response_id=second.id, input="Thanks.", stream=True, **kw))
+    assert events[0].response.store is True
+    third = events[-1].response
+    whole = client.responses.create(store=False, **kw, input=[
+        *_input(), _said(first), _turn("And the shape?"), _said(second), _turn("Thanks.")])
+    assert third.output_text == whole.output_text and third.usage.input_tokens == whole.usage.input_tokens
+    assert client.responses.retrieve(third.id).output_text == third.output_text
+    # input items: each response's own input, newest first by default, paged
+    items = client.responses.input_items.list(first.id)
+    assert [i.type for i in items.data] == ["message"] and items.has_more is False
+    assert [part.type for part in items.data[0].content] == ["input_image", "input_text"]
+    [only] = client.responses.input_items.list(third.id).data
+    assert only.role == "user" and only.content[0].text == "Thanks." and only.id.startswith("msg_")
+
+
+def test_a_tool_result_continues_the_stored_call(client):
+    kw = {"model": "demo-a", "tools": TOOLS, "temperature": 0}
+    call = client.responses.create(input=ASK, tool_choice={"type": "function", "name": "set_shape"},
+                                   max_output_tokens=240, **kw)
+    [fc] = [o for o in call.output if o.type == "function_call"]
+    result = {"type": "function_call_output", "call_id": fc.call_id, "output": "recorded"}
+    follow = client.responses.create(previous_response_id=call.id, input=[result], max_output_tokens=4, **kw)
+    whole = client.responses.create(store=False, max_output_tokens=4, **kw, input=[
+        {"role": "user", "content": ASK},
+        {"type": "function_call", "call_id": fc.call_id, "name": fc.name, "arguments": fc.arguments}, result])
+    assert follow.usage.input_tokens == whole.usage.input_tokens > 100 and follow.output_text == whole.output_text
+
+
+def _stored_bytes(server) -> float:
+    text = httpx.get(f"{server.url}/metrics", timeout=10).text
+    return float(next(line.split()[1] for line in text.splitlines() if line.startswith("vlora_responses_stored_bytes ")))
+
+
+def test_unstored_deleted_and_unknown_responses_are_404(client, demo_server):
+    unstored = client.responses.create(model="demo-a", input="hi", max_output_tokens=2, store=False)
+    before = _stored_bytes(demo_server)
+    kept = client.responses.create(model="demo-a", input="hi", max_output_tokens=2)
+    assert _stored_bytes(demo_server) > before
+    client.responses.delete(kept.id)
+    for gone in (unstored.id, kept.id, "resp_unknown"):
+        with pytest.raises(openai.NotFoundError) as exc:
+            client.responses.retrieve(gone)
+        assert exc.value.body["param"] == "response_id", exc.value.body
+        with pytest.raises(openai.NotFoundError):
+            client.responses.delete(gone)
+        with pytest.raises(openai.NotFoundError) as exc:
+            client.responses.create(model="demo-a", input="hi", max_output_tokens=2, previous_response_id=gone)
+        assert exc.value.body["param"] == "previous_response_id"
+        assert exc.value.body["code"] == "previous_response_not_found"
+    listed = client.responses.create(model="demo-a", input="hi", max_output_tokens=2)
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.responses.input_items.list(listed.id, after="msg_not_there")
+    assert exc.value.body["param"] == "after"

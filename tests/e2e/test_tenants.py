@@ -116,6 +116,25 @@ def test_priority_reaches_the_engine_and_tenants_are_in_the_metrics(server):
     # their 200s above show vlora turned it on (a tenant has a priority class).
 
 
+def test_stored_responses_belong_to_their_tenant(server):
+    def call(tenant, method, path, **kw) -> httpx.Response:
+        return httpx.request(method, f"{server.url}/v1/responses{path}", timeout=60,
+                             headers={"Authorization": f"Bearer {KEYS[tenant]}"}, **kw)
+
+    made = call("vip", "POST", "", json={"model": "demo-a", "input": "hello", "max_output_tokens": 2})
+    assert made.status_code == 200 and made.json()["store"] is True
+    rid = made.json()["id"]
+    assert call("vip", "GET", f"/{rid}").json()["id"] == rid
+    for path, method in ((f"/{rid}", "GET"), (f"/{rid}/input_items", "GET"), (f"/{rid}", "DELETE")):
+        other = call("single", method, path)  # the same 404 as for an id that does not exist
+        assert other.status_code == 404 and other.json()["error"]["param"] == "response_id", other.text
+    follow = call("single", "POST", "", json={"model": "demo-a", "input": "hi", "previous_response_id": rid,
+                                              "max_output_tokens": 2})
+    assert follow.status_code == 404 and follow.json()["error"]["param"] == "previous_response_id"
+    assert call("vip", "GET", f"/{rid}").status_code == 200  # still the owner's
+    assert call("vip", "DELETE", f"/{rid}").json() == {"id": rid, "object": "response", "deleted": True}
+
+
 def test_keys_file_rotation_without_restart(server):
     """Last in this module (it rewrites the server's tenants file): new keys work and removed ones stop within
     the reload period; an unreadable new file keeps the keys in use and logs why."""
