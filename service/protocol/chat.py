@@ -135,6 +135,8 @@ class ChatCompletionRequest(SamplingRequest):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True
     include_reasoning: bool = True  # vLLM's: false leaves a thinking model's reasoning out of the answer
+    # OpenAI's; as vLLM takes it: a chat template variable, and "none" turns Qwen3's thinking off
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh"] | None = None
     # Accepted so we can name them in a clear refusal instead of silently ignoring them.
     functions: Any = None
     audio: Any = None
@@ -151,6 +153,17 @@ class ChatCompletionRequest(SamplingRequest):
         if v is not None and not info.data.get("logprobs"):
             raise ValueError("top_logprobs needs logprobs: true")
         return v
+
+    @property
+    def template_variables(self) -> dict[str, Any]:
+        """The chat template's variables: the client's `chat_template_kwargs`, then `reasoning_effort` as vLLM
+        passes it (the variable itself, and `enable_thinking` false for "none", true otherwise, unless the client
+        set `enable_thinking`)."""
+        variables = dict(self.chat_template_kwargs or {})
+        if self.reasoning_effort is not None:
+            variables["reasoning_effort"] = self.reasoning_effort
+            variables.setdefault("enable_thinking", self.reasoning_effort != "none")
+        return variables
 
     @field_validator("chat_template_kwargs")
     @classmethod

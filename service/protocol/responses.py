@@ -6,9 +6,10 @@ earlier assistant turns; `function_call` and `function_call_output` items of ear
 `structured_outputs` as on the chat path), function `tools`
 with `tool_choice` (none, auto, required, a named function) and `parallel_tool_calls`, `stream` (the typed
 events), `metadata`; a thinking model's reasoning (with --reasoning-parser) comes as a `reasoning` output item
-before the message, tool calls as `function_call` items. Responses are stored unless `store: false` (see
-service.serving.response_store) and `previous_response_id` continues a stored one; `conversation`, `reasoning`,
-`background` and tools other than functions (web search, file search, ...) are refused with a 400 naming the field.
+before the message, tool calls as `function_call` items. `reasoning.effort` reaches the chat
+template as the chat path's `reasoning_effort` does. Responses are stored unless `store: false` (see
+service.serving.response_store) and `previous_response_id` continues a stored one; `conversation`,
+`background`, reasoning summaries and tools other than functions (web search, file search, ...) are refused with a 400 naming the field.
 """
 
 from __future__ import annotations
@@ -99,7 +100,21 @@ class TextConfig(_Lenient):
     format: TextFormat = Field(default_factory=TextFormat)
 
 
-_REFUSED = ("conversation", "reasoning", "background", "prompt")
+_REFUSED = ("conversation", "background", "prompt")
+
+
+class ReasoningConfig(_Lenient):
+    """OpenAI's `reasoning` option: its effort reaches the chat template as the chat path's reasoning_effort."""
+
+    effort: Literal["none", "minimal", "low", "medium", "high", "xhigh"] | None = None
+    summary: Any = None
+    generate_summary: Any = None
+
+    @field_validator("summary", "generate_summary")
+    @classmethod
+    def _no_summaries(cls, v: Any, info: ValidationInfo) -> Any:
+        return refuse_if_set(v, info.field_name, "reasoning summaries are not written; a thinking model's reasoning "
+                             "comes whole as the reasoning item's reasoning_text")
 
 
 class ResponsesRequest(_Lenient):
@@ -121,7 +136,7 @@ class ResponsesRequest(_Lenient):
     truncation: Literal["disabled"] | None = None
     previous_response_id: str | None = Field(default=None, min_length=1)
     conversation: Any = None
-    reasoning: Any = None
+    reasoning: ReasoningConfig | None = None
     background: Any = None
     prompt: Any = None
 
@@ -177,6 +192,8 @@ class ResponsesRequest(_Lenient):
                                 "parallel_tool_calls": self.parallel_tool_calls}
         if self.structured_outputs is not None:
             body["structured_outputs"] = self.structured_outputs
+        if self.reasoning is not None and self.reasoning.effort is not None:
+            body["reasoning_effort"] = self.reasoning.effort
         if self.tools:
             body["tools"] = [{"type": "function", "function": t.model_dump(exclude={"type"}, exclude_none=True)}
                              for t in self.tools]
@@ -261,6 +278,7 @@ class Response(BaseModel):
     metadata: dict = Field(default_factory=dict)
     store: bool = False
     previous_response_id: str | None = None
+    reasoning: dict | None = None
     truncation: str = "disabled"
 
 

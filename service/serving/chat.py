@@ -97,7 +97,7 @@ class ChatService(Generation):
         prompt = self.renderer.render(req.messages, tools=req.tools if mode != "none" else None, prefill=prefill,
                                       add_generation_prompt=req.add_generation_prompt,
                                       continue_final_message=req.continue_final_message,
-                                      template_kwargs=req.chat_template_kwargs)
+                                      template_kwargs=req.template_variables)
         sizes = [im.size for im in images]
         if len(prompt) <= INLINE_TOKENIZE_CHARS:  # under a millisecond: cheaper than a thread hand-off
             ids = self.renderer.tokenize(prompt)
@@ -109,7 +109,7 @@ class ChatService(Generation):
         forced = forced_call_schema(req) if req.forced_tools else None
         sampling = sampling_for(req, wanted or room, self.renderer.vocab_size, forced_tool_schema=forced)
         # A thinking model's reasoning is split out (a forced call skips it: the call is the whole output).
-        template_kwargs = dict(req.chat_template_kwargs or {})
+        template_kwargs = req.template_variables
         thinking = not req.forced_tools and self.engine.reasoning_parser(template_kwargs) is not None
         gen = GenerationRequest(request_id=request_id, prompt=prompt, prompt_token_ids=ids, images=images, videos=videos,
                                 sampling=sampling, adapter=adapter, reasoning=template_kwargs if thinking else None)

@@ -60,7 +60,8 @@ def _response(req: ResponsesRequest, prep: Prepared, status: str, output: list |
                     max_output_tokens=req.max_output_tokens, temperature=req.temperature, top_p=req.top_p,
                     text={"format": fmt}, metadata=req.metadata or {}, parallel_tool_calls=req.parallel_tool_calls,
                     tool_choice=choice, tools=[t.model_dump(exclude_none=True) for t in req.tools or []],
-                    store=stored, previous_response_id=req.previous_response_id)
+                    store=stored, previous_response_id=req.previous_response_id,
+                    reasoning=req.reasoning.model_dump(exclude_none=True) if req.reasoning is not None else None)
 
 
 def _items(status: str, reasoning: str | None, text: str | None, reasoning_id: str, message_id: str,

@@ -2,8 +2,9 @@
 tokens, a template that opens the reasoning) served with `--reasoning-parser qwen3`; the reasoning comes as
 `reasoning_content` (and `reasoning`), the answer as `content`, exactly the raw completion split at `</think>`;
 constrained output starts after the reasoning, or at once when the prompt closed it (`enable_thinking: false`);
-tools are parsed from the answer; the Responses API answers with a reasoning item before the message. Base and
-an adapter, streamed and not.
+tools are parsed from the answer; `reasoning_effort` (the Responses API's `reasoning.effort`) reaches the template
+as vLLM passes it ("none" turns thinking off); the Responses API answers with a reasoning item before the
+message. Base and an adapter, streamed and not.
 
 The random weights never close their reasoning on their own within a few tokens: a logit bias on `</think>`
 makes them (at +100 at once; at +6 the base model reasons a few tokens first, deterministically at
@@ -161,3 +162,20 @@ def test_responses_answer_with_a_reasoning_item_before_the_message(thinking, mod
     assert [e.sequence_number for e in events] == list(range(len(events)))
     assert [item.type for item in done.output] == ["reasoning", "message"]
     assert [o.content for o in done.output] == [o.content for o in whole.output]  # ids differ, nothing else
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_reasoning_effort_none_turns_thinking_off_as_enable_thinking_does(thinking, stream):
+    client, _ = thinking
+    off = _chat(client, BASE, stream, extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+    none = _chat(client, BASE, stream, reasoning_effort="none")
+    assert none[0] is None and none[1:4] == off[1:4] and none[4].prompt_tokens == off[4].prompt_tokens
+    low, default = _chat(client, BASE, stream, reasoning_effort="low"), _chat(client, BASE, stream)
+    assert low[0] and low[:4] == default[:4]  # Qwen3's template has no effort levels: on is on
+    # the Responses API's reasoning option reaches the template the same way
+    kw = {"model": BASE, "input": "What color is the shape?", "temperature": 0, "max_output_tokens": 24}
+    r = client.responses.create(reasoning={"effort": "none"}, **kw)
+    assert [item.type for item in r.output] == ["message"] and r.output_text == (off[1] or "")
+    assert r.reasoning.effort == "none" and r.usage.output_tokens_details.reasoning_tokens == 0
+    assert [item.type for item in client.responses.create(reasoning={"effort": "high"}, **kw).output] == [
+        "reasoning", "message"]

@@ -68,7 +68,8 @@ def test_string_input_and_json_schema_format(client):
     ({"tools": [{"type": "web_search"}]}, "tools"),
     ({"tools": [{"type": "function", "name": "f", "parameters": {}}],
       "tool_choice": {"type": "function", "name": "nope"}}, "tool_choice"),
-    ({"reasoning": {"effort": "low"}}, "reasoning"),
+    ({"reasoning": {"summary": "auto"}}, "reasoning"),
+    ({"reasoning": {"effort": "extreme"}}, "reasoning"),
     ({"input": [{"role": "user", "content": [{"type": "input_image", "file_id": "file-1"}]}]}, "input.0.content.0.input_image.file_id"),
 ])
 def test_unsupported_fields_are_400_naming_them(client, kw, param):
