@@ -207,7 +207,8 @@ def create_app(settings: ServiceSettings, engine: Engine, *, metrics: Metrics, r
                                  metrics, settings.max_pending_requests, settings.retry_after_s, video,
                                  quotas=Quotas(ring.adapter_limits), fair=fair)
     app.state.completions = CompletionService(app.state.chat, renderer)  # shares the chat service's admission
-    app.state.responses = ResponsesService(app.state.chat, ResponseStore(settings.responses_store_bytes))
+    app.state.responses = ResponsesService(app.state.chat, ResponseStore(settings.responses_store_bytes),
+                                           app.state.drain)
     install_error_handlers(app)
     app.openapi = _openapi_without_422(app)
     for router in (chat.router, completions.router, responses.router, models.router, adapters.router, ops.router):

@@ -2,14 +2,15 @@
 
 Supported: `input` as a string or items (messages with `input_text`, `input_image` parts and `output_text` in
 earlier assistant turns; `function_call` and `function_call_output` items of earlier tool calls), `instructions`,
-`max_output_tokens`, `temperature`, `top_p`, `text.format` (text, json_object, json_schema; or vLLM's
+`max_output_tokens`, `temperature`, `top_p` (and vLLM's `top_k`, `min_p`, `seed`, `repetition_penalty`,
+`min_tokens`), `text.format` (text, json_object, json_schema; or vLLM's
 `structured_outputs` as on the chat path), function `tools`
 with `tool_choice` (none, auto, required, a named function) and `parallel_tool_calls`, `stream` (the typed
 events), `metadata`; a thinking model's reasoning (with --reasoning-parser) comes as a `reasoning` output item
 before the message, tool calls as `function_call` items. `reasoning.effort` reaches the chat
 template as the chat path's `reasoning_effort` does. Responses are stored unless `store: false` (see
-service.serving.response_store) and `previous_response_id` continues a stored one; `conversation`,
-`background`, reasoning summaries and tools other than functions (web search, file search, ...) are refused with a 400 naming the field.
+service.serving.response_store), `previous_response_id` continues a stored one, and `background: true` answers
+at once (queued) and generates while the client polls (or cancels); `conversation`, reasoning summaries and tools other than functions (web search, file search, ...) are refused with a 400 naming the field.
 """
 
 from __future__ import annotations
@@ -100,7 +101,8 @@ class TextConfig(_Lenient):
     format: TextFormat = Field(default_factory=TextFormat)
 
 
-_REFUSED = ("conversation", "background", "prompt")
+_REFUSED = ("conversation", "prompt")
+SAMPLING_EXTRAS = ("top_k", "min_p", "seed", "repetition_penalty", "min_tokens")
 
 
 class ReasoningConfig(_Lenient):
@@ -130,6 +132,12 @@ class ResponsesRequest(_Lenient):
     metadata: dict[str, str] | None = None
     user: str | None = None
     structured_outputs: dict[str, Any] | None = None  # vLLM's constraint parameter, as on the chat path
+    # vLLM's sampling extras, as the chat path takes them
+    top_k: int | None = Field(default=None, ge=-1)
+    min_p: float | None = Field(default=None, ge=0.0, le=1.0)
+    seed: int | None = None
+    repetition_penalty: float | None = Field(default=None, gt=0.0, le=2.0)
+    min_tokens: int | None = Field(default=None, ge=0)
     tools: list[FunctionTool] | None = Field(default=None, max_length=128)
     tool_choice: Literal["none", "auto", "required"] | NamedFunctionChoice | None = None
     parallel_tool_calls: bool = True
@@ -137,7 +145,7 @@ class ResponsesRequest(_Lenient):
     previous_response_id: str | None = Field(default=None, min_length=1)
     conversation: Any = None
     reasoning: ReasoningConfig | None = None
-    background: Any = None
+    background: bool = False
     prompt: Any = None
 
     @field_validator(*_REFUSED)
@@ -192,6 +200,7 @@ class ResponsesRequest(_Lenient):
                                 "parallel_tool_calls": self.parallel_tool_calls}
         if self.structured_outputs is not None:
             body["structured_outputs"] = self.structured_outputs
+        body.update({name: value for name in SAMPLING_EXTRAS if (value := getattr(self, name)) is not None})
         if self.reasoning is not None and self.reasoning.effort is not None:
             body["reasoning_effort"] = self.reasoning.effort
         if self.tools:
@@ -261,7 +270,7 @@ class Response(BaseModel):
     id: str
     object: Literal["response"] = "response"
     created_at: int = Field(default_factory=lambda: int(time.time()))
-    status: Literal["in_progress", "completed", "incomplete", "failed"]
+    status: Literal["queued", "in_progress", "completed", "incomplete", "failed", "cancelled"]
     model: str
     output: list[OutputReasoning | OutputMessage | OutputFunctionCall] = Field(default_factory=list)
     usage: ResponseUsage | None = None
@@ -277,6 +286,7 @@ class Response(BaseModel):
     text: dict = Field(default_factory=lambda: {"format": {"type": "text"}})
     metadata: dict = Field(default_factory=dict)
     store: bool = False
+    background: bool = False
     previous_response_id: str | None = None
     reasoning: dict | None = None
     truncation: str = "disabled"

@@ -1,5 +1,6 @@
 """POST /v1/responses (the Responses API) and the stored responses: GET / DELETE /v1/responses/{id}, GET
-/v1/responses/{id}/input_items (a tenant reaches only its own; see service.serving.response_store)."""
+/v1/responses/{id}/input_items, POST /v1/responses/{id}/cancel (a background response); a tenant reaches only
+its own (see service.serving.response_store)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,11 @@ async def responses(body: ResponsesRequest, request: Request):
 @router.get("/v1/responses/{response_id}", response_model=Response, responses=error_responses(401, 404))
 async def get_response(response_id: str, request: Request):
     return request.app.state.responses.stored(response_id, tenant_of(request)).response
+
+
+@router.post("/v1/responses/{response_id}/cancel", response_model=Response, responses=error_responses(400, 401, 404))
+async def cancel_response(response_id: str, request: Request):
+    return await request.app.state.responses.cancel(response_id, tenant_of(request))
 
 
 @router.delete("/v1/responses/{response_id}", response_model=ResponseDeleted, responses=error_responses(401, 404))

@@ -10,7 +10,10 @@ puts the stored conversation before this request's input."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import logging
 import uuid
 from collections.abc import Callable
 
@@ -18,7 +21,8 @@ from pydantic import ValidationError
 
 from service.auth import OPEN, Tenant
 from service.engine.base import Delta
-from service.errors import BadRequest, NotFound
+from service.errors import APIError, BadRequest, NotFound
+from service.lifecycle import Drain
 from service.protocol.chat import ChatCompletionRequest
 from service.protocol.responses import (
     InputItemList,
@@ -32,6 +36,7 @@ from service.protocol.responses import (
     ResponseUsage,
 )
 from service.serving.chat import ChatService, join_text
+from service.serving.generation import CLIENT_GONE
 from service.serving.response_store import ResponseStore, Stored
 from service.serving.tools import StreamedCalls
 from service.serving.totals import Prepared, Totals
@@ -60,7 +65,7 @@ def _response(req: ResponsesRequest, prep: Prepared, status: str, output: list |
                     max_output_tokens=req.max_output_tokens, temperature=req.temperature, top_p=req.top_p,
                     text={"format": fmt}, metadata=req.metadata or {}, parallel_tool_calls=req.parallel_tool_calls,
                     tool_choice=choice, tools=[t.model_dump(exclude_none=True) for t in req.tools or []],
-                    store=stored, previous_response_id=req.previous_response_id,
+                    store=stored, background=req.background, previous_response_id=req.previous_response_id,
                     reasoning=req.reasoning.model_dump(exclude_none=True) if req.reasoning is not None else None)
 
 
@@ -90,10 +95,15 @@ def _stored_items(req: ResponsesRequest) -> list[dict]:
     return items
 
 
+logger = logging.getLogger("vlora.responses")
+
+
 class ResponsesService:
-    def __init__(self, chat: ChatService, store: ResponseStore | None = None):
+    def __init__(self, chat: ChatService, store: ResponseStore | None = None, drain: Drain | None = None):
         self.chat = chat
         self.store = store
+        self.drain = drain or Drain(0)
+        self._tasks: dict[str, asyncio.Task] = {}  # background responses under way
 
     def history(self, req: ResponsesRequest, tenant: Tenant) -> list[dict]:
         """The stored conversation `previous_response_id` continues (empty without one)."""
@@ -146,13 +156,16 @@ class ResponsesService:
                                                  "structured_outputs") else "input"
             raise BadRequest(f"{field}: {where}: {err.get('msg', 'invalid')}", param=field) from None
 
-    async def handle(self, req: ResponsesRequest, tenant: Tenant = OPEN):
-        stored = stores(req, self.store)
-
+    def _steps(self, req: ResponsesRequest, tenant: Tenant, stored: bool,
+               on_prepared: Callable[[Prepared], None] | None = None):
+        """The (prepare, complete, stream) steps of ChatService.serve for this request."""
         async def prepare() -> Prepared:
             chat_request = self._chat_request(req, self.history(req, tenant))
-            return await self.chat.prepare(chat_request, tenant, request_id=f"resp_{uuid.uuid4().hex}",
+            prep = await self.chat.prepare(chat_request, tenant, request_id=f"resp_{uuid.uuid4().hex}",
                                            kind="response")
+            if on_prepared is not None:
+                on_prepared(prep)
+            return prep
 
         def complete(prep: Prepared, totals: Totals) -> Response:
             status = _status(totals)
@@ -165,7 +178,79 @@ class ResponsesService:
         def stream(prep: Prepared) -> ResponsesStream:
             return ResponsesStream(req, prep, self.chat, stored, lambda response: self.keep(req, tenant, response))
 
+        return prepare, complete, stream
+
+    async def handle(self, req: ResponsesRequest, tenant: Tenant = OPEN):
+        stored = stores(req, self.store)
+        if req.background:
+            return await self._background(req, tenant, stored)
+        prepare, complete, stream = self._steps(req, tenant, stored)
         return await self.chat.serve(req.model, prepare, stream if req.stream else None, complete, tenant)
+
+    async def _background(self, req: ResponsesRequest, tenant: Tenant, stored: bool) -> Response:
+        """`background: true`: admitted and prepared as any request (a refusal is this call's answer), then
+        answered `queued` while it generates in a task of its own; the stored response becomes the final one
+        (or `failed`, or `cancelled` by POST .../cancel). Draining waits for it like for a request in flight."""
+        if req.stream:
+            raise BadRequest("background responses are not streamed here: poll GET /v1/responses/{id}", param="stream")
+        if not stored:
+            raise BadRequest("background needs the response stored (store not false, --responses-store-bytes > 0)",
+                             param="background")
+        started = asyncio.get_running_loop().create_future()
+        shell: list[Response] = []
+
+        def on_prepared(prep: Prepared) -> None:
+            # Scheduled, not run: serve() still reserves the request's tokens right after prepare, without
+            # yielding, and a refusal there must be this call's answer; once the task yields (waiting for an
+            # engine slot or its first output), the request is under way.
+            def go():
+                if not started.done():
+                    shell.append(self.keep(req, tenant, _response(req, prep, "queued", stored=True)))
+                    self._tasks[prep.request.request_id] = task
+                    task.add_done_callback(lambda _: self._tasks.pop(prep.request.request_id, None))
+                    started.set_result(shell[0])
+            asyncio.get_running_loop().call_soon(go)
+
+        prepare, complete, _ = self._steps(req, tenant, stored, on_prepared)
+
+        async def work() -> None:
+            CLIENT_GONE.set(None)  # the caller does not wait for this request: its disconnect ends nothing
+            self.drain.in_flight += 1
+            try:
+                await self.chat.serve(req.model, prepare, None, complete, tenant)
+            except BaseException as exc:
+                if not started.done():  # refused before it was under way: the refusal is the call's answer
+                    if isinstance(exc, asyncio.CancelledError):
+                        started.cancel()
+                    else:
+                        started.set_exception(exc)
+                elif isinstance(exc, asyncio.CancelledError):
+                    self.keep(req, tenant, shell[0].model_copy(update={"status": "cancelled"}))
+                else:
+                    error = {"code": getattr(exc, "code", None) or getattr(exc, "type", "server_error"),
+                             "message": exc.message if isinstance(exc, APIError) else "internal server error"}
+                    if not isinstance(exc, APIError):
+                        logger.exception("background response %s failed", shell[0].id)
+                    self.keep(req, tenant, shell[0].model_copy(update={"status": "failed", "error": error}))
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+            finally:
+                self.drain.in_flight -= 1
+
+        task = asyncio.create_task(work())
+        return await started
+
+    async def cancel(self, response_id: str, tenant: Tenant) -> Response:
+        """Cancel a background response still under way; one already finished is answered as it is."""
+        entry = self.stored(response_id, tenant)
+        if not entry.response.get("background"):
+            raise BadRequest("Cannot cancel a synchronous response.", param="response_id")
+        task = self._tasks.get(response_id)
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        return Response.model_validate(self.stored(response_id, tenant).response)
 
 
 class ResponsesStream:

@@ -7,6 +7,7 @@ served."""
 from __future__ import annotations
 
 import json
+import time
 
 import httpx
 import jsonschema
@@ -225,3 +226,57 @@ def test_unstored_deleted_and_unknown_responses_are_404(client, demo_server):
     with pytest.raises(openai.BadRequestError) as exc:
         client.responses.input_items.list(listed.id, after="msg_not_there")
     assert exc.value.body["param"] == "after"
+
+
+def _settled(client, rid: str, timeout: float = 120):
+    deadline = time.monotonic() + timeout
+    while (r := client.responses.retrieve(rid)).status in ("queued", "in_progress"):
+        assert time.monotonic() < deadline, f"{rid} still {r.status}"
+        time.sleep(0.1)
+    return r
+
+
+def _engine_running(server) -> float:
+    text = httpx.get(f"{server.url}/metrics", timeout=10).text
+    return float(next(line.split()[1] for line in text.splitlines() if line.startswith("vlora_engine_requests_running ")))
+
+
+def test_background_responses_are_polled_and_cancelled(client, demo_server):
+    kw = {"model": "demo-a", "input": _input(), "temperature": 0, "max_output_tokens": 64,
+          "extra_body": {"min_tokens": 64}}
+    queued = client.responses.create(background=True, **kw)
+    assert queued.status == "queued" and queued.background is True and queued.store is True
+    done = _settled(client, queued.id)
+    sync = client.responses.create(store=False, **kw)
+    assert done.status == sync.status and done.output_text == sync.output_text and done.background is True
+    assert done.usage.output_tokens == sync.usage.output_tokens == 64
+    # cancelled while it generates (several seconds of tokens): stays cancelled; a finished one cannot change
+    long = client.responses.create(background=True, **{**kw, "max_output_tokens": 3000,
+                                                       "extra_body": {"min_tokens": 3000}})
+    deadline = time.monotonic() + 10
+    while not _engine_running(demo_server):  # under way in the engine
+        assert time.monotonic() < deadline, "the background response never reached the engine"
+        time.sleep(0.05)
+    assert client.responses.cancel(long.id).status == "cancelled"
+    assert client.responses.retrieve(long.id).status == "cancelled"
+    deadline = time.monotonic() + 10  # and the engine stopped generating it
+    while _engine_running(demo_server):
+        assert time.monotonic() < deadline, "the cancelled response still runs in the engine"
+        time.sleep(0.1)
+    assert client.responses.cancel(done.id).status == done.status == "incomplete"  # max_output_tokens reached
+    with pytest.raises(openai.BadRequestError) as exc:  # not a background response
+        client.responses.cancel(client.responses.create(**kw).id)
+    assert exc.value.body["param"] == "response_id"
+
+
+@pytest.mark.parametrize(("kw", "param", "error"), [
+    ({"stream": True}, "stream", openai.BadRequestError),
+    ({"store": False}, "background", openai.BadRequestError),
+    ({"model": "no-such-adapter"}, "model", openai.NotFoundError),
+    ({"input": "word " * 5000}, "messages", openai.BadRequestError),  # over the context: refused at once
+])
+def test_background_refusals_are_the_calls_answer(client, kw, param, error):
+    with pytest.raises(error) as exc:
+        client.responses.create(**{"model": "demo-a", "input": "hi", "max_output_tokens": 4, "background": True,
+                                   **kw})
+    assert exc.value.body["param"] == param, exc.value.body
