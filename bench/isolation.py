@@ -180,11 +180,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "isolation")
     parser.add_argument("--phases", default="flood,soak,soak-no-mm-cache",
-                        help="flood (isolation on and off), flood-quota (on, with a max_concurrent quota on A), soak (defaults), soak-no-mm-cache (vLLM's multimodal "
+                        help="flood (isolation on and off), flood-quota (on, with a max_concurrent quota on A), "
+                             "flood-batch (on, a smaller engine batch), soak (defaults), soak-no-mm-cache (vLLM's multimodal "
                              "processor cache off: what the engine's RSS growth in the soak is); earlier phases' "
                              "results are kept in results.json")
     parser.add_argument("--flood-quota", default="1,2",
                         help="max_concurrent of tenant A in the flood-quota phase (a comma-separated list: a run each)")
+    parser.add_argument("--flood-batch", default="4",
+                        help="--max-running-requests of the server in the flood-batch phase (fair share, no quota; "
+                             "a comma-separated list: a run each)")
     parser.add_argument("--soak-args", default="",
                         help="more server arguments for the soak-no-mm-cache phase (space-separated)")
     args = parser.parse_args()
@@ -202,6 +206,11 @@ def main() -> None:
         for quota in (int(q) for q in args.flood_quota.split(",")):
             results["flood"].append(flood_run(f"on + A max_concurrent: {quota}", model, adapters, work, (),
                                               {"A": {"max_concurrent": quota}}))
+    if "flood-batch" in phases:  # fair share alone (no quota) with a smaller engine batch for the whole server
+        results["flood"] = [r for r in results.get("flood", []) if not r["isolation"].startswith("on, engine batch")]
+        for batch in (int(b) for b in args.flood_batch.split(",")):
+            results["flood"].append(flood_run(f"on, engine batch {batch}", model, adapters, work,
+                                              ("--max-running-requests", str(batch))))
     if "soak" in phases:
         results["soak"] = soak(model, adapters, work)
     if "soak-no-mm-cache" in phases:
