@@ -12,6 +12,13 @@ from pathlib import Path
 
 import httpx
 
+# The shared demo server's input caps (conftest.demo_server; test_chat proves them): small enough to test, above
+# what every other test sends.
+MAX_IMAGE_BYTES = 2 * 1024 * 1024
+MAX_BODY_BYTES = 8 * 1024 * 1024
+MAX_PIXELS = 1024 * 1024
+MAX_IMAGES_PER_REQUEST = 2
+
 
 def free_port() -> int:
     with socket.socket() as s:

@@ -78,11 +78,9 @@ def images():
 
 
 @pytest.fixture(scope="module")
-def root(demo_assets, tmp_path_factory):
-    from trainer.demo import ensure_demo_assets
+def root(demo_assets, trained_colors, tmp_path_factory):
     from trainer.tiny import make_random_adapter
 
-    ensure_demo_assets(MODELS)
     tmp = tmp_path_factory.mktemp("adapters")
     root = tmp / "root"
     test_adapters = MODELS / "test-adapters"

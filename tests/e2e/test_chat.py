@@ -12,14 +12,11 @@ import openai
 import pytest
 from openai import AsyncOpenAI, OpenAI
 
-from tests.e2e.server import start_server
+from tests.e2e.server import MAX_BODY_BYTES, MAX_IMAGE_BYTES
 from tests.images import data_uri, encode, image_message, shape_image
 
 BASE = "tiny-qwen3-vl"
 ADAPTERS = ["demo-a", "demo-b"]
-MAX_IMAGE_BYTES = 2 * 1024 * 1024
-MAX_BODY_BYTES = 8 * 1024 * 1024
-MAX_PIXELS = 1024 * 1024
 # Fixed-length greedy outputs: long enough to tell models apart, short enough for a 2-core CPU.
 GREEDY = dict(temperature=0, max_tokens=12, extra_body={"min_tokens": 12})
 
@@ -58,17 +55,8 @@ def image_server():
 
 
 @pytest.fixture(scope="module")
-def server(demo_assets, tmp_path_factory):
-    log = tmp_path_factory.mktemp("server") / "server.log"
-    srv = start_server(
-        ["--model", str(demo_assets["model"]), "--adapter-dir", str(demo_assets["adapter_dir"]),
-         "--image-url-allowlist", "127.0.0.1/32"],
-        log,
-        env={"VLORA_MAX_IMAGE_BYTES": str(MAX_IMAGE_BYTES), "VLORA_MAX_BODY_BYTES": str(MAX_BODY_BYTES),
-             "VLORA_MAX_IMAGE_PIXELS": str(MAX_PIXELS), "VLORA_MAX_IMAGES_PER_REQUEST": "2"},
-    )
-    yield srv
-    assert srv.stop() == 0, srv.log_tail()
+def server(demo_server):
+    return demo_server  # its caps and allowlist: tests/e2e/conftest.py and server.py
 
 
 @pytest.fixture(scope="module")

@@ -10,20 +10,11 @@ from pathlib import Path
 import pytest
 from openai import AsyncOpenAI
 
-from tests.conftest import MODELS
 from tests.e2e.server import start_server
 from trainer.data import load_dataset_file, prompt_and_answer
 from trainer.evaluate import normalise
 
 TASKS = ("colors", "shapes")
-
-
-@pytest.fixture(scope="module")
-def trained_demo():
-    from trainer.demo import ensure_demo_assets
-
-    ensure_demo_assets(MODELS)
-    return MODELS
 
 
 @pytest.fixture(scope="module")

@@ -14,11 +14,9 @@ from trainer.data import load_dataset_file
 
 
 @pytest.fixture(scope="module")
-def merged(tmp_path_factory):
-    from trainer.demo import ensure_demo_assets
+def merged(trained_colors, tmp_path_factory):
     from trainer.merge import merge
 
-    ensure_demo_assets(MODELS)
     out = tmp_path_factory.mktemp("merged") / "tiny-colors"
     report = merge(str(MODELS / "adapters" / "colors"), str(out), data=str(MODELS / "demo-data/colors/val.jsonl"), k=2)
     assert report["outputs_equal"]

@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import subprocess
+import threading
 import time
 
 import httpx
@@ -22,12 +23,17 @@ MAX_PENDING = 4
 
 @pytest.fixture(scope="module")
 def server(demo_assets, tmp_path_factory):
+    """One server for the module, over a copy of the demo adapter root (a test removes and rewrites its files);
+    the last test ends it with SIGTERM."""
+    root = tmp_path_factory.mktemp("ops-root") / "adapters"
+    shutil.copytree(demo_assets["adapter_dir"], root)
     srv = start_server(
-        ["--model", str(demo_assets["model"]), "--adapter-dir", str(demo_assets["adapter_dir"]),
+        ["--model", str(demo_assets["model"]), "--adapter-dir", str(root),
          "--max-pending-requests", str(MAX_PENDING), "--drain-grace-s", "60"],
         tmp_path_factory.mktemp("ops") / "server.log",
-        env={"VLORA_METRICS_MAX_ADAPTER_LABELS": "1"},
+        env={"VLORA_METRICS_MAX_ADAPTER_LABELS": "1", "VLORA_ADAPTER_CHECK_INTERVAL_S": "0.3"},
     )
+    srv.root = root
     yield srv
     srv.stop()
 
@@ -183,13 +189,10 @@ def test_backpressure_gives_429_and_recovers(server, body):
     assert 'vlora_requests_rejected_total{reason="overloaded"} 8.0' in httpx.get(f"{server.url}/metrics").text
 
 
-def test_failed_golden_samples_keep_not_ready_then_engine_death_exits_nonzero(demo_assets, tmp_path):
+def test_failed_golden_samples_keep_not_ready_then_engine_death_exits_nonzero(demo_assets, trained_colors, tmp_path):
     """One server: an adapter whose golden samples fail keeps /ready at 503 (liveness stays fine); then the
     engine is killed during three streams: each ends with an error event and [DONE], a request arriving before
     the exit gets a 503 with Retry-After, and the process exits non-zero; restarted, it serves again."""
-    from trainer.demo import ensure_demo_assets
-
-    ensure_demo_assets(MODELS)
     tampered = tmp_path / "tampered"
     shutil.copytree(MODELS / "adapters" / "colors", tampered)
     manifest = json.loads((tampered / "manifest.json").read_text())
@@ -242,17 +245,13 @@ def test_failed_golden_samples_keep_not_ready_then_engine_death_exits_nonzero(de
         again.stop()
 
 
-def test_adapter_files_removed_or_changed_while_serving(demo_assets, tmp_path):
+def test_adapter_files_removed_or_changed_while_serving(server, tmp_path):
     """An adapter folder deleted or rewritten under a running server: that adapter answers a clear 503, the
     others keep answering, /ready stays up and names it; restored, it serves again."""
-    root = tmp_path / "root"
-    for name in ("demo-a", "demo-b"):
-        shutil.copytree(demo_assets["adapter_dir"] / name, root / name)
-    srv = start_server(["--model", str(demo_assets["model"]), "--adapter-dir", str(root)], tmp_path / "server.log",
-                       env={"VLORA_ADAPTER_CHECK_INTERVAL_S": "0.3"})
+    root = server.root
 
     def ask(model):
-        return httpx.post(f"{srv.url}/v1/chat/completions", timeout=60, json={
+        return httpx.post(f"{server.url}/v1/chat/completions", timeout=60, json={
             "model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
 
     def wait_for(model, status):
@@ -261,21 +260,54 @@ def test_adapter_files_removed_or_changed_while_serving(demo_assets, tmp_path):
             time.sleep(0.2)
         return ask(model)
 
-    try:
-        assert ask("demo-a").status_code == 200 and ask("demo-b").status_code == 200
-        shutil.move(root / "demo-a", tmp_path / "demo-a-aside")
-        gone = wait_for("demo-a", 503)
-        assert gone.status_code == 503 and gone.json()["error"]["code"] == "adapter_unavailable"
-        assert "folder was removed" in gone.json()["error"]["message"]
-        assert ask("demo-b").status_code == 200
-        ready = httpx.get(f"{srv.url}/ready", timeout=10)
-        assert ready.status_code == 200 and "demo-a" in ready.json()["unavailable"]
-        weights = root / "demo-b" / "adapter_model.safetensors"
-        weights.write_bytes(weights.read_bytes()[:100])  # truncated: corrupted
-        changed = wait_for("demo-b", 503)
-        assert "changed on disk" in changed.json()["error"]["message"]
-        shutil.move(tmp_path / "demo-a-aside", root / "demo-a")  # the same files back
-        assert wait_for("demo-a", 200).status_code == 200
-        assert srv.proc.poll() is None
-    finally:
-        srv.stop()
+    assert ask("demo-a").status_code == 200 and ask("demo-b").status_code == 200
+    shutil.move(root / "demo-a", tmp_path / "demo-a-aside")
+    gone = wait_for("demo-a", 503)
+    assert gone.status_code == 503 and gone.json()["error"]["code"] == "adapter_unavailable"
+    assert "folder was removed" in gone.json()["error"]["message"]
+    assert ask("demo-b").status_code == 200
+    ready = httpx.get(f"{server.url}/ready", timeout=10)
+    assert ready.status_code == 200 and "demo-a" in ready.json()["unavailable"]
+    weights = root / "demo-b" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # truncated: corrupted (it stays so: demo-b is not used after)
+    changed = wait_for("demo-b", 503)
+    assert "changed on disk" in changed.json()["error"]["message"]
+    shutil.move(tmp_path / "demo-a-aside", root / "demo-a")  # the same files back
+    assert wait_for("demo-a", 200).status_code == 200
+    assert server.proc.poll() is None
+
+
+def test_sigterm_drains_streams_then_exits_0(server, body):
+    """Last in this module (it ends the server): streams in flight finish with [DONE]; new requests get 503 +
+    Retry-After; exit code 0."""
+    # Long enough (seconds) that the streams are surely still running when SIGTERM and the late request come.
+    stream_body = {**body, "max_tokens": 3000, "ignore_eos": True, "stream": True}
+    results: dict[int, list[str]] = {}
+    started = threading.Barrier(4)
+
+    def one(i):
+        with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=stream_body, timeout=120) as r:
+            lines = r.iter_lines()
+            results[i] = [next(lines)]
+            started.wait(30)
+            results[i].extend(lines)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    # A kept-alive client connection, opened before the signal, carries the late requests.
+    late_client = httpx.Client(timeout=30)
+    assert late_client.get(f"{server.url}/v1/models").status_code == 200
+    started.wait(60)
+    server.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.2)
+    late = late_client.post(f"{server.url}/v1/chat/completions", json=body)
+    assert late.status_code == 503 and late.headers["retry-after"] == "5"
+    assert late.json()["error"]["code"] == "shutting_down"
+    assert late_client.get(f"{server.url}/ready").status_code == 503
+    late_client.close()
+    for t in threads:
+        t.join(120)
+    for i in range(3):
+        assert results[i][-2:] == ["data: [DONE]", ""], results[i][-4:]
+    assert server.proc.wait(60) == 0

@@ -11,20 +11,11 @@ import json
 import httpx
 import pytest
 
-from tests.conftest import MODELS
 from tests.e2e.server import start_server
 from tests.e2e.test_demo_adapters import TASKS, _served_accuracy
 from trainer.data import load_dataset_file
 
 RECORDS = 40  # per adapter
-
-
-@pytest.fixture(scope="module")
-def trained_demo():
-    from trainer.demo import ensure_demo_assets
-
-    ensure_demo_assets(MODELS)
-    return MODELS
 
 
 @pytest.fixture(scope="module", params=[["--tensor-parallel-size", "2"], ["--data-parallel-size", "2"]],

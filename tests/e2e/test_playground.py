@@ -39,10 +39,7 @@ CHROMIUM_ARGS = ["--no-sandbox", "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    from trainer.demo import ensure_demo_assets
-
-    ensure_demo_assets(MODELS)
+def server(trained_demo, tmp_path_factory):
     root = tmp_path_factory.mktemp("playground-root")
     for task in ("colors", "shapes"):
         shutil.copytree(MODELS / "adapters" / task, root / task)

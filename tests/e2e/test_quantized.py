@@ -37,10 +37,7 @@ def run_quantize(model: Path, out: Path, scheme: str, *extra: str) -> subprocess
 
 
 @pytest.fixture(scope="module")
-def quantized(tmp_path_factory):
-    from trainer.demo import ensure_demo_assets
-
-    ensure_demo_assets(MODELS)
+def quantized(trained_demo, tmp_path_factory):
     out = tmp_path_factory.mktemp("quantized") / BASE
     proc = run_quantize(MODELS / "tiny-qwen3-vl", out, "w8a8", "--calibration",
                         str(MODELS / "demo-data/colors/train.jsonl"), "--samples", "32")
@@ -135,7 +132,7 @@ def test_cpu_refuses_in_flight_quantization_at_start(tmp_path):
     assert "needs a CUDA GPU" in message and "compressed-tensors" in message, message
 
 
-def test_merge_then_quantize_then_serve(tmp_path):
+def test_merge_then_quantize_then_serve(trained_colors, tmp_path):
     """The documented single-adapter path: the merged colors model quantized (w4a16, round-to-nearest: no
     calibration data) and served alone answers like the adapter; its provenance chain ends at the base."""
     from trainer.merge import merge
