@@ -41,12 +41,14 @@ from service.serving.response_store import ResponseStore, Stored
 from service.serving.tools import StreamedCalls
 from service.serving.totals import Prepared, Totals
 
+logger = logging.getLogger("vlora.responses")
+
 
 def _status(totals: Totals) -> str:
     return "incomplete" if totals.finish.get(0) == "length" else "completed"
 
 
-def stores(req: ResponsesRequest, store: ResponseStore | None) -> bool:
+def _stores(req: ResponsesRequest, store: ResponseStore | None) -> bool:
     return store is not None and store.enabled and req.store is not False
 
 
@@ -93,9 +95,6 @@ def _stored_items(req: ResponsesRequest) -> list[dict]:
         data.setdefault("id", f"{prefix}_{uuid.uuid4().hex}")
         items.append(data)
     return items
-
-
-logger = logging.getLogger("vlora.responses")
 
 
 class ResponsesService:
@@ -181,7 +180,7 @@ class ResponsesService:
         return prepare, complete, stream
 
     async def handle(self, req: ResponsesRequest, tenant: Tenant = OPEN):
-        stored = stores(req, self.store)
+        stored = _stores(req, self.store)
         if req.background:
             return await self._background(req, tenant, stored)
         prepare, complete, stream = self._steps(req, tenant, stored)
