@@ -137,12 +137,17 @@ class ResponsesService:
         return InputItemList(data=page, first_id=page[0]["id"] if page else None,
                              last_id=page[-1]["id"] if page else None, has_more=len(items) > limit)
 
-    def keep(self, req: ResponsesRequest, tenant: Tenant, response: Response) -> Response:
-        """Store a finished response (unless `store: false`); the answer says whether it was stored."""
-        if response.store and not self.store.put(tenant.name, response.model_dump(), _stored_items(req),
-                                                  req.previous_response_id):
-            response.store = False
-        return response
+    def keeper(self, req: ResponsesRequest, tenant: Tenant) -> Callable[[Response], Response]:
+        """What stores this request's response (finished; or queued, failed, cancelled in the background) unless
+        `store: false`, its input items made once so that their ids stay put; the answer says whether it was."""
+        items = _stored_items(req)
+
+        def keep(response: Response) -> Response:
+            if response.store and not self.store.put(tenant.name, response.model_dump(), items,
+                                                      req.previous_response_id):
+                response.store = False
+            return response
+        return keep
 
     def _chat_request(self, req: ResponsesRequest, history: list[dict]) -> ChatCompletionRequest:
         try:
@@ -155,7 +160,7 @@ class ResponsesService:
                                                  "structured_outputs") else "input"
             raise BadRequest(f"{field}: {where}: {err.get('msg', 'invalid')}", param=field) from None
 
-    def _steps(self, req: ResponsesRequest, tenant: Tenant, stored: bool,
+    def _steps(self, req: ResponsesRequest, tenant: Tenant, stored: bool, keep: Callable[[Response], Response],
                on_prepared: Callable[[Prepared], None] | None = None):
         """The (prepare, complete, stream) steps of ChatService.serve for this request."""
         async def prepare() -> Prepared:
@@ -172,21 +177,23 @@ class ResponsesService:
             message, _ = self.chat.message(prep, content, totals.finish.get(0), reasoning)
             output = _items(status, reasoning, message.content, f"rs_{uuid.uuid4().hex}", f"msg_{uuid.uuid4().hex}",
                             message.tool_calls)
-            return self.keep(req, tenant, _response(req, prep, status, output, totals, tokens, stored))
+            return keep(_response(req, prep, status, output, totals, tokens, stored))
 
         def stream(prep: Prepared) -> ResponsesStream:
-            return ResponsesStream(req, prep, self.chat, stored, lambda response: self.keep(req, tenant, response))
+            return ResponsesStream(req, prep, self.chat, stored, keep)
 
         return prepare, complete, stream
 
     async def handle(self, req: ResponsesRequest, tenant: Tenant = OPEN):
         stored = _stores(req, self.store)
+        keep = self.keeper(req, tenant)
         if req.background:
-            return await self._background(req, tenant, stored)
-        prepare, complete, stream = self._steps(req, tenant, stored)
+            return await self._background(req, tenant, stored, keep)
+        prepare, complete, stream = self._steps(req, tenant, stored, keep)
         return await self.chat.serve(req.model, prepare, stream if req.stream else None, complete, tenant)
 
-    async def _background(self, req: ResponsesRequest, tenant: Tenant, stored: bool) -> Response:
+    async def _background(self, req: ResponsesRequest, tenant: Tenant, stored: bool,
+                          keep: Callable[[Response], Response]) -> Response:
         """`background: true`: admitted and prepared as any request (a refusal is this call's answer), then
         answered `queued` while it generates in a task of its own; the stored response becomes the final one
         (or `failed`, or `cancelled` by POST .../cancel). Draining waits for it like for a request in flight."""
@@ -204,13 +211,13 @@ class ResponsesService:
             # engine slot or its first output), the request is under way.
             def go():
                 if not started.done():
-                    shell.append(self.keep(req, tenant, _response(req, prep, "queued", stored=True)))
+                    shell.append(keep(_response(req, prep, "queued", stored=True)))
                     self._tasks[prep.request.request_id] = task
                     task.add_done_callback(lambda _: self._tasks.pop(prep.request.request_id, None))
                     started.set_result(shell[0])
             asyncio.get_running_loop().call_soon(go)
 
-        prepare, complete, _ = self._steps(req, tenant, stored, on_prepared)
+        prepare, complete, _ = self._steps(req, tenant, stored, keep, on_prepared)
 
         async def work() -> None:
             CLIENT_GONE.set(None)  # the caller does not wait for this request: its disconnect ends nothing
@@ -224,13 +231,13 @@ class ResponsesService:
                     else:
                         started.set_exception(exc)
                 elif isinstance(exc, asyncio.CancelledError):
-                    self.keep(req, tenant, shell[0].model_copy(update={"status": "cancelled"}))
+                    keep(shell[0].model_copy(update={"status": "cancelled"}))
                 else:
                     error = {"code": getattr(exc, "code", None) or getattr(exc, "type", "server_error"),
                              "message": exc.message if isinstance(exc, APIError) else "internal server error"}
                     if not isinstance(exc, APIError):
                         logger.exception("background response %s failed", shell[0].id)
-                    self.keep(req, tenant, shell[0].model_copy(update={"status": "failed", "error": error}))
+                    keep(shell[0].model_copy(update={"status": "failed", "error": error}))
                 if isinstance(exc, asyncio.CancelledError):
                     raise
             finally:

@@ -246,7 +246,9 @@ def test_background_responses_are_polled_and_cancelled(client, demo_server):
           "extra_body": {"min_tokens": 64}}
     queued = client.responses.create(background=True, **kw)
     assert queued.status == "queued" and queued.background is True and queued.store is True
+    ids = [item.id for item in client.responses.input_items.list(queued.id).data]
     done = _settled(client, queued.id)
+    assert [item.id for item in client.responses.input_items.list(done.id).data] == ids  # the same items throughout
     sync = client.responses.create(store=False, **kw)
     assert done.status == sync.status and done.output_text == sync.output_text and done.background is True
     assert done.usage.output_tokens == sync.usage.output_tokens == 64
