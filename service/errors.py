@@ -158,7 +158,10 @@ def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     errors = sorted(exc.errors(), key=lambda e: -len(e.get("loc", ())))
     for err in errors[:3]:
         loc: list[str] = []
-        for part in (str(p) for p in err.get("loc", ()) if p != "body"):
+        where_from = tuple(err.get("loc", ()))
+        if where_from and where_from[0] in ("body", "query", "path"):  # OpenAI names the parameter alone
+            where_from = where_from[1:]
+        for part in (str(p) for p in where_from):
             # Drop pydantic's union-branch labels and collapse discriminator tags (`image_url.image_url`).
             if part == "str" or part.startswith(("list[", "function-", "tagged-union[")):
                 continue

@@ -1,5 +1,6 @@
 """POST /v1/responses (the Responses API) and the stored responses: GET / DELETE /v1/responses/{id}, GET
-/v1/responses/{id}/input_items, POST /v1/responses/{id}/cancel (a background response); a tenant reaches only
+/v1/responses/{id}/input_items, POST /v1/responses/{id}/cancel (a background response), GET
+/v1/responses/{id}?stream=true (a streamed background response's events, resumable); a tenant reaches only
 its own (see service.serving.response_store)."""
 
 from __future__ import annotations
@@ -20,9 +21,17 @@ async def responses(body: ResponsesRequest, request: Request):
     return answer(await request.app.state.responses.handle(body, requester(request)), body.stream)
 
 
-@router.get("/v1/responses/{response_id}", response_model=Response, responses=error_responses(401, 404))
-async def get_response(response_id: str, request: Request):
-    return request.app.state.responses.stored(response_id, tenant_of(request)).response
+@router.get("/v1/responses/{response_id}", response_model=Response, responses={
+    200: {"description": "the stored response; with `stream=true`, a streamed background response's events "
+                         "(after `starting_after`) as server-sent events",
+          "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+    **error_responses(400, 401, 404)})
+async def get_response(response_id: str, request: Request, stream: bool = False,
+                       starting_after: int | None = Query(None, ge=0)):
+    service = request.app.state.responses
+    if stream:
+        return answer(service.events(response_id, tenant_of(request), starting_after), True)
+    return service.stored(response_id, tenant_of(request)).response
 
 
 @router.post("/v1/responses/{response_id}/cancel", response_model=Response, responses=error_responses(400, 401, 404))

@@ -142,6 +142,8 @@ class Generation:
             waited = await self._acquire_while_connected(prep.tenant)
             prep.dispatched = True
             self.metrics.tenant_queue_wait(prep.tenant, waited)
+        if prep.on_dispatched is not None:
+            prep.on_dispatched()
 
     async def _acquire_while_connected(self, tenant: str) -> float:
         """The fair-share slot, unless the client goes away first (then ClientGone, and no slot is held)."""

@@ -6,7 +6,14 @@ thinking model's reasoning item, function_call_arguments.delta... for a tool cal
 events; then completed or incomplete). Tool calls are parsed as the chat path parses them (the engine's tool
 parser; required and named choices constrained) and written as `function_call` items. A finished response is
 kept in the response store (service.serving.response_store) unless `store: false`; `previous_response_id`
-puts the stored conversation before this request's input."""
+puts the stored conversation before this request's input.
+
+A background response generates in a task of its own; one created with `stream: true` writes its events to an
+event log (`EventLog`) that the creating call streams, and that `GET /v1/responses/{id}?stream=true
+&starting_after=N` streams again from any sequence number, live while it generates: a client that lost its
+connection resumes where it was. The log is dropped `RESUME_KEEP_S` after the response ends, or with the
+response. vLLM's server keeps such logs for ever, and a resumed stream that ends in anything but
+`response.completed` (incomplete, failed) never ends there; here every ending ends it."""
 
 from __future__ import annotations
 
@@ -21,7 +28,7 @@ from pydantic import ValidationError
 
 from service.auth import OPEN, Tenant
 from service.engine.base import Delta
-from service.errors import APIError, BadRequest, NotFound
+from service.errors import APIError, BadRequest, NotFound, error_body
 from service.lifecycle import Drain
 from service.protocol.chat import ChatCompletionRequest
 from service.protocol.responses import (
@@ -42,6 +49,41 @@ from service.serving.tools import StreamedCalls
 from service.serving.totals import Prepared, Totals
 
 logger = logging.getLogger("vlora.responses")
+RESUME_KEEP_S = 600  # how long a finished background stream's events stay available to GET ...?stream=true
+
+
+class EventLog:
+    """The events of one streamed background response, in order (an event's index is its sequence number):
+    one writer (the response's task), any number of readers, each from its own position."""
+
+    def __init__(self):
+        self.events: list[str] = []
+        self.done = False
+        self._changed = asyncio.Event()
+
+    def _wake(self) -> None:
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+    def append(self, event: str) -> None:
+        self.events.append(event)
+        self._wake()
+
+    def close(self) -> None:
+        self.done = True
+        self._wake()
+
+    async def read(self, after: int = -1):
+        """The events after sequence number `after`, then each new one as it comes, until the response ends."""
+        position = after + 1
+        while True:
+            changed = self._changed
+            while position < len(self.events):
+                yield self.events[position]
+                position += 1
+            if self.done:
+                return
+            await changed.wait()
 
 
 def _status(totals: Totals) -> str:
@@ -103,6 +145,7 @@ class ResponsesService:
         self.store = store
         self.drain = drain or Drain(0)
         self._tasks: dict[str, asyncio.Task] = {}  # background responses under way
+        self._logs: dict[str, EventLog] = {}  # streamed background responses' events, by response id
 
     def history(self, req: ResponsesRequest, tenant: Tenant) -> list[dict]:
         """The stored conversation `previous_response_id` continues (empty without one)."""
@@ -123,6 +166,18 @@ class ResponsesService:
     def delete(self, response_id: str, tenant: Tenant) -> None:
         self.stored(response_id, tenant)
         self.store.delete(tenant.name, response_id)
+        self._logs.pop(response_id, None)
+
+    def events(self, response_id: str, tenant: Tenant, starting_after: int | None):
+        """`GET /v1/responses/{id}?stream=true`: a streamed background response's events after
+        `starting_after` (from the first without it), live until it ends."""
+        self.stored(response_id, tenant)
+        log = self._logs.get(response_id)
+        if log is None:
+            raise BadRequest(f"response '{response_id}' has no event stream to resume: only a background response "
+                             f"created with stream: true has one, kept for {RESUME_KEEP_S} s after it ends",
+                             param="stream")
+        return log.read(-1 if starting_after is None else starting_after)
 
     def input_items(self, response_id: str, tenant: Tenant, limit: int, order: str, after: str | None) -> InputItemList:
         """One page of a stored response's own input items (`after`: the id the page starts after)."""
@@ -193,17 +248,20 @@ class ResponsesService:
         return await self.chat.serve(req.model, prepare, stream if req.stream else None, complete, tenant)
 
     async def _background(self, req: ResponsesRequest, tenant: Tenant, stored: bool,
-                          keep: Callable[[Response], Response]) -> Response:
+                          keep: Callable[[Response], Response]):
         """`background: true`: admitted and prepared as any request (a refusal is this call's answer), then
-        answered `queued` while it generates in a task of its own; the stored response becomes the final one
-        (or `failed`, or `cancelled` by POST .../cancel). Draining waits for it like for a request in flight."""
-        if req.stream:
-            raise BadRequest("background responses are not streamed here: poll GET /v1/responses/{id}", param="stream")
+        answered `queued` while it generates in a task of its own (stored `queued`, `in_progress` once it goes
+        to the engine); the stored response becomes the final one (or `failed`, or `cancelled` by POST
+        .../cancel). With `stream: true` the answer is its event stream,
+        read from the response's event log (the task writes it whether or not anyone reads; see EventLog).
+        Draining waits for it like for a request in flight."""
         if not stored:
             raise BadRequest("background needs the response stored (store not false, --responses-store-bytes > 0)",
                              param="background")
         started = asyncio.get_running_loop().create_future()
         shell: list[Response] = []
+        log = EventLog() if req.stream else None
+        formats: list[ResponsesStream] = []
 
         def on_prepared(prep: Prepared) -> None:
             # Scheduled, not run: serve() still reserves the request's tokens right after prepare, without
@@ -211,19 +269,51 @@ class ResponsesService:
             # engine slot or its first output), the request is under way.
             def go():
                 if not started.done():
+                    rid = prep.request.request_id
                     shell.append(keep(_response(req, prep, "queued", stored=True)))
-                    self._tasks[prep.request.request_id] = task
-                    task.add_done_callback(lambda _: self._tasks.pop(prep.request.request_id, None))
+                    self._tasks[rid] = task
+                    task.add_done_callback(lambda _: self._tasks.pop(rid, None))
+                    if log is not None:
+                        self._logs[rid] = log
+                        task.add_done_callback(lambda _: asyncio.get_running_loop().call_later(
+                            RESUME_KEEP_S, lambda: self._logs.pop(rid, None) if self._logs.get(rid) is log else None))
                     started.set_result(shell[0])
             asyncio.get_running_loop().call_soon(go)
+            prep.on_dispatched = lambda: asyncio.get_running_loop().call_soon(generating)
 
-        prepare, complete, _ = self._steps(req, tenant, stored, keep, on_prepared)
+        def generating() -> None:  # after go (the loop runs callbacks in order): it goes to the engine now
+            entry = self.store.get(tenant.name, shell[0].id) if shell else None
+            if entry is not None and entry.response["status"] == "queued":
+                keep(shell[0].model_copy(update={"status": "in_progress"}))
+
+        prepare, complete, stream = self._steps(req, tenant, stored, keep, on_prepared)
+
+        def stream_format(prep: Prepared) -> ResponsesStream:
+            formats.append(stream(prep))
+            return formats[0]
+
+        def failed(error: dict) -> None:
+            keep(shell[0].model_copy(update={"status": "failed", "error": error}))
 
         async def work() -> None:
             CLIENT_GONE.set(None)  # the caller does not wait for this request: its disconnect ends nothing
             self.drain.in_flight += 1
             try:
-                await self.chat.serve(req.model, prepare, None, complete, tenant)
+                if log is None:
+                    await self.chat.serve(req.model, prepare, None, complete, tenant)
+                else:
+                    try:
+                        body = await self.chat.serve(req.model, prepare, stream_format, complete, tenant)
+                    except APIError as exc:  # under way, then refused by the engine before its first output
+                        if started.done():
+                            for event in formats[0].error(error_body(exc.status, exc.message, exc.type, exc.param,
+                                                                     exc.code)):
+                                log.append(event)
+                        raise
+                    async for event in body:
+                        log.append(event)
+                    if formats[0].failure is not None:  # the stream ended in its error event
+                        failed(formats[0].failure)
             except BaseException as exc:
                 if not started.done():  # refused before it was under way: the refusal is the call's answer
                     if isinstance(exc, asyncio.CancelledError):
@@ -233,18 +323,20 @@ class ResponsesService:
                 elif isinstance(exc, asyncio.CancelledError):
                     keep(shell[0].model_copy(update={"status": "cancelled"}))
                 else:
-                    error = {"code": getattr(exc, "code", None) or getattr(exc, "type", "server_error"),
-                             "message": exc.message if isinstance(exc, APIError) else "internal server error"}
                     if not isinstance(exc, APIError):
                         logger.exception("background response %s failed", shell[0].id)
-                    keep(shell[0].model_copy(update={"status": "failed", "error": error}))
+                    failed({"code": getattr(exc, "code", None) or getattr(exc, "type", "server_error"),
+                            "message": exc.message if isinstance(exc, APIError) else "internal server error"})
                 if isinstance(exc, asyncio.CancelledError):
                     raise
             finally:
                 self.drain.in_flight -= 1
+                if log is not None:
+                    log.close()
 
         task = asyncio.create_task(work())
-        return await started
+        queued = await started
+        return log.read() if log is not None else queued
 
     async def cancel(self, response_id: str, tenant: Tenant) -> Response:
         """Cancel a background response still under way; one already finished is answered as it is."""
@@ -279,6 +371,7 @@ class ResponsesStream:
         self.reasoning: list[str] | None = None  # None until the reasoning item opens
         self.text: list[str] | None = None  # None until the message item opens
         self.functions: dict[int, OutputFunctionCall] = {}  # by the call's index, while streaming
+        self.failure: dict | None = None  # the error the stream ended with, if it did
 
     def _event(self, type_: str, **fields) -> str:
         payload = {"type": type_, "sequence_number": self.seq, **fields}
@@ -397,4 +490,5 @@ class ResponsesStream:
 
     def error(self, body: dict) -> list[str]:
         err = body["error"]
+        self.failure = {"code": err.get("code") or err.get("type"), "message": err["message"]}
         return [self._event("error", code=err.get("code"), message=err["message"], param=err.get("param"))]

@@ -31,6 +31,7 @@ class Prepared:
     tenant: str = "open"
     dispatched: bool = False  # holds a fair-share engine slot
     used: int = 0  # tokens it used (prompt + completion), settled against its limits at the end
+    on_dispatched: Any = None  # called when it goes to the engine (a background response is then in_progress)
 
     @property
     def forced_tools(self) -> bool:

@@ -259,6 +259,7 @@ def test_background_responses_are_polled_and_cancelled(client, demo_server):
     while not _engine_running(demo_server):  # under way in the engine
         assert time.monotonic() < deadline, "the background response never reached the engine"
         time.sleep(0.05)
+    assert client.responses.retrieve(long.id).status == "in_progress"
     assert client.responses.cancel(long.id).status == "cancelled"
     assert client.responses.retrieve(long.id).status == "cancelled"
     deadline = time.monotonic() + 10  # and the engine stopped generating it
@@ -271,9 +272,69 @@ def test_background_responses_are_polled_and_cancelled(client, demo_server):
     assert exc.value.body["param"] == "response_id"
 
 
+def _key(event) -> tuple:
+    return event.type, event.sequence_number, getattr(event, "delta", None)
+
+
+def test_a_streamed_background_response_resumes_from_any_event(client, demo_server):
+    kw = {"model": "demo-a", "input": _input(), "temperature": 0, "max_output_tokens": 24,
+          "extra_body": {"min_tokens": 24}}
+    events = list(client.responses.create(background=True, stream=True, **kw))
+    sync = client.responses.create(store=False, **kw)
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert events[0].type == "response.created" and events[0].response.background is True
+    assert events[-1].type == f"response.{sync.status}" and events[-1].response.output_text == sync.output_text
+    rid = events[0].response.id
+    assert client.responses.retrieve(rid).output_text == sync.output_text  # stored as it ended
+    # the whole stream again, and from any sequence number: the same events
+    assert [_key(e) for e in client.responses.retrieve(rid, stream=True)] == [_key(e) for e in events]
+    for after in (0, 5, len(events) - 2):
+        again = list(client.responses.retrieve(rid, stream=True, starting_after=after))
+        assert [_key(e) for e in again] == [_key(e) for e in events[after + 1:]]
+    assert list(client.responses.retrieve(rid, stream=True, starting_after=len(events) + 10)) == []
+    # a response with no event log (not streamed, or not in the background) is a 400 naming stream
+    for other in (client.responses.create(**kw).id, client.responses.create(background=True, **kw).id):
+        with pytest.raises(openai.BadRequestError) as exc:
+            list(client.responses.retrieve(other, stream=True))
+        assert exc.value.body["param"] == "stream"
+    with pytest.raises(openai.NotFoundError):
+        list(client.responses.retrieve("resp_unknown", stream=True))
+    r = httpx.get(f"{demo_server.url}/v1/responses/{rid}", params={"stream": "true", "starting_after": -1}, timeout=10)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "starting_after"
+
+
+def test_a_dropped_background_stream_keeps_generating_and_is_resumed_live(client, demo_server):
+    kw = {"model": "demo-a", "input": _input(), "temperature": 0, "max_output_tokens": 3000,
+          "extra_body": {"min_tokens": 3000}}
+    first = client.responses.create(background=True, stream=True, **kw)
+    seen = []
+    for event in first:
+        seen.append(event)
+        if len(seen) == 8:
+            break
+    first.close()  # the connection is gone; the response goes on in the server
+    rid = seen[0].response.id
+    assert client.responses.retrieve(rid).status == "in_progress"
+    resumed = client.responses.retrieve(rid, stream=True, starting_after=seen[-1].sequence_number)
+    later = []
+    for event in resumed:  # live: the engine still writes them
+        later.append(event)
+        if len(later) == 20:
+            client.responses.cancel(rid)
+    # the events continue where the first stream stopped, and cancelling ends the resumed stream
+    assert [e.sequence_number for e in later] == list(range(8, 8 + len(later)))
+    assert all(e.type == "response.output_text.delta" for e in later)
+    assert 20 <= len(later) < 3000
+    assert client.responses.retrieve(rid).status == "cancelled"
+    deadline = time.monotonic() + 10
+    while _engine_running(demo_server):
+        assert time.monotonic() < deadline, "the cancelled response still runs in the engine"
+        time.sleep(0.1)
+
+
 @pytest.mark.parametrize(("kw", "param", "error"), [
-    ({"stream": True}, "stream", openai.BadRequestError),
     ({"store": False}, "background", openai.BadRequestError),
+    ({"store": False, "stream": True}, "background", openai.BadRequestError),
     ({"model": "no-such-adapter"}, "model", openai.NotFoundError),
     ({"input": "word " * 5000}, "messages", openai.BadRequestError),  # over the context: refused at once
 ])
