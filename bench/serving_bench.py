@@ -181,15 +181,15 @@ def main() -> None:
         for kind in ("vllm", "vlora"):
             servers[kind] = start(kind, model, adapters, args.out)
         for kind, (_, url) in servers.items():  # warm-up: every adapter loaded, first-call costs paid
-            load_run(url, scenario, names, args.warmup, args.out / f"{kind}-warmup")
+            load_run(url, scenario, names, args.warmup, args.out / "rounds" / f"{kind}-warmup")
         for round_ in range(args.rounds):
             order = ("vllm", "vlora") if round_ % 2 == 0 else ("vlora", "vllm")
             for kind in order:
                 url = servers[kind][1]
-                loads[kind].append(load_run(url, scenario, names, args.requests, args.out / f"{kind}-load-{round_}"))
+                loads[kind].append(load_run(url, scenario, names, args.requests, args.out / "rounds" / f"{kind}-load-{round_}"))
                 if round_ < 2 and args.single_requests:
                     single[kind].append(load_run(url, scenario, names, args.single_requests,
-                                                 args.out / f"{kind}-single-{round_}", "--concurrency", "1"))
+                                                 args.out / "rounds" / f"{kind}-single-{round_}", "--concurrency", "1"))
                 result = vllm_bench_client(url, model.name, model, names, args.requests, args.out)
                 if result:
                     bench[kind].append(result)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -40,6 +41,7 @@ def main() -> None:
     model, adapters = demo_models()
     names = list(adapters)
     args.out.mkdir(parents=True, exist_ok=True)
+    rounds_dir = args.out / "rounds"  # every round's report (ignored by git; the last constrained one is kept)
     scenarios = ROOT / "loadtests" / "scenarios"
     json_workload, free_workload = scenarios / "closed-c8-json.yaml", scenarios / "closed-c8.yaml"
     runs = [("vllm", "json", json_workload), ("vlora", "json", json_workload), ("vlora", "free", free_workload)]
@@ -50,12 +52,12 @@ def main() -> None:
         servers["vllm"] = start("vllm", model, adapters, args.out)
         servers["vlora"] = start("vlora", model, adapters, args.out)
         for kind, workload, scenario in runs:  # warm-up: adapters loaded, grammars compiled once
-            load_run(servers[kind][1], scenario, names, args.warmup, args.out / f"{kind}-{workload}-warmup")
+            load_run(servers[kind][1], scenario, names, args.warmup, rounds_dir / f"{kind}-{workload}-warmup")
         for round_ in range(args.rounds):
             shift = round_ % len(runs)
             for kind, workload, scenario in runs[shift:] + runs[:shift]:
                 key = f"{kind}-{workload}"
-                summary = load_run(servers[kind][1], scenario, names, args.requests, args.out / f"{key}-{round_}")
+                summary = load_run(servers[kind][1], scenario, names, args.requests, rounds_dir / f"{key}-{round_}")
                 results[key].append(summary)
                 print(f"round {round_ + 1}/{args.rounds} {key}: {summary['output_tokens_per_s']:.0f} tok/s, "
                       f"TPOT p50 {summary['tpot']['p50'] * 1000:.1f} ms, errors {summary['error_rate']:.3f}",
@@ -78,6 +80,9 @@ def main() -> None:
     report = "\n".join(text)
     (args.out / "comparison.txt").write_text(report + "\n")
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
+    last = args.out / "vlora-json-last-round"
+    shutil.rmtree(last, ignore_errors=True)
+    shutil.copytree(rounds_dir / f"vlora-json-{args.rounds - 1}", last)
     print(report)
 
 
