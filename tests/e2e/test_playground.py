@@ -266,7 +266,9 @@ def test_console_shows_cards_and_the_admin_loads_and_unloads(page, server, tmp_p
         return [c.text_content() for c in page.query_selector_all(f"#console-body tr[data-adapter='{name}'] td")]
 
     shapes = cells("shapes")
-    assert shapes[2] == "yes" and shapes[3] == "16" and shapes[6].startswith("92.5% / ")  # loaded, rank, eval
+    scores = json.loads((MODELS / "adapters/shapes/eval.json").read_text())  # as this clone's training left it
+    eval_cell = f"{scores['adapter']['exact_match']:.1%} / {scores['base']['exact_match']:.1%} (n={scores['adapter']['n']})"
+    assert shapes[2] == "yes" and shapes[3] == "16" and shapes[6] == eval_cell  # loaded, rank, eval
     assert shapes[7] == "4 passed" and shapes[8].endswith("ms")  # golden samples; live TTFT p50
     manifest = json.loads((MODELS / "adapters/shapes/manifest.json").read_text())
     assert shapes[5] == manifest["base"]["weights_sha256"][:12]
