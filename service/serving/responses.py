@@ -252,8 +252,7 @@ class ResponsesService:
         """`background: true`: admitted and prepared as any request (a refusal is this call's answer), then
         answered `queued` while it generates in a task of its own (stored `queued`, `in_progress` once it goes
         to the engine); the stored response becomes the final one (or `failed`, or `cancelled` by POST
-        .../cancel). With `stream: true` the answer is its event stream,
-        read from the response's event log (the task writes it whether or not anyone reads; see EventLog).
+        .../cancel). With `stream: true` the answer is its event stream, read from the response's event log (the task writes it whether or not anyone reads; see EventLog).
         Draining waits for it like for a request in flight."""
         if not stored:
             raise BadRequest("background needs the response stored (store not false, --responses-store-bytes > 0)",
@@ -275,8 +274,7 @@ class ResponsesService:
                     task.add_done_callback(lambda _: self._tasks.pop(rid, None))
                     if log is not None:
                         self._logs[rid] = log
-                        task.add_done_callback(lambda _: asyncio.get_running_loop().call_later(
-                            RESUME_KEEP_S, lambda: self._logs.pop(rid, None) if self._logs.get(rid) is log else None))
+                        task.add_done_callback(lambda _: self._expire_log(rid, log))
                     started.set_result(shell[0])
             asyncio.get_running_loop().call_soon(go)
             prep.on_dispatched = lambda: asyncio.get_running_loop().call_soon(generating)
@@ -337,6 +335,13 @@ class ResponsesService:
         task = asyncio.create_task(work())
         queued = await started
         return log.read() if log is not None else queued
+
+    def _expire_log(self, response_id: str, log: EventLog) -> None:
+        """Drop a finished stream's events RESUME_KEEP_S from now (unless the response went first)."""
+        def drop() -> None:
+            if self._logs.get(response_id) is log:
+                del self._logs[response_id]
+        asyncio.get_running_loop().call_later(RESUME_KEEP_S, drop)
 
     async def cancel(self, response_id: str, tenant: Tenant) -> Response:
         """Cancel a background response still under way; one already finished is answered as it is."""
