@@ -18,6 +18,13 @@ alone broadcasts. When the rows differ from the sampler's indices, the fix compu
 only, which is exact for adapters that do not adapt `lm_head` (the server refuses prompt logprobs for those
 that do: their delta would be missing, upstream issue #51594). When the rows match, vLLM's own path runs.
 
+`lora-prepacked-int8-device` — vLLM's CPU int8 kernel (w8a8 compressed-tensors checkpoints) hands the
+weight to oneDNN as a prepacked matrix and sets the layer's `weight` to None when the CPU has no AMX (with AMX
+it keeps a packed int8 weight). The LoRA wrappers then ask `base_layer.weight.device` for the device of the
+adapter tensors and the engine fails to start on every such CPU (AttributeError on None). The fix answers
+the device of the layer's remaining tensors (its scales) for a layer whose `weight` is None; any other layer
+gets vLLM's own answer.
+
 `shm-spin` (a tuning, not a bug) — the readers of vLLM's shared-memory message queues (the worker waiting
 for the scheduler, the engine core waiting for the worker) spin on `sched_yield` for 1 s after every read
 before they sleep on a notify socket. That assumes dedicated cores: on a small CPU host the spinning
@@ -116,6 +123,53 @@ def fix_lora_prompt_logprobs() -> bool:
     return True
 
 
+def _device_of_prepacked_layers(original):
+    @functools.wraps(original)
+    def fixed(base_layer):
+        if getattr(base_layer, "weight", False) is None and not hasattr(base_layer, "routed_experts"):
+            for tensor in (*base_layer.parameters(recurse=False), *base_layer.buffers(recurse=False)):
+                return tensor.device
+        return original(base_layer)
+
+    fixed.__vlora_fixed__ = True
+    return fixed
+
+
+def lora_prepacked_device_bug_present(get_lora_device) -> bool:
+    """Whether `get_lora_device` fails on a layer whose weight was released to a prepacked kernel."""
+    import torch
+
+    layer = torch.nn.Module()
+    layer.weight = None
+    layer.weight_scale = torch.nn.Parameter(torch.ones(1), requires_grad=False)
+    try:
+        return get_lora_device(layer) != layer.weight_scale.device
+    except (AttributeError, ValueError):
+        return True
+
+
+def fix_lora_prepacked_int8_device() -> bool:
+    """Patch every LoRA module's `_get_lora_device` (see the module docstring); a no-op once vLLM handles it."""
+    try:
+        import sys
+
+        import vllm.lora.layers  # noqa: F401  (imports the layer modules that hold the function)
+        from vllm.lora.layers import utils
+    except ImportError:
+        return False
+    original = utils._get_lora_device
+    if getattr(original, "__vlora_fixed__", False) or not lora_prepacked_device_bug_present(original):
+        return False
+    fixed = _device_of_prepacked_layers(original)
+    for name, module in list(sys.modules.items()):
+        if name.startswith("vllm.lora") and getattr(module, "_get_lora_device", None) is original:
+            module._get_lora_device = fixed
+    if lora_prepacked_device_bug_present(utils._get_lora_device):
+        raise RuntimeError("vlora fix lora-prepacked-int8-device did not take effect")
+    logger.info("vlora fix applied: lora-prepacked-int8-device")
+    return True
+
+
 def engine_spin_sleep_us(env: dict | None = None, cpu_count: int | None = None) -> float:
     """Microseconds each spin turn of an shm queue reader sleeps; 0 keeps vLLM's `sched_yield`."""
     env = os.environ if env is None else env
@@ -158,4 +212,5 @@ def register() -> None:
     """Entry point of `vllm.general_plugins` (see pyproject.toml); safe to call many times."""
     fix_lora_no_adapter_index()
     fix_lora_prompt_logprobs()
+    fix_lora_prepacked_int8_device()
     tune_shm_spin()

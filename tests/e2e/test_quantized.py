@@ -99,7 +99,7 @@ def test_quantized_accuracy_within_two_points_of_16bit(server, task):
     assert served >= sixteen["exact_match"] - 0.02, (served, sixteen)
 
 
-def test_mixed_batch_equals_solo_on_the_quantized_engine(server):
+def assert_mixed_batch_equals_solo(url: str) -> None:
     records = [load_dataset_file(MODELS / "demo-data" / t / "val.jsonl")[0] for t in TASKS]
     cases = [(m, i) for m in (BASE, *TASKS) for i in range(len(records))]
     kw = dict(temperature=0, max_tokens=16, extra_body={"min_tokens": 16})
@@ -110,7 +110,7 @@ def test_mixed_batch_equals_solo_on_the_quantized_engine(server):
         return r.choices[0].message.content
 
     async def run():
-        client = AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
+        client = AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
         solo = {case: await ask(client, *case) for case in cases}
         jobs = [case for case in cases for _ in range(2)]
         mixed = await asyncio.gather(*(ask(client, *case) for case in jobs))
@@ -121,6 +121,30 @@ def test_mixed_batch_equals_solo_on_the_quantized_engine(server):
     assert len({solo[(m, 0)] for m in (BASE, *TASKS)}) == 3, solo  # the adapters act on the quantized base
     for job, text in mixed:
         assert text == solo[job], f"{job} differs in a mixed batch"
+
+
+def test_mixed_batch_equals_solo_on_the_quantized_engine(server):
+    assert_mixed_batch_equals_solo(server.url)
+
+
+def test_adapters_serve_on_the_onednn_int8_kernel(quantized, tmp_path):
+    """A CPU without AMX runs the int8 layers through oneDNN, which releases each layer's weight: vLLM's LoRA
+    wrappers read that weight for their device (a vlora fix, service/engine/vllm_fixes.py). The module's server
+    takes that path by itself on such a CPU; here torch reports no AMX, so the path is tested on any CPU."""
+    import torch
+
+    if not torch.cpu._is_amx_tile_supported():
+        pytest.skip("this CPU has no AMX: the module's server already runs the oneDNN kernel")
+    args = ["--model", str(quantized), "--preload", "none"]
+    for task in TASKS:
+        args += ["--adapter", f"{task}={MODELS / 'adapters' / task}"]
+    env = {"PYTHONPATH": str(Path(__file__).parent / "no_amx")}
+    srv = start_server(args, tmp_path / "server.log", env=env)
+    try:
+        assert "vlora fix applied: lora-prepacked-int8-device" in (tmp_path / "server.log").read_text()
+        assert_mixed_batch_equals_solo(srv.url)
+    finally:
+        assert srv.stop() == 0
 
 
 def test_cpu_refuses_in_flight_quantization_at_start(tmp_path):

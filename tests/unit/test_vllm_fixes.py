@@ -61,6 +61,23 @@ def test_installed_vllm_is_patched_when_needed():
     assert punica_cpu.bgmv_shrink is lora_ops.bgmv_shrink
 
 
+def test_lora_device_of_a_layer_whose_weight_went_to_onednn():
+    """vLLM's own function fails on the layer its CPU int8 kernel leaves (weight None, scales kept); after
+    register() every LoRA layer module answers the scales' device, and other layers still get vLLM's answer."""
+    pytest.importorskip("vllm.lora.layers")
+    from vllm.lora.layers import base_linear, fused_moe, utils
+
+    layer = torch.nn.Module()
+    layer.weight = None
+    layer.weight_scale = torch.nn.Parameter(torch.ones(3), requires_grad=False)
+    vllm_fixes.register()
+    for module in (utils, base_linear, fused_moe):
+        assert module._get_lora_device(layer) == torch.device("cpu")
+    linear = torch.nn.Linear(2, 2, device="meta")
+    assert base_linear._get_lora_device(linear) == torch.device("meta")  # vLLM's own path
+    assert vllm_fixes.lora_prepacked_device_bug_present(utils._get_lora_device.__wrapped__)
+
+
 @pytest.mark.parametrize(("env", "cores", "expected"), [
     ({}, 2, 50.0), ({}, 8, 0.0), ({"VLORA_ENGINE_SPIN_SLEEP_US": "200"}, 64, 200.0),
     ({"VLORA_ENGINE_SPIN_SLEEP_US": "0"}, 2, 0.0),
