@@ -7,6 +7,7 @@ one seed (the coverage phase off, see below). The admin key is sent so that ever
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -43,7 +44,8 @@ def test_openapi_fuzz_finds_no_server_error_and_no_undocumented_answer(server, t
          # while it compiles a schema walker), a tool bug: the other phases run.
          "--phases", "examples,fuzzing,stateful", "--workers", "2", "--request-timeout", "60", "--no-shrink",
          "--header", f"Authorization: Bearer {ADMIN}", "--no-color", "--warnings", "off"],
-        capture_output=True, text=True, timeout=420, cwd=tmp_path)
+        capture_output=True, text=True, timeout=420, cwd=tmp_path,
+        env={**os.environ, "SCHEMATHESIS_HOOKS": str(Path(__file__).with_name("schemathesis_hooks.py"))})
     (tmp_path / "schemathesis.txt").write_text(proc.stdout + proc.stderr)
     # on failure, the report's findings (its first part) rather than its tail: a traceback can fill the tail
     start = max(proc.stdout.find("ERRORS"), proc.stdout.find("FAILURES"), 0)
