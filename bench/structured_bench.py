@@ -34,7 +34,7 @@ FIGURES = ("requests_per_s", "output_tokens_per_s", "ttft.p50", "ttft.p90", "tpo
            "error_rate")
 
 
-def same_length_workload(constrained: Path, warmup: dict, path: Path) -> Path:
+def same_length_workload(constrained: Path, warmup: dict, path: Path) -> tuple[Path, int]:
     """The constrained workload without its schema, every answer as long as the constrained answers' mean
     (`ignore_eos`). TPOT depends on answer length under a closed loop (each finished request brings a new
     prefill into the batch), so the grammar's cost per token is read against answers of the same length."""
@@ -44,7 +44,7 @@ def same_length_workload(constrained: Path, warmup: dict, path: Path) -> Path:
     scenario.update(max_tokens=[tokens, tokens], ignore_eos=True)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(scenario, sort_keys=False))
-    return path
+    return path, tokens
 
 
 def main() -> None:
@@ -69,7 +69,7 @@ def main() -> None:
         for kind, workload, scenario in runs:  # warm-up: adapters loaded, grammars compiled once
             summary = load_run(servers[kind][1], scenario, names, args.warmup, rounds_dir / f"{kind}-{workload}-warmup")
             if (kind, workload) == ("vlora", "json"):
-                length = same_length_workload(json_workload, summary, rounds_dir / "closed-c8-json-free.yaml")
+                length, tokens = same_length_workload(json_workload, summary, rounds_dir / "closed-c8-json-free.yaml")
         runs.append(("vlora", "free-same-length", length))
         results: dict[str, list[dict]] = {f"{k}-{w}": [] for k, w, _ in runs}
         load_run(servers["vlora"][1], length, names, args.warmup, rounds_dir / "vlora-free-same-length-warmup")
@@ -92,7 +92,6 @@ def main() -> None:
     tput = med["vlora-json"]["output_tokens_per_s"] / med["vllm-json"]["output_tokens_per_s"]
     tpot = med["vlora-json"]["tpot"]["p50"] / med["vlora-free-same-length"]["tpot"]["p50"]
     tpot_64 = med["vlora-json"]["tpot"]["p50"] / med["vlora-free"]["tpot"]["p50"]
-    tokens = yaml.safe_load(length.read_text())["max_tokens"][0]
     text = [f"JSON-schema constrained requests, closed loop c=8, images, 4 adapters; medians of {args.rounds} rounds "
             f"of {args.requests} requests (order rotating), after {args.warmup} warm-up",
             "", "constrained: A = vLLM's server, B = vlora", compare_table(versus_vllm),

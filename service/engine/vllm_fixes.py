@@ -40,6 +40,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import sys
 
 logger = logging.getLogger("vlora.vllm_fixes")
 
@@ -151,8 +152,6 @@ def lora_prepacked_device_bug_present(get_lora_device) -> bool:
 def fix_lora_prepacked_int8_device() -> bool:
     """Patch every LoRA module's `_get_lora_device` (see the module docstring); a no-op once vLLM handles it."""
     try:
-        import sys
-
         import vllm.lora.layers  # noqa: F401  (imports the layer modules that hold the function)
         from vllm.lora.layers import utils
     except ImportError:

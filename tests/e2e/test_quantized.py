@@ -36,6 +36,10 @@ def run_quantize(model: Path, out: Path, scheme: str, *extra: str) -> subprocess
                            *extra], capture_output=True, text=True, timeout=600)
 
 
+def adapter_args() -> list[str]:
+    return [x for task in TASKS for x in ("--adapter", f"{task}={MODELS / 'adapters' / task}")]
+
+
 @pytest.fixture(scope="module")
 def quantized(trained_demo, tmp_path_factory):
     out = tmp_path_factory.mktemp("quantized") / BASE
@@ -54,9 +58,7 @@ def server(quantized, tmp_path_factory):
     manifest = json.loads((foreign / "manifest.json").read_text())
     manifest["base"]["weights_sha256"] = "f" * 64
     (foreign / "manifest.json").write_text(json.dumps(manifest))
-    args = ["--model", str(quantized), "--adapter-dir", str(root), "--preload", "none"]
-    for task in TASKS:
-        args += ["--adapter", f"{task}={MODELS / 'adapters' / task}"]
+    args = ["--model", str(quantized), "--adapter-dir", str(root), "--preload", "none", *adapter_args()]
     srv = start_server(args, tmp_path_factory.mktemp("quantized-server") / "server.log")
     yield srv
     srv.stop()
@@ -135,9 +137,7 @@ def test_adapters_serve_on_the_onednn_int8_kernel(quantized, tmp_path):
 
     if not torch.cpu._is_amx_tile_supported():
         pytest.skip("this CPU has no AMX: the module's server already runs the oneDNN kernel")
-    args = ["--model", str(quantized), "--preload", "none"]
-    for task in TASKS:
-        args += ["--adapter", f"{task}={MODELS / 'adapters' / task}"]
+    args = ["--model", str(quantized), "--preload", "none", *adapter_args()]
     env = {"PYTHONPATH": str(Path(__file__).parent / "no_amx")}
     srv = start_server(args, tmp_path / "server.log", env=env)
     try:
