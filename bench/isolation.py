@@ -1,6 +1,6 @@
 """Tenant isolation benchmark: a light tenant's latency while another floods, with isolation on and off; a soak.
 
-    .venv/bin/python bench/isolation.py [--out bench/results/isolation] [--skip-soak]
+    .venv/bin/python bench/isolation.py [--out bench/results/isolation] [--phases flood,flood-contended,...]
 
 On this machine (127.0.0.1 only, bounded in time), the tiny model with four adapters, two tenants in a keys
 file (equal priority, no limits: what protects B is fair share, not a quota):
@@ -10,7 +10,9 @@ file (equal priority, no limits: what protects B is fair share, not a quota):
      `tenant-flood.yaml` (open loop at 4x capacity) for the middle minute. B's TTFT p50/p95 and throughput
      alone (first and last minute) vs during the flood, B's 429s, A's 429 share, and every other failure.
      Targets (isolation on): B's TTFT p95 during the flood <= 1.5x alone, B gets zero 429s, no request of
-     either tenant fails with anything but a 429.
+     either tenant fails with anything but a 429. Then the same with `--fair-share-batch 3` (the contended
+     batch: while both tenants are active the engine holds B's demand plus one of A's requests), and with
+     `--phases` a `max_concurrent` quota on A or a smaller engine batch for the whole server, to compare;
   3. soak: `soak-c32.yaml` (closed loop c=32 over all adapters, mixed image sizes, 5 minutes); API process
      and engine RSS sampled every 10 s. Targets: no error other than 429; RSS growth from minute 1 to
      minute 5 < 5 %.
@@ -179,15 +181,19 @@ def tables(flood: list[dict], soaked: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "isolation")
-    parser.add_argument("--phases", default="flood,soak,soak-no-mm-cache",
+    parser.add_argument("--phases", default="flood,flood-contended,soak,soak-no-mm-cache",
                         help="flood (isolation on and off), flood-quota (on, with a max_concurrent quota on A), "
-                             "flood-batch (on, a smaller engine batch), soak (defaults), soak-no-mm-cache (vLLM's multimodal "
+                             "flood-batch (on, a smaller engine batch), flood-contended (on, with "
+                             "--fair-share-batch), soak (defaults), soak-no-mm-cache (vLLM's multimodal "
                              "processor cache off: what the engine's RSS growth in the soak is); earlier phases' "
                              "results are kept in results.json")
     parser.add_argument("--flood-quota", default="1,2",
                         help="max_concurrent of tenant A in the flood-quota phase (a comma-separated list: a run each)")
     parser.add_argument("--flood-batch", default="4",
                         help="--max-running-requests of the server in the flood-batch phase (fair share, no quota; "
+                             "a comma-separated list: a run each)")
+    parser.add_argument("--flood-contended", default="3",
+                        help="--fair-share-batch of the server in the flood-contended phase (fair share, no quota; "
                              "a comma-separated list: a run each)")
     parser.add_argument("--soak-args", default="",
                         help="more server arguments for the soak-no-mm-cache phase (space-separated)")
@@ -211,6 +217,11 @@ def main() -> None:
         for batch in (int(b) for b in args.flood_batch.split(",")):
             results["flood"].append(flood_run(f"on, engine batch {batch}", model, adapters, work,
                                               ("--max-running-requests", str(batch))))
+    if "flood-contended" in phases:  # fair share alone (no quota), the batch held while tenants compete
+        results["flood"] = [r for r in results.get("flood", []) if not r["isolation"].startswith("on, contended")]
+        for batch in (int(b) for b in args.flood_contended.split(",")):
+            results["flood"].append(flood_run(f"on, contended batch {batch}", model, adapters, work,
+                                              ("--fair-share-batch", str(batch))))
     if "soak" in phases:
         results["soak"] = soak(model, adapters, work)
     if "soak-no-mm-cache" in phases:

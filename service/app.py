@@ -201,7 +201,7 @@ def create_app(settings: ServiceSettings, engine: Engine, *, metrics: Metrics, r
     if not ring.enabled:
         logger.warning("no API keys configured: every endpoint, the admin API included, is open")
     video = VideoSampling(settings.max_videos_per_request, settings.video_fps, settings.video_max_frames)
-    fair = (FairShare(settings.max_running_requests or settings.max_num_seqs)
+    fair = (FairShare(settings.max_running_requests or settings.max_num_seqs, batch=settings.fair_share_batch)
             if settings.fair_share and ring.enabled else None)
     app.state.chat = ChatService(engine, registry, renderer, limits, settings.max_images_per_request,
                                  metrics, settings.max_pending_requests, settings.retry_after_s, video,

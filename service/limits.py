@@ -15,6 +15,13 @@ tenant's backlog waits behind everyone else's next request instead of in front o
 scheduler but no notion of tenants or shares, so the queue in front of it is ours; the priority class is
 also passed to vLLM (`scheduling_policy: priority`), which orders what is already inside the engine.
 
+Contended batch (`batch`, `--fair-share-batch`): a full batch of a flooding tenant's requests slows every
+step the light tenant's requests share with it (on CPU above all), so slots alone cannot keep its latency.
+With `batch` set, while more than one tenant is active the dispatched requests are held to `batch`, split by
+weighted max-min fairness over each tenant's demand (its dispatched and waiting requests, or the most it had
+in the last `idle_s`, so that a closed-loop client's next request finds its slot kept): a light tenant gets
+all it asks for, the flooding one the rest. A tenant alone has every slot.
+
 Written by hand: token buckets and a weighted fair queue over asyncio are a few dozen lines, and none of the
 rate-limit libraries (limits, slowapi, aiolimiter) reserve and refund tokens or share a dispatch queue.
 """
@@ -218,10 +225,13 @@ class _Waiter:
 class FairShare:
     """At most `slots` requests dispatched to the engine; waiting ones go by weighted fair share."""
 
-    def __init__(self, slots: int, idle_s: float = 2.0, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, slots: int, idle_s: float = 2.0, clock: Callable[[], float] = time.monotonic,
+                 batch: int = 0):
         self.slots = slots
         self.idle_s = idle_s
         self.clock = clock
+        self.batch = min(batch, slots)  # 0: no contended bound
+        self._peak: dict[str, tuple[int, float]] = {}  # tenant -> (most requests it had, when last reached)
         self.dispatched: dict[str, int] = {}
         self.total = 0
         self._waiting: list[_Waiter] = []
@@ -237,16 +247,42 @@ class FairShare:
     def _fair_slots(self, tenant: str, active: list[str]) -> float:
         return self.slots * self._weights.get(tenant, 1.0) / sum(self._weights.get(t, 1.0) for t in active)
 
-    def _room_for(self, tenant: str) -> bool:
+    def _demand(self, tenant: str, asking: bool, now: float) -> int:
+        """Requests `tenant` has dispatched and waiting (plus the one asking), or the most it had in the last
+        `idle_s` if that is more; records a new peak."""
+        have = (self.dispatched.get(tenant, 0) + asking
+                + sum(1 for w in self._waiting if w.tenant == tenant and not w.future.done()))
+        peak, at = self._peak.get(tenant, (0, -math.inf))
+        if have >= peak or now - at > self.idle_s:
+            self._peak[tenant] = (have, now)
+            return have
+        return peak
+
+    def _allotment(self, tenant: str, active: list[str], now: float, asking: bool) -> int:
+        """`tenant`'s part of the contended batch: one slot at a time to the active tenant with the fewest per
+        unit of weight that still wants more (the lighter demand first on a tie), `batch` slots in all."""
+        demand = {t: self._demand(t, asking and t == tenant, now) for t in active}
+        given = dict.fromkeys(active, 0)
+        for _ in range(self.batch):
+            wanting = [t for t in active if given[t] < demand[t]]
+            if not wanting:
+                break
+            given[min(wanting, key=lambda t: ((given[t] + 1) / self._weights.get(t, 1.0), demand[t], t))] += 1
+        return given[tenant]
+
+    def _room_for(self, tenant: str, asking: bool = True) -> bool:
         """A free slot that `tenant` may take: every other tenant active in the last `idle_s` and below its
         weighted share of the slots keeps one free slot in reserve, so that its next request starts at once
-        instead of waiting for a flooding tenant's request to finish (work-conserving otherwise)."""
+        instead of waiting for a flooding tenant's request to finish (work-conserving otherwise). With a
+        contended batch and other tenants active, `tenant` may also hold no more than its allotment of it."""
         now = self.clock()
         # Active: asked within idle_s, or has requests dispatched or waiting (a request may wait longer than
         # idle_s behind long ones), and the asking tenant itself.
         waiting = {w.tenant for w in self._waiting if not w.future.done()}
         active = [t for t, at in self._seen.items()
                   if now - at <= self.idle_s or self.dispatched.get(t) or t in waiting or t == tenant]
+        if self.batch and len(active) > 1:
+            return self.total < self.slots and self.dispatched.get(tenant, 0) < self._allotment(tenant, active, now, asking)
         reserve = sum(1 for t in active if t != tenant and self.dispatched.get(t, 0) < self._fair_slots(t, active))
         mine = self.dispatched.get(tenant, 0) < self._fair_slots(tenant, active)
         return self.total < self.slots - (0 if mine else reserve)
@@ -263,7 +299,10 @@ class FairShare:
         """Take a dispatch slot now if one is free for `tenant` and nobody waiting has a better claim."""
         self._weights[tenant] = weight
         self._seen[tenant] = self.clock()
-        ahead = min((self._share(w.tenant) for w in self._waiting if not w.future.done()), default=float("inf"))
+        ahead_of = {w.tenant for w in self._waiting if not w.future.done()}
+        if self.batch:  # a tenant waiting at its allotment of a contended batch has no claim on this slot
+            ahead_of = {t for t in ahead_of if self._room_for(t, asking=False)}
+        ahead = min((self._share(t) for t in ahead_of), default=float("inf"))
         if self._room_for(tenant) and self._share(tenant) < ahead:
             self._take(tenant)
             return True
@@ -275,6 +314,8 @@ class FairShare:
         self._seq += 1
         waiter = _Waiter(self._seq, tenant, asyncio.get_running_loop().create_future())
         self._waiting.append(waiter)
+        if self.batch:
+            self._dispatch()  # a waiter ahead may be at its allotment: the free slot may be this one's
         try:
             await waiter.future
         except BaseException:
@@ -298,9 +339,19 @@ class FairShare:
             self._waiting = [w for w in self._waiting if not w.future.done()]
             if not self._waiting:
                 return
-            # The tenant furthest below its share goes next; among its requests, the oldest.
-            best = min(self._waiting, key=lambda w: (self._share(w.tenant), w.seq))
-            if not self._room_for(best.tenant):
+            # The tenant furthest below its share goes next; among its requests, the oldest. Under a contended
+            # batch a tenant at its allotment is passed over for the next one.
+            best, refused = None, set()
+            for w in sorted(self._waiting, key=lambda w: (self._share(w.tenant), w.seq)):
+                if w.tenant in refused:
+                    continue
+                if self._room_for(w.tenant, asking=False):
+                    best = w
+                    break
+                if not self.batch:
+                    break
+                refused.add(w.tenant)
+            if best is None:
                 return  # the free slots are held for tenants below their share
             self._waiting.remove(best)
             self._take(best.tenant)

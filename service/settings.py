@@ -55,6 +55,10 @@ class ServiceSettings(BaseSettings):
                                                "tenant when its batch is full, instead of first come, first served.")
     max_running_requests: int | None = Field(None, ge=1, description="Requests dispatched to the engine at once "
                                              "under fair share (default: --max-num-seqs).")
+    fair_share_batch: int = Field(0, ge=0, description="Under fair share, while more than one tenant is active: "
+                                  "hold the requests dispatched to the engine to this many, split by weighted "
+                                  "max-min fairness over each tenant's demand, so that a flooding tenant's batch "
+                                  "does not slow a light tenant's steps (a tenant alone has every slot; 0: off).")
     playground: bool = Field(True, description="Serve the playground page at /playground (its API calls still "
                                                "need a key when keys are configured).")
 

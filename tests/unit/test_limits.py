@@ -206,3 +206,58 @@ def test_fair_share_hands_the_slot_to_a_request_that_waited_longer_than_the_idle
         return fair.dispatched, fair.total
 
     assert asyncio.run(scenario()) == ({"solo": 1}, 1)
+
+
+def test_fair_share_contended_batch_gives_the_light_tenant_its_demand_and_the_flood_the_rest():
+    async def scenario():
+        clock = Clock()
+        fair = FairShare(slots=16, idle_s=2.0, clock=clock, batch=3)
+        for _ in range(2):  # light: a closed loop of two
+            assert await fair.acquire("light", 1.0) == 0.0
+        flood = [asyncio.create_task(fair.acquire("flood", 1.0)) for _ in range(6)]
+        await asyncio.sleep(0)
+        # Before its backlog is known the flood's demand ties with light's; what is dispatched is never taken
+        # back, and as the flood's requests end the batch settles at light's two and one of the flood's.
+        assert fair.dispatched["light"] == 2 and fair.dispatched["flood"] <= 2
+        while fair.dispatched["flood"] > 1 or fair.waiting("flood") == 6 - fair.dispatched["flood"]:
+            fair.release("flood")
+            await asyncio.sleep(0)
+        assert fair.dispatched == {"light": 2, "flood": 1}
+        backlog = fair.waiting("flood")
+        fair.release("light")  # between two of light's requests its slot is kept (its peak within idle_s)
+        await asyncio.sleep(0)
+        assert fair.dispatched == {"light": 1, "flood": 1}
+        assert await fair.acquire("light", 1.0) == 0.0  # light's next request starts at once
+        fair.release("flood")  # a flood request ends: the next one of its backlog takes its place
+        await asyncio.sleep(0)
+        assert fair.dispatched == {"light": 2, "flood": 1} and fair.waiting("flood") == backlog - 1
+        fair.release("light")
+        fair.release("light")
+        await asyncio.sleep(0)
+        assert fair.dispatched == {"flood": 1}  # light is still active: its slots stay free
+        clock.t += 3  # light went idle: the flood is alone and has every slot
+        fair.release("flood")
+        await asyncio.sleep(0)
+        assert fair.dispatched == {"flood": backlog - 1} and fair.waiting() == 0
+        for task in flood:
+            await task
+
+    asyncio.run(scenario())
+
+
+def test_fair_share_contended_batch_weights_by_priority():
+    async def scenario():
+        fair = FairShare(slots=16, batch=6, clock=Clock())
+        for _ in range(8):  # high (weight 4) has the engine to itself: all its requests start
+            assert await fair.acquire("high", 4.0) == 0.0
+        low = [asyncio.create_task(fair.acquire("low", 1.0)) for _ in range(8)]
+        await asyncio.sleep(0)
+        assert fair.dispatched == {"high": 8, "low": 1}  # low's part of the batch of 6: one
+        for _ in range(3):  # as high's requests end, their slots are not low's beyond its part
+            fair.release("high")
+            await asyncio.sleep(0)
+        assert fair.dispatched == {"high": 5, "low": 1} and fair.waiting("low") == 7
+        for task in low:
+            task.cancel()
+
+    asyncio.run(scenario())
