@@ -247,21 +247,30 @@ class FairShare:
     def _fair_slots(self, tenant: str, active: list[str]) -> float:
         return self.slots * self._weights.get(tenant, 1.0) / sum(self._weights.get(t, 1.0) for t in active)
 
-    def _demand(self, tenant: str, asking: bool, now: float) -> int:
+    def _live(self) -> dict[str, list[_Waiter]]:
+        """Each tenant's waiters still waiting, oldest first (a waiter whose client went away may stay listed
+        until its task runs)."""
+        live: dict[str, list[_Waiter]] = {}
+        for w in self._waiting:
+            if not w.future.done():
+                live.setdefault(w.tenant, []).append(w)
+        return live
+
+    def _demand(self, tenant: str, asking: bool, now: float, live: dict[str, list[_Waiter]]) -> int:
         """Requests `tenant` has dispatched and waiting (plus the one asking), or the most it had in the last
         `idle_s` if that is more; records a new peak."""
-        have = (self.dispatched.get(tenant, 0) + asking
-                + sum(1 for w in self._waiting if w.tenant == tenant and not w.future.done()))
+        have = self.dispatched.get(tenant, 0) + asking + len(live.get(tenant, ()))
         peak, at = self._peak.get(tenant, (0, -math.inf))
         if have >= peak or now - at > self.idle_s:
             self._peak[tenant] = (have, now)
             return have
         return peak
 
-    def _allotment(self, tenant: str, active: list[str], now: float, asking: bool) -> int:
+    def _allotment(self, tenant: str, active: list[str], now: float, asking: bool,
+                   live: dict[str, list[_Waiter]]) -> int:
         """`tenant`'s part of the contended batch: one slot at a time to the active tenant with the fewest per
         unit of weight that still wants more (the lighter demand first on a tie), `batch` slots in all."""
-        demand = {t: self._demand(t, asking and t == tenant, now) for t in active}
+        demand = {t: self._demand(t, asking and t == tenant, now, live) for t in active}
         given = dict.fromkeys(active, 0)
         for _ in range(self.batch):
             wanting = [t for t in active if given[t] < demand[t]]
@@ -270,19 +279,20 @@ class FairShare:
             given[min(wanting, key=lambda t: ((given[t] + 1) / self._weights.get(t, 1.0), demand[t], t))] += 1
         return given[tenant]
 
-    def _room_for(self, tenant: str, asking: bool = True) -> bool:
+    def _room_for(self, tenant: str, asking: bool = True, live: dict[str, list[_Waiter]] | None = None) -> bool:
         """A free slot that `tenant` may take: every other tenant active in the last `idle_s` and below its
         weighted share of the slots keeps one free slot in reserve, so that its next request starts at once
         instead of waiting for a flooding tenant's request to finish (work-conserving otherwise). With a
         contended batch and other tenants active, `tenant` may also hold no more than its allotment of it."""
         now = self.clock()
+        live = self._live() if live is None else live
         # Active: asked within idle_s, or has requests dispatched or waiting (a request may wait longer than
         # idle_s behind long ones), and the asking tenant itself.
-        waiting = {w.tenant for w in self._waiting if not w.future.done()}
         active = [t for t, at in self._seen.items()
-                  if now - at <= self.idle_s or self.dispatched.get(t) or t in waiting or t == tenant]
+                  if now - at <= self.idle_s or self.dispatched.get(t) or t in live or t == tenant]
         if self.batch and len(active) > 1:
-            return self.total < self.slots and self.dispatched.get(tenant, 0) < self._allotment(tenant, active, now, asking)
+            return (self.total < self.slots
+                    and self.dispatched.get(tenant, 0) < self._allotment(tenant, active, now, asking, live))
         reserve = sum(1 for t in active if t != tenant and self.dispatched.get(t, 0) < self._fair_slots(t, active))
         mine = self.dispatched.get(tenant, 0) < self._fair_slots(tenant, active)
         return self.total < self.slots - (0 if mine else reserve)
@@ -299,11 +309,12 @@ class FairShare:
         """Take a dispatch slot now if one is free for `tenant` and nobody waiting has a better claim."""
         self._weights[tenant] = weight
         self._seen[tenant] = self.clock()
-        ahead_of = {w.tenant for w in self._waiting if not w.future.done()}
+        live = self._live()
+        ahead_of = list(live)
         if self.batch:  # a tenant waiting at its allotment of a contended batch has no claim on this slot
-            ahead_of = {t for t in ahead_of if self._room_for(t, asking=False)}
+            ahead_of = [t for t in ahead_of if self._room_for(t, asking=False, live=live)]
         ahead = min((self._share(t) for t in ahead_of), default=float("inf"))
-        if self._room_for(tenant) and self._share(tenant) < ahead:
+        if self._room_for(tenant, live=live) and self._share(tenant) < ahead:
             self._take(tenant)
             return True
         return False
@@ -335,22 +346,18 @@ class FairShare:
 
     def _dispatch(self) -> None:
         while self._waiting and self.total < self.slots:
-            # A waiter cancelled (its client went away) may still be listed until its task runs: skip it.
+            # A waiter cancelled (its client went away) may still be listed until its task runs: drop it.
             self._waiting = [w for w in self._waiting if not w.future.done()]
-            if not self._waiting:
-                return
-            # The tenant furthest below its share goes next; among its requests, the oldest. Under a contended
-            # batch a tenant at its allotment is passed over for the next one.
-            best, refused = None, set()
-            for w in sorted(self._waiting, key=lambda w: (self._share(w.tenant), w.seq)):
-                if w.tenant in refused:
-                    continue
-                if self._room_for(w.tenant, asking=False):
-                    best = w
+            live = self._live()
+            # The tenant furthest below its share goes next (the one waiting longest on a tie), and of its
+            # requests the oldest. Under a contended batch a tenant at its allotment is passed over for the next.
+            best = None
+            for tenant in sorted(live, key=lambda t: (self._share(t), live[t][0].seq)):
+                if self._room_for(tenant, asking=False, live=live):
+                    best = live[tenant][0]
                     break
                 if not self.batch:
                     break
-                refused.add(w.tenant)
             if best is None:
                 return  # the free slots are held for tenants below their share
             self._waiting.remove(best)
@@ -358,4 +365,4 @@ class FairShare:
             best.future.set_result(None)
 
     def waiting(self, tenant: str | None = None) -> int:
-        return sum(1 for w in self._waiting if tenant is None or w.tenant == tenant)
+        return sum(1 for w in self._waiting if (tenant is None or w.tenant == tenant) and not w.future.done())

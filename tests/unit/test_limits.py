@@ -181,6 +181,7 @@ def test_fair_share_never_hands_a_slot_to_a_cancelled_waiter():
         kept = asyncio.create_task(fair.acquire("c", 1.0))
         await asyncio.sleep(0)
         gone.cancel()
+        assert fair.waiting() == 1 and fair.waiting("b") == 0  # listed until its task runs, but not counted
         fair.release("a")  # runs before the cancelled task does: its waiter must be skipped, not served
         await asyncio.sleep(0)
         assert kept.done() and fair.total == 1 and fair.dispatched == {"c": 1}
