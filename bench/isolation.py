@@ -14,8 +14,9 @@ file (equal priority, no limits: what protects B is fair share, not a quota):
      batch: while both tenants are active the engine holds B's demand plus one of A's requests), and with
      `--phases` a `max_concurrent` quota on A or a smaller engine batch for the whole server, to compare;
   3. soak: `soak-c32.yaml` (closed loop c=32 over all adapters, mixed image sizes, 5 minutes); API process
-     and engine RSS sampled every 10 s. Targets: no error other than 429; RSS growth from minute 1 to
-     minute 5 < 5 %.
+     and engine RSS sampled every 10 s from the load's first request (the load tool takes seconds to start),
+     the engine's split into anonymous, file-backed and shared-memory pages. Targets: no error other than
+     429; RSS growth from minute 1 to minute 5 < 5 %.
 Prints (and writes) the tables last.
 """
 
@@ -29,6 +30,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -109,12 +112,46 @@ def flood_run(name: str, model: Path, adapters: dict[str, Path], out: Path, extr
             "A": {**flood_all, "share_429": flood_all["status_429"] / max(1, flood_all["requests"])}}
 
 
+RSS_KINDS = {"RssAnon": "anon", "RssFile": "file", "RssShmem": "shmem"}
+
+
+def rss_kinds(pid: int) -> dict[str, float]:
+    """The process's resident MiB by kind (/proc/PID/status): anonymous (heap, stacks), file-backed (code and
+    libraries paged in, mapped weights) and shared memory; they add up to its RSS."""
+    kinds = dict.fromkeys(RSS_KINDS.values(), 0.0)
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in RSS_KINDS:
+                kinds[RSS_KINDS[key]] = int(value.split()[0]) / 1024  # kB
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return kinds
+
+
 def tree_rss(pid: int) -> dict[str, float]:
+    """The API process's RSS and the engine's (every process below it), with the engine's split by kind."""
     import psutil
 
     root = psutil.Process(pid)
-    engine = sum(p.memory_info().rss for p in root.children(recursive=True) if p.is_running())
-    return {"api_mib": root.memory_info().rss / 2**20, "engine_mib": engine / 2**20}
+    children = [p for p in root.children(recursive=True) if p.is_running()]
+    sample = {"api_mib": root.memory_info().rss / 2**20,
+              "engine_mib": sum(p.memory_info().rss for p in children) / 2**20}
+    for child in children:
+        for kind, mib in rss_kinds(child.pid).items():
+            sample[f"engine_{kind}_mib"] = sample.get(f"engine_{kind}_mib", 0.0) + mib
+    return sample
+
+
+def wait_for_traffic(url: str, load_proc: subprocess.Popen, timeout_s: float = 120) -> None:
+    """Return once the server has a request running (its `vlora_requests_running` gauge), or the load ended."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and load_proc.poll() is None:
+        text = httpx.get(f"{url}/metrics", headers={"Authorization": f"Bearer {KEYS['B']}"}, timeout=5).text
+        if any(line.startswith("vlora_requests_running ") and float(line.split()[1]) > 0
+               for line in text.splitlines()):
+            return
+        time.sleep(0.5)
 
 
 def soak(model: Path, adapters: dict[str, Path], out: Path, name: str = "soak", extra: tuple[str, ...] = ()) -> dict:
@@ -125,6 +162,7 @@ def soak(model: Path, adapters: dict[str, Path], out: Path, name: str = "soak", 
     samples: list[dict] = []
     try:
         load_proc = load(url, "B", "soak-c32.yaml", run / "load", list(adapters))
+        wait_for_traffic(url, load_proc)  # the load takes seconds to start: minute 1 is its first minute
         started = time.monotonic()
         while load_proc.poll() is None and time.monotonic() - started < 330:
             time.sleep(10)
@@ -135,15 +173,21 @@ def soak(model: Path, adapters: dict[str, Path], out: Path, name: str = "soak", 
     rows = records(run / "load")
     minute = {m: [s for s in samples if 60 * (m - 1) <= s["t"] < 60 * m] for m in (1, 5)}
 
+    def mean(m: int, key: str) -> float:
+        return statistics.mean(s.get(key, 0.0) for s in minute[m])
+
     def growth(key: str) -> float:
-        first, last = statistics.mean(s[key] for s in minute[1]), statistics.mean(s[key] for s in minute[5])
-        return (last - first) / first
+        return (mean(5, key) - mean(1, key)) / mean(1, key)
 
     return {"server_args": list(extra), "requests": len(rows), "ok": sum(r["status"] == 200 and not r.get("error") for r in rows),
             "status_429": sum(r["status"] == 429 for r in rows),
             "other_failures": sum(r["status"] not in (200, 429) or bool(r.get("error")) and r["status"] == 200
                                   for r in rows),
-            "api_growth": growth("api_mib"), "engine_growth": growth("engine_mib"), "samples": samples}
+            "api_growth": growth("api_mib"), "engine_growth": growth("engine_mib"),
+            # where the engine's growth is: MiB added from minute 1 to minute 5 by kind of page
+            "engine_growth_mib": {kind: mean(5, f"engine_{kind}_mib") - mean(1, f"engine_{kind}_mib")
+                                  for kind in RSS_KINDS.values()},
+            "samples": samples}
 
 
 def ms(value: float | None) -> str:
@@ -166,11 +210,14 @@ def tables(flood: list[dict], soaked: list[dict]) -> str:
               f"{r['flood_rate']:.1f} req/s for 60 s" for r in flood]
     if soaked:
         lines += ["", "| soak (c=32, 5 min, all adapters, mixed images) | requests | ok | 429 | other failures | "
-                  "API RSS growth m1->m5 | engine RSS growth m1->m5 |", "|---|---|---|---|---|---|---|"]
+                  "API RSS growth m1->m5 | engine RSS growth m1->m5 | engine growth anon / file / shm |",
+                  "|---|---|---|---|---|---|---|---|"]
         for soak_run in soaked:
+            kinds = soak_run.get("engine_growth_mib")  # runs before the split by kind have none
+            split = " / ".join(f"{kinds[k]:+.0f}" for k in RSS_KINDS.values()) + " MiB" if kinds else "–"
             lines.append(f"| {' '.join(soak_run.get('server_args') or []) or 'defaults'} | {soak_run['requests']} | "
                          f"{soak_run['ok']} | {soak_run['status_429']} | {soak_run['other_failures']} | "
-                         f"{soak_run['api_growth']:+.2%} | {soak_run['engine_growth']:+.2%} |")
+                         f"{soak_run['api_growth']:+.2%} | {soak_run['engine_growth']:+.2%} | {split} |")
         for soak_run in soaked:
             lines += ["", f"RSS every 10 s, {' '.join(soak_run.get('server_args') or []) or 'defaults'} "
                       "(t s: API MiB / engine MiB): " + ", ".join(
