@@ -134,12 +134,11 @@ def tree_rss(pid: int) -> dict[str, float]:
     import psutil
 
     root = psutil.Process(pid)
-    children = [p for p in root.children(recursive=True) if p.is_running()]
-    sample = {"api_mib": root.memory_info().rss / 2**20,
-              "engine_mib": sum(p.memory_info().rss for p in children) / 2**20}
-    for child in children:
-        for kind, mib in rss_kinds(child.pid).items():
+    sample = {"api_mib": root.memory_info().rss / 2**20, "engine_mib": 0.0}
+    for child in root.children(recursive=True):
+        for kind, mib in rss_kinds(child.pid).items():  # a process that has exited reads as zero
             sample[f"engine_{kind}_mib"] = sample.get(f"engine_{kind}_mib", 0.0) + mib
+            sample["engine_mib"] += mib
     return sample
 
 

@@ -279,13 +279,12 @@ class FairShare:
             given[min(wanting, key=lambda t: ((given[t] + 1) / self._weights.get(t, 1.0), demand[t], t))] += 1
         return given[tenant]
 
-    def _room_for(self, tenant: str, asking: bool = True, live: dict[str, list[_Waiter]] | None = None) -> bool:
+    def _room_for(self, tenant: str, asking: bool, live: dict[str, list[_Waiter]]) -> bool:
         """A free slot that `tenant` may take: every other tenant active in the last `idle_s` and below its
         weighted share of the slots keeps one free slot in reserve, so that its next request starts at once
         instead of waiting for a flooding tenant's request to finish (work-conserving otherwise). With a
         contended batch and other tenants active, `tenant` may also hold no more than its allotment of it."""
         now = self.clock()
-        live = self._live() if live is None else live
         # Active: asked within idle_s, or has requests dispatched or waiting (a request may wait longer than
         # idle_s behind long ones), and the asking tenant itself.
         active = [t for t, at in self._seen.items()
@@ -314,7 +313,7 @@ class FairShare:
         if self.batch:  # a tenant waiting at its allotment of a contended batch has no claim on this slot
             ahead_of = [t for t in ahead_of if self._room_for(t, asking=False, live=live)]
         ahead = min((self._share(t) for t in ahead_of), default=float("inf"))
-        if self._room_for(tenant, live=live) and self._share(tenant) < ahead:
+        if self._room_for(tenant, asking=True, live=live) and self._share(tenant) < ahead:
             self._take(tenant)
             return True
         return False
@@ -365,4 +364,5 @@ class FairShare:
             best.future.set_result(None)
 
     def waiting(self, tenant: str | None = None) -> int:
-        return sum(1 for w in self._waiting if (tenant is None or w.tenant == tenant) and not w.future.done())
+        live = self._live()
+        return sum(map(len, live.values())) if tenant is None else len(live.get(tenant, ()))
