@@ -56,9 +56,10 @@ def wait_ready(url: str, path: str, proc: subprocess.Popen, timeout: float = 300
 
 
 def start(kind: str, model: Path, adapters: dict[str, Path], out: Path,
-          extra: tuple[str, ...] = ()) -> tuple[subprocess.Popen, str]:
+          extra: tuple[str, ...] = (), log_name: str | None = None,
+          env_extra: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "PYTHONUNBUFFERED": "1", **(env_extra or {})}
     if kind == "vllm":
         cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
                "--served-model-name", model.name, "--host", "127.0.0.1", "--port", str(port), "--enable-lora",
@@ -76,7 +77,7 @@ def start(kind: str, model: Path, adapters: dict[str, Path], out: Path,
         cmd += [x for k, v in ENGINE.items() for x in (f"--{k}", v)]
         ready = "/ready"
     cmd += list(extra)
-    log = open(out / f"{kind}-server.log", "wb")
+    log = open(out / (log_name or f"{kind}-server.log"), "wb")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:

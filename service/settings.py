@@ -101,6 +101,12 @@ class ServiceSettings(BaseSettings):
                           "uni (one process); default: vLLM's choice.")
     gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0, description="Fraction of GPU memory vLLM may use.")
     cpu_kvcache_space_gib: int = Field(1, ge=1, description="KV cache of the CPU backend (VLLM_CPU_KVCACHE_SPACE).")
+    cpu_memory_bounds: bool = Field(
+        False, description="On the CPU backend, start the engine's processes with a bounded oneDNN kernel cache "
+                           "(ONEDNN_PRIMITIVE_CACHE_CAPACITY=16) and a fixed glibc mmap threshold "
+                           "(MALLOC_MMAP_THRESHOLD_=131072): their memory grows less under varied batch and image "
+                           "shapes, at a cost in throughput (bench/results/cpu-memory-bounds/). A variable already "
+                           "in the environment wins.")
     structured_outputs_backend: str = Field(
         "xgrammar", description="vLLM structured-output backend (xgrammar, guidance, outlines, lm-format-enforcer, auto).")
     structured_outputs_any_whitespace: bool = Field(

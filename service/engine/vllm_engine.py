@@ -57,6 +57,13 @@ VLORA_OWNED_ENGINE_ARGS = (
 )
 
 
+# The CPU backend's memory bounds (`--cpu-memory-bounds`, off by default): oneDNN keeps up to 1024 compiled
+# kernels, one per GEMM shape, and every engine step's token count is a new shape; glibc's dynamic mmap
+# threshold rises after large frees, so freed image buffers stay in the heap. With both bounded a 5-minute
+# c=32 soak's engine RSS grows less (bench/results/isolation/), and throughput drops
+# (bench/results/cpu-memory-bounds/): a choice for memory-tight deployments, not a default.
+CPU_MEMORY_BOUNDS = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "16", "MALLOC_MMAP_THRESHOLD_": "131072"}
+
 # Words of vLLM's structured-output validation errors (which name no parameter we could map back).
 CONSTRAINT_WORDS = ("structured", "grammar", "regex", "schema", "choice", "json")
 
@@ -243,6 +250,10 @@ class VLLMEngine:
         if current_platform.is_cpu():
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.settings.cpu_kvcache_space_gib))
             s = self.settings
+            if s.cpu_memory_bounds:
+                # vLLM spawns its engine and worker processes, so these reach their oneDNN and glibc at start-up.
+                for key, value in CPU_MEMORY_BOUNDS.items():
+                    os.environ.setdefault(key, value)
             workers = s.tensor_parallel_size * s.pipeline_parallel_size * s.data_parallel_size
             if workers > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
                 # vLLM binds each CPU worker's threads per NUMA node; with fewer nodes than workers it refuses to

@@ -98,3 +98,22 @@ def start_failure(args: list[str], log_path: Path, timeout: float = 180.0) -> st
         server.stop()
     assert code != 0, f"the server started:\n{server.log_tail()}"
     return log_path.read_text(errors="replace")
+
+
+def _descendants(pid: int) -> list[int]:
+    children = [int(c) for task in Path(f"/proc/{pid}/task").iterdir()
+                for c in (task / "children").read_text().split()]
+    return children + [d for c in children for d in _descendants(c)]
+
+
+def engine_environments(pid: int) -> dict[int, dict[str, str]]:
+    """The environment of each vLLM process (engine core, workers: `VLLM::` process titles) under a server."""
+    engine = {}
+    for child in _descendants(pid):
+        try:
+            if Path(f"/proc/{child}/comm").read_text().startswith("VLLM::"):
+                environ = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+                engine[child] = dict(e.decode(errors="replace").split("=", 1) for e in environ if b"=" in e)
+        except (FileNotFoundError, ProcessLookupError):  # a short-lived helper that has exited
+            continue
+    return engine

@@ -12,7 +12,7 @@ import openai
 import pytest
 from openai import AsyncOpenAI, OpenAI
 
-from tests.e2e.server import MAX_BODY_BYTES, MAX_IMAGE_BYTES
+from tests.e2e.server import MAX_BODY_BYTES, MAX_IMAGE_BYTES, engine_environments
 from tests.images import data_uri, encode, image_message, shape_image
 
 BASE = "tiny-qwen3-vl"
@@ -339,3 +339,13 @@ def test_client_disconnect_aborts_engine_request(server, red_uri):
     # Stopped before the end: disconnect detection takes from milliseconds to seconds on a busy 2-core box.
     assert _metric(server, tokens) - tokens_before < 4000
 
+
+
+
+def test_cpu_memory_bounds_are_off_by_default(server):
+    """Without --cpu-memory-bounds the engine keeps oneDNN's and glibc's own defaults (the bounds cost throughput:
+    bench/results/cpu-memory-bounds/); test_ops.py runs a server with them."""
+    engine = engine_environments(server.proc.pid)
+    assert len(engine) >= 2, engine.keys()  # the engine core and its model worker
+    for env in engine.values():
+        assert "ONEDNN_PRIMITIVE_CACHE_CAPACITY" not in env and "MALLOC_MMAP_THRESHOLD_" not in env

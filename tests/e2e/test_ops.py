@@ -15,7 +15,7 @@ import psutil
 import pytest
 
 from tests.conftest import MODELS
-from tests.e2e.server import start_server
+from tests.e2e.server import engine_environments, start_server
 from tests.images import data_uri, encode, image_message, shape_image
 
 MAX_PENDING = 4
@@ -29,7 +29,7 @@ def server(demo_assets, tmp_path_factory):
     shutil.copytree(demo_assets["adapter_dir"], root)
     srv = start_server(
         ["--model", str(demo_assets["model"]), "--adapter-dir", str(root),
-         "--max-pending-requests", str(MAX_PENDING), "--drain-grace-s", "60"],
+         "--max-pending-requests", str(MAX_PENDING), "--drain-grace-s", "60", "--cpu-memory-bounds"],
         tmp_path_factory.mktemp("ops") / "server.log",
         env={"VLORA_METRICS_MAX_ADAPTER_LABELS": "1", "VLORA_ADAPTER_CHECK_INTERVAL_S": "0.3"},
     )
@@ -157,6 +157,16 @@ def test_model_server_protocol_series(server, body):
     loaded = next(ln for ln in text.splitlines() if ln.startswith("vlora_lora_loaded_info{"))
     # Bounded like every adapter label: this module's server names one adapter (METRICS_MAX_ADAPTER_LABELS=1).
     assert 'max_lora="4"' in loaded and 'loaded_lora_adapters="demo-a"' in loaded, loaded
+
+
+def test_cpu_memory_bounds_reach_the_engine_processes(server):
+    """--cpu-memory-bounds reaches vLLM's engine core and model worker, which it spawns after the flag is read:
+    their oneDNN kernel cache and glibc mmap threshold are bounded from their start."""
+    engine = engine_environments(server.proc.pid)
+    assert len(engine) >= 2, engine.keys()  # the engine core and its model worker
+    for env in engine.values():
+        assert env.get("ONEDNN_PRIMITIVE_CACHE_CAPACITY") == "16"
+        assert env.get("MALLOC_MMAP_THRESHOLD_") == "131072"
 
 
 def test_backpressure_gives_429_and_recovers(server, body):
