@@ -1,5 +1,5 @@
-"""What the CPU backend's memory bounds cost: vlora with `--cpu-memory-bounds` (the default) against
-`--no-cpu-memory-bounds`, same model, adapters and traffic, in alternating rounds.
+"""What the CPU backend's memory bounds cost: vlora with `--cpu-memory-bounds` against
+`--no-cpu-memory-bounds` (the default), same model, adapters and traffic, in alternating rounds.
 
     .venv/bin/python bench/cpu_memory_bounds.py [--rounds 6] [--requests 300] [--out bench/results/cpu-memory-bounds]
                                                 [--arm NAME=VAR=VALUE,VAR=VALUE ...]
@@ -52,9 +52,9 @@ def main() -> None:
         for spec in args.arm:
             name, _, env = spec.partition("=")
             arms[name] = (("--no-cpu-memory-bounds",), dict(kv.split("=", 1) for kv in env.split(",") if kv))
-    names_ = list(arms)
+    arm_names = list(arms)
     model, adapters = demo_models()
-    names = list(adapters)
+    adapter_names = list(adapters)
     args.out.mkdir(parents=True, exist_ok=True)
     rounds_dir = args.out / "scratch"
     rounds_dir.mkdir(exist_ok=True)
@@ -67,24 +67,24 @@ def main() -> None:
             servers[arm] = start("vlora", model, adapters, rounds_dir, ("--engine-arg", "mm_processor_cache_gb=0", *flags),
                                  log_name=f"{arm}-server.log", env_extra=env)
         for arm, (_, url) in servers.items():
-            load_run(url, SCENARIO, names, args.warmup, rounds_dir / f"{arm}-warmup")
+            load_run(url, SCENARIO, adapter_names, args.warmup, rounds_dir / f"{arm}-warmup")
         for round_ in range(args.rounds):
-            shift = round_ % len(names_)  # each arm first in turn (two arms: a b, b a, ...)
-            for arm in names_[shift:] + names_[:shift]:
+            shift = round_ % len(arm_names)  # each arm first in turn (two arms: a b, b a, ...)
+            for arm in arm_names[shift:] + arm_names[:shift]:
                 proc, url = servers[arm]
-                loads[arm].append(load_run(url, SCENARIO, names, args.requests, rounds_dir / f"{arm}-{round_}"))
+                loads[arm].append(load_run(url, SCENARIO, adapter_names, args.requests, rounds_dir / f"{arm}-{round_}"))
                 rss[arm].append(tree_rss(proc.pid))
                 print(f"round {round_ + 1}/{args.rounds} {arm}: {loads[arm][-1]['output_tokens_per_s']:.0f} tok/s, "
                       f"engine RSS {rss[arm][-1]['engine_mib']:.0f} MiB", flush=True)
     finally:
         for proc, _ in servers.values():
             stop(proc)
-    ref = names_[0]
+    ref = arm_names[0]
     text = [f"soak-c32 workload (closed loop c=32, 4 adapters, images 128-512 px), median of {args.rounds} rotated "
             f"rounds of {args.requests} requests after {args.warmup} warm-up; RSS in MiB after the first and last "
             f"rounds. Arms: " + "; ".join(f"{name} = {' '.join(flags)} {' '.join(f'{k}={v}' for k, v in env.items())}"
                                            .strip() for name, (flags, env) in arms.items())]
-    for arm in names_[1:]:
+    for arm in arm_names[1:]:
         rows = [r for r in compare(median_summary(loads[ref]), median_summary(loads[arm])) if r[0] in FIGURES]
         for key in ("engine_mib", "api_mib"):
             for label, i in (("round 1", 0), (f"round {args.rounds}", -1)):

@@ -100,20 +100,19 @@ def start_failure(args: list[str], log_path: Path, timeout: float = 180.0) -> st
     return log_path.read_text(errors="replace")
 
 
-def _descendants(pid: int) -> list[int]:
-    children = [int(c) for task in Path(f"/proc/{pid}/task").iterdir()
-                for c in (task / "children").read_text().split()]
-    return children + [d for c in children for d in _descendants(c)]
-
 
 def engine_environments(pid: int) -> dict[int, dict[str, str]]:
     """The environment of each vLLM process (engine core, workers: `VLLM::` process titles) under a server."""
+    import psutil
+
     engine = {}
-    for child in _descendants(pid):
+    for child in psutil.Process(pid).children(recursive=True):
         try:
-            if Path(f"/proc/{child}/comm").read_text().startswith("VLLM::"):
-                environ = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
-                engine[child] = dict(e.decode(errors="replace").split("=", 1) for e in environ if b"=" in e)
-        except (FileNotFoundError, ProcessLookupError):  # a short-lived helper that has exited
+            if child.name().startswith("VLLM::"):
+                # Read raw: setting the process title zeroes the start of the environment block, and psutil's
+                # environ() stops at the first empty entry that leaves.
+                environ = Path(f"/proc/{child.pid}/environ").read_bytes().split(b"\0")
+                engine[child.pid] = dict(e.decode(errors="replace").split("=", 1) for e in environ if b"=" in e)
+        except (psutil.NoSuchProcess, FileNotFoundError, ProcessLookupError):  # a short-lived helper that has exited
             continue
     return engine

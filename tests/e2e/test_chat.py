@@ -340,8 +340,6 @@ def test_client_disconnect_aborts_engine_request(server, red_uri):
     assert _metric(server, tokens) - tokens_before < 4000
 
 
-
-
 def test_cpu_memory_bounds_are_off_by_default(server):
     """Without --cpu-memory-bounds the engine keeps oneDNN's and glibc's own defaults (the bounds cost throughput:
     bench/results/cpu-memory-bounds/); test_ops.py runs a server with them."""
