@@ -84,6 +84,8 @@ class Revision:
     retired: bool = False
     golden_problems: list[str] = field(default_factory=list)
     stamp: tuple = ()  # its files (name, size, mtime) when loaded: see AdapterRegistry.check_files
+    content: str = ""  # its config and weights hashed when loaded (files_fingerprint)
+    checked: tuple = ()  # the last changed stamp whose content check_files hashed
     broken: str | None = None  # why it answers errors: its files were removed or changed on disk
 
     @property
@@ -231,6 +233,9 @@ class AdapterRegistry:
         if source == "root":  # a local root gives its folder; object storage downloads into its cache first
             path = Path(await asyncio.to_thread(self.store.materialize, name, rev, path))
         revision = Revision(name=name, rev=rev, path=str(path), source=source)
+        # Taken before the engine reads the files: a change while it loads shows as a change (check_files).
+        revision.stamp = files_stamp(Path(path))
+        revision.content = await asyncio.to_thread(files_fingerprint, Path(path))
         try:
             revision.meta = await asyncio.to_thread(
                 inspect_adapter, name, path, max_rank=self.engine.max_lora_rank, tower_lora=self.tower_lora,
@@ -249,7 +254,6 @@ class AdapterRegistry:
             revision.golden_problems = problems
         revision.loaded_at = time.time()
         revision.load_seconds = time.perf_counter() - started
-        revision.stamp = files_stamp(Path(path))
         self.resident[key] = revision
         self.store.in_use.add(Path(path))
         logger.info("adapter ready", extra={"adapter": name, "revision": rev, "source": source,
@@ -259,9 +263,16 @@ class AdapterRegistry:
     def check_files(self) -> None:
         """An active adapter whose folder was removed, or whose files changed since it was loaded, answers a
         clear 503 (the engine's copy is not what the root now holds; the next load would read the new files)
-        until they are back or a new revision is loaded; the others are unaffected."""
+        until they are back or a new revision is loaded; the others are unaffected. Files rewritten with the
+        bytes the engine loaded (a restore from backup, a re-sync) are the same adapter: it serves again. Only
+        a changed stamp is hashed, once per change."""
         for revision in list(self.active.values()):  # a snapshot: this runs in a thread
-            stamp = files_stamp(Path(revision.path))
+            path = Path(revision.path)
+            stamp = files_stamp(path)
+            if stamp and stamp != revision.stamp and stamp != revision.checked:
+                revision.checked = stamp
+                if files_fingerprint(path) == revision.content:
+                    revision.stamp = stamp
             broken = ("its folder was removed" if not stamp else
                       "its files changed on disk since it was loaded" if stamp != revision.stamp else None)
             if broken != revision.broken:

@@ -84,7 +84,10 @@ def files_fingerprint(path: Path) -> str:
     for name in (CONFIG, WEIGHTS):
         f = path / name
         if f.is_file():
-            digest.update(name.encode() + f.read_bytes())
+            digest.update(name.encode())
+            with f.open("rb") as fh:  # streamed: weights may be large
+                while chunk := fh.read(1 << 20):
+                    digest.update(chunk)
     return digest.hexdigest()[:12]
 
 

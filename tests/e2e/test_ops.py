@@ -257,7 +257,8 @@ def test_failed_golden_samples_keep_not_ready_then_engine_death_exits_nonzero(de
 
 def test_adapter_files_removed_or_changed_while_serving(server, tmp_path):
     """An adapter folder deleted or rewritten under a running server: that adapter answers a clear 503, the
-    others keep answering, /ready stays up and names it; restored, it serves again."""
+    others keep answering, /ready stays up and names it; restored (moved back, or rewritten with the same bytes),
+    it serves again."""
     root = server.root
 
     def ask(model):
@@ -279,11 +280,15 @@ def test_adapter_files_removed_or_changed_while_serving(server, tmp_path):
     ready = httpx.get(f"{server.url}/ready", timeout=10)
     assert ready.status_code == 200 and "demo-a" in ready.json()["unavailable"]
     weights = root / "demo-b" / "adapter_model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:100])  # truncated: corrupted (it stays so: demo-b is not used after)
+    loaded = weights.read_bytes()
+    weights.write_bytes(loaded[:100])  # truncated: corrupted
     changed = wait_for("demo-b", 503)
     assert "changed on disk" in changed.json()["error"]["message"]
     shutil.move(tmp_path / "demo-a-aside", root / "demo-a")  # the same files back
     assert wait_for("demo-a", 200).status_code == 200
+    weights.write_bytes(loaded)  # rewritten (a new mtime) with the bytes the engine loaded: the same adapter
+    assert wait_for("demo-b", 200).status_code == 200
+    assert httpx.get(f"{server.url}/ready", timeout=10).json().get("unavailable", {}) == {}
     assert server.proc.poll() is None
 
 

@@ -230,6 +230,35 @@ def test_hot_replace_retires_the_old_revision_after_its_requests(tmp_path):
     assert sorted(log[4:]) == [("unload", "x@v1"), ("unload", "x@v2")]
 
 
+def test_changed_files_are_unavailable_until_the_loaded_bytes_are_back(tmp_path):
+    path = _adapter(tmp_path / "x" / "v1")
+    weights = path / "adapter_model.safetensors"
+    loaded = weights.read_bytes()
+    reg = _registry(tmp_path)
+    asyncio.run(reg.resolve("x"))
+    reg.check_files()
+    assert reg.unavailable() == {}
+    weights.write_bytes(loaded[:100])
+    reg.check_files()
+    assert "changed on disk" in reg.unavailable()["x"]
+    os.utime(weights, ns=(1, 1))  # touched again, still other bytes
+    reg.check_files()
+    assert "changed on disk" in reg.unavailable()["x"]
+    weights.write_bytes(loaded)  # the loaded bytes, under a new mtime: the same adapter
+    os.utime(weights, ns=(2, 2))
+    reg.check_files()
+    assert reg.unavailable() == {}
+    weights.rename(tmp_path / "aside")
+    reg.check_files()
+    assert "changed on disk" in reg.unavailable()["x"]  # a file missing is a change
+    (tmp_path / "aside").rename(weights)
+    reg.check_files()
+    assert reg.unavailable() == {}
+    path.rename(tmp_path / "gone")
+    reg.check_files()
+    assert "folder was removed" in reg.unavailable()["x"]
+
+
 def test_a_refused_revision_keeps_the_previous(tmp_path):
     _adapter(tmp_path / "x" / "v1")
     reg = _registry(tmp_path)
