@@ -71,7 +71,8 @@ class ServiceSettings(BaseSettings):
     # Operations
     responses_store_bytes: int = Field(
         256 * 2**20, ge=0, description="Bound of the Responses API's stored responses in memory (least recently used "
-        "evicted; 0: nothing stored, answers say store: false).")
+        "evicted; finished background streams' events count as part of their response; 0: nothing stored, answers say "
+        "store: false).")
     max_pending_requests: int = Field(64, ge=1, description="Bound on running + waiting requests; beyond: 429.")
     drain_grace_s: float = Field(30.0, ge=0, description="On SIGTERM, how long requests in flight may finish.")
     retry_after_s: int = Field(5, ge=1, description="Retry-After sent with 429 and 503 answers.")

@@ -58,6 +58,7 @@ class EventLog:
 
     def __init__(self):
         self.events: list[str] = []
+        self.nbytes = 0
         self.done = False
         self._changed = asyncio.Event()
 
@@ -67,6 +68,7 @@ class EventLog:
 
     def append(self, event: str) -> None:
         self.events.append(event)
+        self.nbytes += len(event)
         self._wake()
 
     def close(self) -> None:
@@ -146,6 +148,8 @@ class ResponsesService:
         self.drain = drain or Drain(0)
         self._tasks: dict[str, asyncio.Task] = {}  # background responses under way
         self._logs: dict[str, EventLog] = {}  # streamed background responses' events, by response id
+        if store is not None:  # a finished log counts in the store as part of its response, and goes with it
+            store.on_drop = lambda response_id: self._logs.pop(response_id, None)
 
     def history(self, req: ResponsesRequest, tenant: Tenant) -> list[dict]:
         """The stored conversation `previous_response_id` continues (empty without one)."""
@@ -165,8 +169,7 @@ class ResponsesService:
 
     def delete(self, response_id: str, tenant: Tenant) -> None:
         self.stored(response_id, tenant)
-        self.store.delete(tenant.name, response_id)
-        self._logs.pop(response_id, None)
+        self.store.delete(tenant.name, response_id)  # its event log goes with it (on_drop)
 
     def events(self, response_id: str, tenant: Tenant, starting_after: int | None):
         """`GET /v1/responses/{id}?stream=true`: a streamed background response's events after
@@ -337,10 +340,19 @@ class ResponsesService:
         return log.read() if log is not None else queued
 
     def _expire_log(self, response_id: str, log: EventLog) -> None:
-        """Drop a finished stream's events RESUME_KEEP_S from now (unless the response went first)."""
+        """A finished stream's events stay RESUME_KEEP_S, counted against --responses-store-bytes as part of
+        their response (evicted with it; dropped at once when they do not fit). While it runs, a log is bounded
+        by its request's max_output_tokens like any stream in flight."""
+        if self._logs.get(response_id) is not log:
+            return  # its response was deleted or evicted while it ran
+        if not self.store.hold(response_id, log.nbytes):
+            del self._logs[response_id]
+            return
+
         def drop() -> None:
             if self._logs.get(response_id) is log:
                 del self._logs[response_id]
+                self.store.release(response_id)
         asyncio.get_running_loop().call_later(RESUME_KEEP_S, drop)
 
     async def cancel(self, response_id: str, tenant: Tenant) -> Response:

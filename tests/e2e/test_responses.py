@@ -301,6 +301,13 @@ def test_a_streamed_background_response_resumes_from_any_event(client, demo_serv
         list(client.responses.retrieve("resp_unknown", stream=True))
     r = httpx.get(f"{demo_server.url}/v1/responses/{rid}", params={"stream": "true", "starting_after": -1}, timeout=10)
     assert r.status_code == 400 and r.json()["error"]["param"] == "starting_after"
+    # the kept events count against --responses-store-bytes as part of their response, and go with it
+    replay = httpx.get(f"{demo_server.url}/v1/responses/{rid}", params={"stream": "true"}, timeout=30).text
+    held = _stored_bytes(demo_server)
+    client.responses.delete(rid)
+    assert held - _stored_bytes(demo_server) >= len(replay)
+    with pytest.raises(openai.NotFoundError):
+        list(client.responses.retrieve(rid, stream=True))
 
 
 def test_a_dropped_background_stream_keeps_generating_and_is_resumed_live(client, demo_server):

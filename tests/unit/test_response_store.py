@@ -64,3 +64,24 @@ def test_bounded_by_bytes_least_recently_used_first():
 def test_zero_bytes_stores_nothing():
     store = ResponseStore(0)
     assert not store.enabled and not store.put("t", _response("r"), _items("a"), None) and len(store) == 0
+
+
+def test_held_event_streams_count_against_the_bound_and_go_with_their_response():
+    one = _size("r1", "a")
+    store = ResponseStore(one * 4)
+    dropped = []
+    store.on_drop = dropped.append
+    for rid in ("r1", "r2", "r3"):
+        store.put("t", _response(rid), _items("a"), None)
+    assert store.hold("r1", one)  # r1's finished stream: r1 is now the newest, and four entries' worth is used
+    assert store.bytes == 4 * one and dropped == []
+    assert store.hold("r2", one)  # makes room by evicting the oldest (r3), never r2 itself
+    assert dropped == ["r3"] and store.bytes == 4 * one and store.get("t", "r3") is None
+    store.put("t", _response("r2"), _items("a"), None)  # its final status replaces it: the hold stays
+    assert store.get("t", "r2").held == one and dropped == ["r3"]
+    store.release("r2")  # its stream expired
+    assert store.get("t", "r2").held == 0 and store.bytes == 3 * one
+    assert not store.hold("r2", store.max_bytes)  # would not fit even alone: nothing counted, nothing evicted
+    assert not store.hold("absent", 1)
+    assert store.delete("t", "r1") and dropped == ["r3", "r1"]  # deleted: its held stream goes too
+    assert store.bytes == store.get("t", "r2").size
