@@ -142,11 +142,17 @@ def tree_rss(pid: int) -> dict[str, float]:
     return sample
 
 
-def wait_for_traffic(url: str, load_proc: subprocess.Popen, timeout_s: float = 120) -> None:
-    """Return once the server has a request running (its `vlora_requests_running` gauge), or the load ended."""
+def wait_for_traffic(url: str, server: subprocess.Popen, load_proc: subprocess.Popen, timeout_s: float = 120) -> None:
+    """Return once the server has a request running (its `vlora_requests_running` gauge), or the load ended;
+    a server that exits meanwhile is an error naming its exit code rather than a connection error."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and load_proc.poll() is None:
-        text = httpx.get(f"{url}/metrics", headers={"Authorization": f"Bearer {KEYS['B']}"}, timeout=5).text
+        if server.poll() is not None:
+            raise RuntimeError(f"the server exited with {server.returncode} before the load began")
+        try:
+            text = httpx.get(f"{url}/metrics", headers={"Authorization": f"Bearer {KEYS['B']}"}, timeout=5).text
+        except httpx.HTTPError:  # busy, or exiting: the next round tells
+            text = ""
         if any(line.startswith("vlora_requests_running ") and float(line.split()[1]) > 0
                for line in text.splitlines()):
             return
@@ -161,7 +167,7 @@ def soak(model: Path, adapters: dict[str, Path], out: Path, name: str = "soak", 
     samples: list[dict] = []
     try:
         load_proc = load(url, "B", "soak-c32.yaml", run / "load", list(adapters))
-        wait_for_traffic(url, load_proc)  # the load takes seconds to start: minute 1 is its first minute
+        wait_for_traffic(url, proc, load_proc)  # the load takes seconds to start: minute 1 is its first minute
         started = time.monotonic()
         while load_proc.poll() is None and time.monotonic() - started < 330:
             time.sleep(10)
