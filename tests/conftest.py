@@ -2,7 +2,8 @@
 
 The trained demo adapters take minutes to build on 2 cores (the shapes adapter trains on one core for most
 of it), so in a checkout without them the build starts in the background once collection has found a test
-that needs them, and the modules that need both adapters run last: the rest of the suite runs meanwhile.
+that needs them, and the modules that need a trained adapter run after the others (those that need both
+last): the rest of the suite runs meanwhile.
 `trained_colors` waits for the colors adapter only (it is done in about a minute), `trained_demo` for both."""
 
 from __future__ import annotations
@@ -34,9 +35,14 @@ def _trained(task: str) -> bool:
 
 
 def pytest_collection_modifyitems(session, config, items):
-    """Modules that need both trained adapters run after the others (their order kept within each part)."""
-    late = {item.module for item in items if "trained_demo" in item.fixturenames}
-    items[:] = [i for i in items if i.module not in late] + [i for i in items if i.module in late]
+    """Modules that need a trained adapter run after the others, those that need both last (their order kept
+    within each part): the build runs while the rest of the suite does, instead of a test waiting for it."""
+    def part(module) -> int:
+        needs = {name for item in items if item.module is module for name in item.fixturenames}
+        return 2 if "trained_demo" in needs else 1 if "trained_colors" in needs else 0
+
+    parts = {module: part(module) for module in {item.module for item in items}}
+    items.sort(key=lambda item: parts[item.module])  # stable: the order within each part is kept
 
 
 def pytest_collection_finish(session):
