@@ -20,6 +20,8 @@ BODY = {"model": "tiny-qwen3-vl", "messages": [{"role": "user", "content": "hell
 
 @pytest.fixture(scope="module")
 def server(demo_assets, tmp_path_factory):
+    """One engine slot (--max-running-requests 1): every limit here refuses at admission, before the engine, and
+    a second request in flight waits in vlora's fair-share queue (test_a_queued_request_...)."""
     keys = tmp_path_factory.mktemp("tenant-keys") / "keys.yaml"
     keys.write_text(json.dumps({
         "tenants": [
@@ -29,7 +31,8 @@ def server(demo_assets, tmp_path_factory):
             {"name": "vip", "keys": [KEYS["vip"]], "adapters": ["*"], "base": True, "priority": "high"}],
         "adapters": {"demo-b": {"max_concurrent": 1}}}))
     srv = start_server(["--model", str(demo_assets["model"]), "--adapter-dir", str(demo_assets["adapter_dir"]),
-                        "--api-keys-file", str(keys)], tmp_path_factory.mktemp("tenant-server") / "server.log",
+                        "--api-keys-file", str(keys), "--max-running-requests", "1"],
+                       tmp_path_factory.mktemp("tenant-server") / "server.log",
                        env={"VLORA_KEYS_RELOAD_INTERVAL_S": "0.5"})
     srv.keys_file = keys
     yield srv
@@ -135,6 +138,32 @@ def test_stored_responses_belong_to_their_tenant(server):
     assert call("vip", "DELETE", f"/{rid}").json() == {"id": rid, "object": "response", "deleted": True}
 
 
+def test_a_queued_request_whose_client_left_never_reaches_the_engine(server):
+    """With the server's one engine slot taken, a second request waits in vlora's queue, not in the engine; its
+    client leaving takes it out of the queue, and the slot is not lost."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def engine_finished() -> float:
+        text = httpx.get(f"{server.url}/metrics", timeout=10).text
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith("vllm:request_success_total"))
+
+    before = engine_finished()
+    long = {**BODY, "max_tokens": 3000, "min_tokens": 3000}  # holds the only slot for seconds
+    with ThreadPoolExecutor(1) as pool:
+        first = pool.submit(post, server, "vip", long)
+        deadline = time.monotonic() + 30
+        while "vlora_engine_requests_running 1.0" not in httpx.get(f"{server.url}/metrics").text:
+            assert time.monotonic() < deadline, "the first request never started"
+            time.sleep(0.05)
+        with pytest.raises(httpx.TimeoutException):  # queued behind it; this client gives up after 1 s
+            post(server, "vip", timeout=1.0)
+        assert first.result().status_code == 200
+    time.sleep(1.0)
+    assert engine_finished() - before == 1  # only the first request ran on the engine
+    assert post(server, "vip").status_code == 200  # and its slot was not lost
+
+
 def test_keys_file_rotation_without_restart(server):
     """Last in this module (it rewrites the server's tenants file): new keys work and removed ones stop within
     the reload period; an unreadable new file keeps the keys in use and logs why."""
@@ -157,39 +186,3 @@ def test_keys_file_rotation_without_restart(server):
     time.sleep(1.5)  # three reload periods
     assert status("sk-rotated-0001") == 200  # the keys in use stay
     assert "tenants file not reloaded; keeping the keys in use" in server.log_tail(400)
-
-
-
-@pytest.fixture(scope="module")
-def one_slot(demo_assets, tmp_path_factory):
-    """Fair share with one engine slot: a second request waits in vlora's queue, not in the engine."""
-    keys = tmp_path_factory.mktemp("one-slot-keys") / "keys.yaml"
-    keys.write_text(json.dumps({"tenants": [{"name": "vip", "keys": [KEYS["vip"]], "adapters": ["*"], "base": True}]}))
-    srv = start_server(["--model", str(demo_assets["model"]), "--api-keys-file", str(keys),
-                        "--max-running-requests", "1"], tmp_path_factory.mktemp("one-slot-server") / "server.log")
-    yield srv
-    srv.stop()
-
-
-def test_a_queued_request_whose_client_left_never_reaches_the_engine(one_slot):
-    from concurrent.futures import ThreadPoolExecutor
-
-    def engine_finished() -> float:
-        text = httpx.get(f"{one_slot.url}/metrics", timeout=10).text
-        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                   if line.startswith("vllm:request_success_total"))
-
-    before = engine_finished()
-    long = {**BODY, "max_tokens": 3000, "min_tokens": 3000}  # holds the only slot for seconds
-    with ThreadPoolExecutor(1) as pool:
-        first = pool.submit(post, one_slot, "vip", long)
-        deadline = time.monotonic() + 30
-        while "vlora_engine_requests_running 1.0" not in httpx.get(f"{one_slot.url}/metrics").text:
-            assert time.monotonic() < deadline, "the first request never started"
-            time.sleep(0.05)
-        with pytest.raises(httpx.TimeoutException):  # queued behind it; this client gives up after 1 s
-            post(one_slot, "vip", timeout=1.0)
-        assert first.result().status_code == 200
-    time.sleep(1.0)
-    assert engine_finished() - before == 1  # only the first request ran on the engine
-    assert post(one_slot, "vip").status_code == 200  # and its slot was not lost
