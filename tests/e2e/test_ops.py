@@ -303,8 +303,9 @@ def test_sigterm_drains_streams_then_exits_0(server, body):
     """Last in this module (it ends the server): streams in flight finish with [DONE], and a background response
     under way runs to its end (nobody waits on a connection for it); new requests get 503 + Retry-After; exit
     code 0."""
-    # Long enough (seconds) that the streams are surely still running when SIGTERM and the late request come.
-    stream_body = {**body, "max_tokens": 3000, "ignore_eos": True, "stream": True}
+    # Long enough (about 20 s four at a time here, and the signal comes within a second or two of their first
+    # chunks) that the streams are surely still running when SIGTERM and the late request come.
+    stream_body = {**body, "max_tokens": 1500, "ignore_eos": True, "stream": True}
     results: dict[int, list[str]] = {}
     started = threading.Barrier(4)
 
@@ -322,7 +323,7 @@ def test_sigterm_drains_streams_then_exits_0(server, body):
     late_client = httpx.Client(timeout=30)
     assert late_client.get(f"{server.url}/v1/models").status_code == 200
     job = late_client.post(f"{server.url}/v1/responses", json={
-        "model": "demo-a", "input": "hi", "max_output_tokens": 3000, "min_tokens": 3000, "background": True}).json()
+        "model": "demo-a", "input": "hi", "max_output_tokens": 1500, "min_tokens": 1500, "background": True}).json()
     assert job["status"] == "queued", job
     started.wait(60)
     server.proc.send_signal(signal.SIGTERM)
@@ -338,4 +339,4 @@ def test_sigterm_drains_streams_then_exits_0(server, body):
         assert results[i][-2:] == ["data: [DONE]", ""], results[i][-4:]
     assert server.proc.wait(60) == 0
     done = [line for line in _log_lines(server) if line.get("completion_id") == job["id"]]
-    assert [(line["status"], line["completion_tokens"]) for line in done] == [("2xx", 3000)], done
+    assert [(line["status"], line["completion_tokens"]) for line in done] == [("2xx", 1500)], done
