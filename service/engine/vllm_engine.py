@@ -64,6 +64,7 @@ VLORA_OWNED_ENGINE_ARGS = (
 # (bench/results/cpu-memory-bounds/): a choice for memory-tight deployments, not a default.
 CPU_MEMORY_BOUNDS = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "16", "MALLOC_MMAP_THRESHOLD_": "131072"}
 
+
 def tcmalloc_library() -> str:
     """The system's tcmalloc for `--cpu-allocator tcmalloc`, as LD_PRELOAD names it (its soname, which the
     loader finds in its cache). vLLM's CPU platform preloads a tcmalloc bundled in its wheel (vllm/libs), and
