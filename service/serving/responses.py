@@ -149,7 +149,7 @@ class ResponsesService:
         self._tasks: dict[str, asyncio.Task] = {}  # background responses under way
         self._logs: dict[str, EventLog] = {}  # streamed background responses' events, by response id
         if store is not None:  # a finished log counts in the store as part of its response, and goes with it
-            store.on_drop = lambda response_id: self._logs.pop(response_id, None)
+            store.on_drop = self._drop_finished_log
 
     def history(self, req: ResponsesRequest, tenant: Tenant) -> list[dict]:
         """The stored conversation `previous_response_id` continues (empty without one)."""
@@ -169,7 +169,8 @@ class ResponsesService:
 
     def delete(self, response_id: str, tenant: Tenant) -> None:
         self.stored(response_id, tenant)
-        self.store.delete(tenant.name, response_id)  # its event log goes with it (on_drop)
+        self.store.delete(tenant.name, response_id)
+        self._logs.pop(response_id, None)  # finished or not: nobody may resume it
 
     def events(self, response_id: str, tenant: Tenant, starting_after: int | None):
         """`GET /v1/responses/{id}?stream=true`: a streamed background response's events after
@@ -339,12 +340,19 @@ class ResponsesService:
         queued = await started
         return log.read() if log is not None else queued
 
+    def _drop_finished_log(self, response_id: str) -> None:
+        """The store let a response go (evicted): its finished event log goes with it. A log still being
+        written stays: its task stores the response again as it ends, and the log is then counted with it."""
+        log = self._logs.get(response_id)
+        if log is not None and log.done:
+            del self._logs[response_id]
+
     def _expire_log(self, response_id: str, log: EventLog) -> None:
         """A finished stream's events stay RESUME_KEEP_S, counted against --responses-store-bytes as part of
         their response (evicted with it; dropped at once when they do not fit). While it runs, a log is bounded
         by its request's max_output_tokens like any stream in flight."""
         if self._logs.get(response_id) is not log:
-            return  # its response was deleted or evicted while it ran
+            return  # its response was deleted while it ran
         if not self.store.hold(response_id, log.nbytes):
             del self._logs[response_id]
             return

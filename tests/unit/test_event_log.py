@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
-from service.serving.responses import EventLog
+from service.serving.response_store import ResponseStore
+from service.serving.responses import EventLog, ResponsesService
 
 
 async def _collect(log: EventLog, after: int = -1) -> list[str]:
@@ -38,3 +39,16 @@ def test_a_reader_past_the_end_of_a_closed_log_gets_nothing():
     log.append("e0")
     log.close()
     assert asyncio.run(_collect(log, 10)) == []
+
+
+def test_an_evicted_response_takes_its_finished_log_but_not_one_still_written():
+    """The store's eviction drops a finished log with its response; a log still being written stays, for its
+    task stores the response again as it ends (and the log is then counted against the store's bound)."""
+    store = ResponseStore(10**6)
+    service = ResponsesService(chat=None, store=store)
+    running, finished = EventLog(), EventLog()
+    finished.close()
+    service._logs.update(running=running, finished=finished)
+    for response_id in ("running", "finished"):
+        store.on_drop(response_id)
+    assert service._logs == {"running": running}
