@@ -1,7 +1,7 @@
 """Serving benchmark: vLLM's own OpenAI server vs vlora, same model, adapters, engine settings and traffic.
 
     .venv/bin/python bench/serving_bench.py [--rounds 7] [--requests 160] [--out bench/results/serving]
-                                            [--scenario loadtests/scenarios/closed-c8-features.yaml]
+                                            [--scenario loadtests/scenarios/closed-c8-features.yaml] [--pinned-vllm]
 
 On this machine (127.0.0.1 only, bounded in time):
   (a) `python -m vllm.entrypoints.openai.api_server` with the tiny model and 4 LoRA adapters,
@@ -11,6 +11,10 @@ scenario (closed loop, concurrency 8, images, 4 adapters) and with vLLM's own be
 (`vllm.benchmarks.serve`, random prompts, LoRA names spread uniformly). Prints (and writes) the ratio table
 vlora / vLLM of the per-figure medians over rounds, and each round's ratios. Targets (issue #15): at c=8
 output tokens/s >= 1.03x and TTFT p50 <= 0.95x; one request at a time TTFT p50 and TPOT p50 <= 1.00x.
+
+`--pinned-vllm` adds (c) the control: vLLM's server again, its API process pinned by hand off the cores its
+CPU worker is bound to, as vlora's `--api-cpus auto` places its own (rounds rotate over the three), so that the
+table tells what vlora's placement gives from what its request path gives.
 """
 
 from __future__ import annotations
@@ -31,7 +35,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from loadtests.report import compare, compare_table  # noqa: E402
+from service.cpus import engine_bound_cpus, format_cpus, pin_process  # noqa: E402
 
+CONTROL_FIGURES = ("requests_per_s", "output_tokens_per_s", "ttft.p50", "ttft.p90", "tpot.p50", "e2e.p50")
 ENGINE = {"max-model-len": "4096", "max-num-seqs": "16", "max-loras": "4", "max-lora-rank": "16"}
 
 
@@ -96,6 +102,20 @@ def stop(proc: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(10)
+
+
+def pin_off_engine_cpus(pid: int) -> str:
+    """Pin every thread of the server process `pid` off the cores its engine's workers are bound to."""
+    import os
+
+    from service.cpus import api_cpus
+
+    everywhere = os.sched_getaffinity(0)
+    cpus = api_cpus("auto", everywhere, engine_bound_cpus(pid, everywhere))
+    if cpus is None:
+        return "unchanged (no core left beside the engine's)"
+    pin_process(cpus, pid)
+    return format_cpus(cpus)
 
 
 def vllm_bench_client(url: str, model: str, tokenizer: Path, adapters: list[str], n: int, out: Path) -> dict | None:
@@ -163,6 +183,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7, help="measured rounds (server order alternates)")
     parser.add_argument("--warmup", type=int, default=24, help="unrecorded requests per server first")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "serving")
+    parser.add_argument("--pinned-vllm", action="store_true",
+                        help="a third server, the control: vLLM's own server with its API process pinned off its "
+                             "worker's cores by hand, as vlora's --api-cpus auto places its own (c=8 and one at a "
+                             "time, vlora-load only)")
     parser.add_argument("--scenario", type=Path, default=ROOT / "loadtests" / "scenarios" / "closed-c8.yaml",
                         help="vlora-load workload (closed-c8-features.yaml: structured outputs, logprobs and "
                              "tool calls in the mix)")
@@ -172,28 +196,34 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     scenario = args.scenario
     started = time.monotonic()
-    # Both servers are up at once (an idle one uses no CPU) so that rounds can alternate: drift over the
-    # run (other load, caches, thermal) then hits both alike, and the first-served has no edge.
+    # Every server is up at once (an idle one uses no CPU) so that rounds can alternate: drift over the run
+    # (other load, caches, thermal) then hits all alike, and the first-served has no edge.
+    kinds = ["vllm", "vlora"] + (["vllm-pinned"] if args.pinned_vllm else [])
     servers: dict[str, tuple[subprocess.Popen, str]] = {}
-    loads: dict[str, list[dict]] = {"vllm": [], "vlora": []}
-    bench: dict[str, list[dict]] = {"vllm": [], "vlora": []}
-    single: dict[str, list[dict]] = {"vllm": [], "vlora": []}
+    loads: dict[str, list[dict]] = {k: [] for k in kinds}
+    bench: dict[str, list[dict]] = {k: [] for k in kinds}
+    single: dict[str, list[dict]] = {k: [] for k in kinds}
     try:
-        for kind in ("vllm", "vlora"):
-            servers[kind] = start(kind, model, adapters, args.out)
+        for kind in kinds:
+            servers[kind] = start(kind.removesuffix("-pinned"), model, adapters, args.out, log_name=f"{kind}-server.log")
+            if kind == "vllm-pinned":  # the control: vlora's --api-cpus placement applied to vLLM's server by hand
+                pinned = pin_off_engine_cpus(servers[kind][0].pid)
+                print(f"vllm-pinned: API process on CPU(s) {pinned}", flush=True)
         for kind, (_, url) in servers.items():  # warm-up: every adapter loaded, first-call costs paid
             load_run(url, scenario, names, args.warmup, args.out / "rounds" / f"{kind}-warmup")
         for round_ in range(args.rounds):
-            order = ("vllm", "vlora") if round_ % 2 == 0 else ("vlora", "vllm")
+            shift = round_ % len(kinds)  # rotating: each server in each place alike (two: a b, b a, ...)
+            order = kinds[shift:] + kinds[:shift]
             for kind in order:
                 url = servers[kind][1]
                 loads[kind].append(load_run(url, scenario, names, args.requests, args.out / "rounds" / f"{kind}-load-{round_}"))
                 if round_ < 2 and args.single_requests:
                     single[kind].append(load_run(url, scenario, names, args.single_requests,
                                                  args.out / "rounds" / f"{kind}-single-{round_}", "--concurrency", "1"))
-                result = vllm_bench_client(url, model.name, model, names, args.requests, args.out)
-                if result:
-                    bench[kind].append(result)
+                if kind != "vllm-pinned":
+                    result = vllm_bench_client(url, model.name, model, names, args.requests, args.out)
+                    if result:
+                        bench[kind].append(result)
                 print(f"round {round_ + 1}/{args.rounds} {kind}: "
                       f"{loads[kind][-1]['output_tokens_per_s']:.0f} tok/s, "
                       f"TTFT p50 {loads[kind][-1]['ttft']['p50'] * 1000:.1f} ms", flush=True)
@@ -219,6 +249,15 @@ def main() -> None:
         text += ["", f"one request at a time (no queueing; median of {len(single['vllm'])} rounds of "
                      f"{args.single_requests}):",
                  compare_table([r for r in compare(a, b) if r[0] in ("ttft.p50", "ttft.mean", "e2e.p50", "tpot.p50")])]
+    if loads.get("vllm-pinned"):
+        control = median_summary(loads["vllm-pinned"])
+        text += ["", "the control, c=8: A = vLLM's server with its API process pinned off its worker's cores by hand "
+                     "(what --api-cpus auto does for vlora's), B = vlora:",
+                 compare_table([r for r in compare(control, load_b) if r[0] in CONTROL_FIGURES])]
+        if single.get("vllm-pinned") and single["vlora"]:
+            a, b = median_summary(single["vllm-pinned"]), median_summary(single["vlora"])
+            text += ["", "the control, one request at a time (A = vLLM's server pinned by hand, B = vlora):",
+                     compare_table([r for r in compare(a, b) if r[0] in ("ttft.p50", "tpot.p50", "e2e.p50")])]
     per_round = [(b["output_tokens_per_s"] / a["output_tokens_per_s"], b["ttft"]["p50"] / a["ttft"]["p50"])
                  for a, b in zip(loads["vllm"], loads["vlora"], strict=True)]
     text += ["", "per round (vlora / vLLM): " + "; ".join(f"tok/s {t:.3f}, TTFT p50 {f:.3f}" for t, f in per_round)]

@@ -10,6 +10,7 @@ down: settings -> metrics -> engine (reporting to the metrics) -> chat renderer 
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from artifacts.logs import quiet_optional_kernels
+from service.cpus import api_cpus
 from service.lifecycle import configure_logging
 from service.settings import DEFAULT_ADAPTER_DIR, DEFAULT_MODEL_DIR, ServiceSettings
 
@@ -85,6 +87,7 @@ def main(argv: list[str] | None = None) -> None:
                         events=metrics, priority_scheduling=ring.prioritised)
     try:
         engine.engine_args()  # refuse conflicting or unknown --engine-arg before anything starts
+        api_cpus(settings.api_cpus, os.sched_getaffinity(0), set())  # and CPUs this process may not use
     except ValueError as exc:
         sys.exit(f"vlora-serve: {exc}")
     try:

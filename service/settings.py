@@ -113,6 +113,10 @@ class ServiceSettings(BaseSettings):
                               "into them (LD_PRELOAD), as vLLM does when its CPU wheel bundles one, from the "
                               "system's libtcmalloc_minimal (Debian: libtcmalloc-minimal4; missing: a start-up "
                               "error); system keeps glibc's. An LD_PRELOAD that already names tcmalloc wins.")
+    api_cpus: str = Field(
+        "auto", description="CPUs the API process runs on: auto keeps it off the cores the engine's CPU workers "
+                            "are bound to (vLLM's CPU backend binds them, and leaves a core for other processes), "
+                            "so that it never stalls an engine step; all leaves it unbound; or a CPU list (1, 0,2-3).")
     structured_outputs_backend: str = Field(
         "xgrammar", description="vLLM structured-output backend (xgrammar, guidance, outlines, lm-format-enforcer, auto).")
     structured_outputs_any_whitespace: bool = Field(
@@ -168,6 +172,13 @@ class ServiceSettings(BaseSettings):
                     pass
             out[key.replace("-", "_")] = value
         return out
+
+    @field_validator("api_cpus")
+    @classmethod
+    def _api_cpus(cls, v: str) -> str:
+        from service.cpus import check_setting
+
+        return check_setting(v)
 
     @field_validator("adapters")
     @classmethod

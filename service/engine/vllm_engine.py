@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+from service.cpus import keep_off_engine_cpus
 from service.engine.base import (
     AdapterInfo,
     Constraint,
@@ -188,6 +189,7 @@ class VLLMEngine:
         self.max_model_len = settings.max_model_len or 0
         self.max_lora_rank = 0
         self._request_adapters: dict[str, str | None] = {}  # request id -> engine adapter name, while it runs
+        self.api_cpus: set[int] | None = None  # where --api-cpus pinned this process (None: not pinned)
 
     # lifecycle ----------------------------------------------------------------------------------
 
@@ -286,6 +288,9 @@ class VLLMEngine:
         loggers = [stat_logger_factory(self.events, self._request_adapters.get)]
         self._llm = AsyncLLM.from_engine_args(self.engine_args(), stat_loggers=loggers)
         self.max_model_len = self._llm.model_config.max_model_len
+        # The CPU workers have bound their cores by now: keep this process's event loop and input processing off
+        # them (service/cpus.py).
+        self.api_cpus = keep_off_engine_cpus(self.settings.api_cpus)
 
     async def shutdown(self) -> None:
         if self._llm is not None:

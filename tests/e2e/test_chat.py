@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import http.server
+import os
 import threading
 import time
 
@@ -338,6 +339,21 @@ def test_client_disconnect_aborts_engine_request(server, red_uri):
     assert settled() == (0, 0, 1), (settled(), server.log_tail(20))
     # Stopped before the end: disconnect detection takes from milliseconds to seconds on a busy 2-core box.
     assert _metric(server, tokens) - tokens_before < 4000
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="vLLM binds its worker to every core of a 1-CPU host")
+def test_the_api_process_keeps_off_the_cores_the_engine_worker_is_bound_to(server):
+    """--api-cpus auto (the default): vLLM binds its CPU model worker to cores of its own and leaves the rest to
+    other processes; the API process, every thread of it, runs only on the rest, so it never stalls a step."""
+    import psutil
+
+    workers = [p for p in psutil.Process(server.proc.pid).children(recursive=True) if p.name().startswith("VLLM::Worker")]
+    assert workers, "no model worker process under the server"
+    bound = set().union(*(os.sched_getaffinity(w.pid) for w in workers))
+    assert bound < os.sched_getaffinity(0), bound  # vLLM's own binding left a core for other processes
+    threads = {int(t): os.sched_getaffinity(int(t)) for t in os.listdir(f"/proc/{server.proc.pid}/task")}
+    assert len(threads) > 2 and all(cpus and not cpus & bound for cpus in threads.values()), (bound, threads)
+    assert "API process on CPU(s)" in server.log_path.read_text(errors="replace")
 
 
 def test_cpu_memory_bounds_are_off_by_default(server):
