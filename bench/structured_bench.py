@@ -6,11 +6,13 @@ unconstrained requests on vlora.
 
 Both servers run at once on 127.0.0.1; each round runs, in alternating order, the constrained workload
 (`loadtests/scenarios/closed-c8-json.yaml`: closed loop c=8, images, 4 adapters, every answer constrained by an
-enum/boolean schema) on each server, and on vlora two unconstrained ones: the same prompts with answers as long
-as the constrained ones (their mean in the warm-up, `ignore_eos`), and `closed-c8.yaml` (64-token answers). The
-table compares per-figure medians over rounds. Targets: vlora's constrained output tok/s >= 1.00x vLLM's
-server's; vlora's constrained TPOT p50 <= 1.15x its unconstrained TPOT p50 at the same answer length. Both servers use xgrammar with compact JSON
-(vlora's default; `--structured-outputs-config` for vLLM's server, set by serving_bench.start).
+enum/boolean schema) on each server, and on vlora three unconstrained ones: the same prompts with answers of the
+constrained answers' lengths (drawn from the lengths the warm-up's constrained answers had, `ignore_eos`), the
+same prompts with every answer their mean length, and `closed-c8.yaml` (64-token answers). The table compares
+per-figure medians over rounds. Targets: vlora's constrained output tok/s >= 1.00x vLLM's server's; vlora's
+constrained TPOT p50 <= 1.15x its unconstrained TPOT p50 at the same answer lengths (see `length_controls` for
+why the lengths and not only their mean). Both servers use xgrammar with compact JSON (vlora's default;
+`--structured-outputs-config` for vLLM's server, set by serving_bench.start).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -34,17 +37,28 @@ FIGURES = ("requests_per_s", "output_tokens_per_s", "ttft.p50", "ttft.p90", "tpo
            "error_rate")
 
 
-def same_length_workload(constrained: Path, warmup: dict, path: Path) -> tuple[Path, int]:
-    """The constrained workload without its schema, every answer as long as the constrained answers' mean
-    (`ignore_eos`). TPOT depends on answer length under a closed loop (each finished request brings a new
-    prefill into the batch), so the grammar's cost per token is read against answers of the same length."""
+def answer_lengths(run: Path) -> list[int]:
+    """Output tokens of each successful request of a `vlora-load` run."""
+    rows = [json.loads(line) for line in (run / "results.jsonl").read_text().splitlines() if line.strip()]
+    return [r["output_tokens"] for r in rows if r["status"] == 200 and not r.get("error") and r["output_tokens"]]
+
+
+def length_controls(constrained: Path, lengths: list[int], folder: Path) -> tuple[Path, Path, int]:
+    """The constrained workload without its schema, answers of the constrained answers' lengths (`ignore_eos`):
+    every answer as long as their mean, and answers drawn from their very lengths. TPOT depends on answer length
+    under a closed loop (each finished request brings a new prefill into the batch), and on its spread: answers
+    of one length keep the closed loop's requests in lockstep, so their prefills fall in the same steps and their
+    decode steps carry none (lower TPOT, higher TTFT) where the constrained answers, 44 to 56 tokens long,
+    spread theirs over every request's decode. The grammar's cost per token is read against the second."""
     scenario = yaml.safe_load(constrained.read_text())
     scenario.pop("response_format")
-    tokens = max(2, round(warmup["output_tokens_per_s"] * warmup["wall_s"] / warmup["successful"]))
-    scenario.update(max_tokens=[tokens, tokens], ignore_eos=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(scenario, sort_keys=False))
-    return path, tokens
+    mean = max(2, round(statistics.mean(lengths)))
+    folder.mkdir(parents=True, exist_ok=True)
+    fixed, matched = folder / "closed-c8-json-free.yaml", folder / "closed-c8-json-free-lengths.yaml"
+    fixed.write_text(yaml.safe_dump({**scenario, "max_tokens": [mean, mean], "ignore_eos": True}, sort_keys=False))
+    matched.write_text(yaml.safe_dump({**scenario, "max_tokens": [min(lengths), max(lengths)],
+                                       "max_tokens_choices": sorted(lengths), "ignore_eos": True}, sort_keys=False))
+    return fixed, matched, mean
 
 
 def main() -> None:
@@ -66,13 +80,16 @@ def main() -> None:
     try:
         servers["vllm"] = start("vllm", model, adapters, args.out)
         servers["vlora"] = start("vlora", model, adapters, args.out)
+        lengths: list[int] = []
         for kind, workload, scenario in runs:  # warm-up: adapters loaded, grammars compiled once
-            summary = load_run(servers[kind][1], scenario, names, args.warmup, rounds_dir / f"{kind}-{workload}-warmup")
-            if (kind, workload) == ("vlora", "json"):
-                length, tokens = same_length_workload(json_workload, summary, rounds_dir / "closed-c8-json-free.yaml")
-        runs.append(("vlora", "free-same-length", length))
+            load_run(servers[kind][1], scenario, names, args.warmup, rounds_dir / f"{kind}-{workload}-warmup")
+            if workload == "json":  # both servers' greedy answers: the constrained answers' lengths
+                lengths += answer_lengths(rounds_dir / f"{kind}-{workload}-warmup")
+        fixed, matched, tokens = length_controls(json_workload, lengths, rounds_dir)
+        runs += [("vlora", "free-same-length", fixed), ("vlora", "free-same-lengths", matched)]
         results: dict[str, list[dict]] = {f"{k}-{w}": [] for k, w, _ in runs}
-        load_run(servers["vlora"][1], length, names, args.warmup, rounds_dir / "vlora-free-same-length-warmup")
+        for _, workload, scenario in runs[-2:]:
+            load_run(servers["vlora"][1], scenario, names, args.warmup, rounds_dir / f"vlora-{workload}-warmup")
         for round_ in range(args.rounds):
             shift = round_ % len(runs)
             for kind, workload, scenario in runs[shift:] + runs[:shift]:
@@ -87,21 +104,27 @@ def main() -> None:
             stop(proc)
     med = {key: median_summary(rounds) for key, rounds in results.items()}
     versus_vllm = [r for r in compare(med["vllm-json"], med["vlora-json"]) if r[0] in FIGURES]
+    versus_lengths = [r for r in compare(med["vlora-free-same-lengths"], med["vlora-json"]) if r[0] in FIGURES]
     versus_same = [r for r in compare(med["vlora-free-same-length"], med["vlora-json"]) if r[0] in FIGURES]
     versus_free = [r for r in compare(med["vlora-free"], med["vlora-json"]) if r[0] in FIGURES]
     tput = med["vlora-json"]["output_tokens_per_s"] / med["vllm-json"]["output_tokens_per_s"]
-    tpot = med["vlora-json"]["tpot"]["p50"] / med["vlora-free-same-length"]["tpot"]["p50"]
+    tpot = med["vlora-json"]["tpot"]["p50"] / med["vlora-free-same-lengths"]["tpot"]["p50"]
+    tpot_mean = med["vlora-json"]["tpot"]["p50"] / med["vlora-free-same-length"]["tpot"]["p50"]
     tpot_64 = med["vlora-json"]["tpot"]["p50"] / med["vlora-free"]["tpot"]["p50"]
     text = [f"JSON-schema constrained requests, closed loop c=8, images, 4 adapters; medians of {args.rounds} rounds "
             f"of {args.requests} requests (order rotating), after {args.warmup} warm-up",
             "", "constrained: A = vLLM's server, B = vlora", compare_table(versus_vllm),
-            "", f"vlora: A = unconstrained, same prompts and length ({tokens} tokens, the constrained answers' mean), "
-                "B = constrained", compare_table(versus_same),
+            "", f"vlora: A = unconstrained, same prompts and answer lengths (drawn from the {len(lengths)} constrained "
+                f"warm-up answers' lengths, {min(lengths)}-{max(lengths)} tokens), B = constrained",
+            compare_table(versus_lengths),
+            "", f"vlora: A = unconstrained, same prompts, every answer the constrained answers' mean length ({tokens} "
+                "tokens: the closed loop's requests in lockstep), B = constrained", compare_table(versus_same),
             "", "vlora: A = unconstrained closed-c8.yaml (64 tokens: fewer prefills per token), B = constrained",
             compare_table(versus_free),
             "", f"targets: constrained output tok/s vlora / vLLM {tput:.3f} (>= 1.00: {'met' if tput >= 1.0 else 'NOT met'}); "
-                f"constrained / unconstrained TPOT p50 on vlora at the same length {tpot:.3f} "
-                f"(<= 1.15: {'met' if tpot <= 1.15 else 'NOT met'}; against 64-token answers {tpot_64:.3f}); "
+                f"constrained / unconstrained TPOT p50 on vlora at the same answer lengths {tpot:.3f} "
+                f"(<= 1.15: {'met' if tpot <= 1.15 else 'NOT met'}; against the mean length alone {tpot_mean:.3f}, "
+                f"against 64-token answers {tpot_64:.3f}); "
                 f"took {time.monotonic() - started:.0f} s"]
     report = "\n".join(text)
     (args.out / "comparison.txt").write_text(report + "\n")

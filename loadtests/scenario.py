@@ -45,6 +45,10 @@ class Scenario:
     images_per_request: int = 1
     prompt_words: tuple[int, int] = (4, 12)
     max_tokens: tuple[int, int] = (16, 64)
+    # Output lengths to draw from instead of the max_tokens range (e.g. the lengths a constrained workload's
+    # answers had: an unconstrained control with the same length distribution). Drawn from a stream of their own,
+    # so the rest of the plan (models, prompts, images) is the same as without them.
+    max_tokens_choices: list[int] = field(default_factory=list)
     ignore_eos: bool = True
     temperature: float = 0.0
     response_format: dict | None = None  # sent as is (e.g. a json_schema constraint); needs ignore_eos: false
@@ -85,6 +89,8 @@ class Scenario:
             lo, hi = getattr(self, name)
             if not 1 <= lo <= hi:
                 problems.append(f"{name} must be [min, max] with 1 <= min <= max")
+        if any(not isinstance(n, int) or n < 1 for n in self.max_tokens_choices):
+            problems.append("max_tokens_choices must be positive integers")
         for extra in self.extras:
             if not isinstance(extra, dict) or set(extra) - {"weight", "body", "name"} or \
                     not isinstance(extra.get("body"), dict) or float(extra.get("weight", 1)) <= 0:
@@ -143,6 +149,7 @@ def plan(s: Scenario, adapters: list[str]) -> list[PlannedRequest]:
     if not adapters:
         raise ScenarioError("no adapters to send traffic to")
     rng = random.Random(s.seed)
+    lengths = random.Random(f"{s.seed}-max-tokens-choices")
     weights = adapter_weights(s, adapters)
     t = 0.0
     out = []
@@ -161,7 +168,9 @@ def plan(s: Scenario, adapters: list[str]) -> list[PlannedRequest]:
         buckets = rng.choices(s.images, [b.weight for b in s.images], k=s.images_per_request) if s.images else []
         extra = rng.choices(range(len(s.extras)), [float(e.get("weight", 1)) for e in s.extras])[0] \
             if s.extras else None
+        max_tokens = rng.randint(*s.max_tokens)
+        if s.max_tokens_choices:
+            max_tokens = lengths.choice(s.max_tokens_choices)
         out.append(PlannedRequest(index=i, at=t if s.mode == "open" else None, model=model, cold=cold, prompt=prompt,
-                                  max_tokens=rng.randint(*s.max_tokens), images=buckets,
-                                  image_seed=rng.randrange(1 << 30), extra=extra))
+                                  max_tokens=max_tokens, images=buckets, image_seed=rng.randrange(1 << 30), extra=extra))
     return out

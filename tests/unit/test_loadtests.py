@@ -76,7 +76,23 @@ def test_adapter_mixes():
     assert not any(p.cold or p.model in ("x", "y") for p in cold[2:])
 
 
+def test_output_lengths_from_choices_leave_the_rest_of_the_plan_as_it_was():
+    """max_tokens_choices (a length-matched control's lengths) draws every output length from the list; models,
+    prompts and images are the plan's without it, so the control is the same traffic but for its lengths."""
+    base = Scenario(mix="uniform", max_requests=400, seed=5)
+    choices = [44, 50, 50, 51, 56]
+    matched = Scenario(mix="uniform", max_requests=400, seed=5, max_tokens_choices=choices)
+    a, b = plan(base, ["x", "y"]), plan(matched, ["x", "y"])
+    assert [(p.model, p.prompt, p.image_seed, p.images) for p in a] == \
+        [(p.model, p.prompt, p.image_seed, p.images) for p in b]
+    lengths = [p.max_tokens for p in b]
+    assert set(lengths) == set(choices)
+    assert lengths.count(50) == pytest.approx(400 * 2 / 5, rel=0.25)  # drawn as often as listed
+    assert [p.max_tokens for p in plan(matched, ["x", "y"])] == lengths  # deterministic from the seed
+
+
 @pytest.mark.parametrize("kw,needle", [
+    ({"max_tokens_choices": [10, 0]}, "max_tokens_choices"),
     ({"mode": "burst"}, "mode must be"),
     ({"mix": "weights", "adapters": ["a", "b"], "weights": [1]}, "one weight per adapter"),
     ({"max_requests": 0}, "stop by itself"),
