@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from loadtests.report import compare, compare_table  # noqa: E402
-from service.cpus import engine_bound_cpus, format_cpus, pin_process  # noqa: E402
+from service.cpus import api_cpus, engine_bound_cpus, format_cpus, pin_process  # noqa: E402
 
 CONTROL_FIGURES = ("requests_per_s", "output_tokens_per_s", "ttft.p50", "ttft.p90", "tpot.p50", "e2e.p50")
 ENGINE = {"max-model-len": "4096", "max-num-seqs": "16", "max-loras": "4", "max-lora-rank": "16"}
@@ -106,10 +106,6 @@ def stop(proc: subprocess.Popen) -> None:
 
 def pin_off_engine_cpus(pid: int) -> str:
     """Pin every thread of the server process `pid` off the cores its engine's workers are bound to."""
-    import os
-
-    from service.cpus import api_cpus
-
     everywhere = os.sched_getaffinity(0)
     cpus = api_cpus("auto", everywhere, engine_bound_cpus(pid, everywhere))
     if cpus is None:
