@@ -8,7 +8,9 @@ Both servers run at once on 127.0.0.1; each round runs, in alternating order, th
 (`loadtests/scenarios/closed-c8-json.yaml`: closed loop c=8, images, 4 adapters, every answer constrained by an
 enum/boolean schema) on each server, and on vlora three unconstrained ones: the same prompts with answers of the
 constrained answers' lengths (drawn from the lengths the warm-up's constrained answers had, `ignore_eos`), the
-same prompts with every answer their mean length, and `closed-c8.yaml` (64-token answers). The table compares
+same prompts with every answer their mean length, and `closed-c8.yaml` (64-token answers). vLLM's server runs
+the same-lengths control too, so that the table also shows what the grammar costs vLLM's own server, and
+whether vlora's constrained figures differ from vLLM's where its unconstrained ones do not. The table compares
 per-figure medians over rounds. Targets: vlora's constrained output tok/s >= 1.00x vLLM's server's; vlora's
 constrained TPOT p50 <= 1.15x its unconstrained TPOT p50 at the same answer lengths (see `length_controls` for
 why the lengths and not only their mean). Both servers use xgrammar with compact JSON (vlora's default;
@@ -86,10 +88,11 @@ def main() -> None:
             if workload == "json":  # both servers' greedy answers: the constrained answers' lengths
                 lengths += answer_lengths(rounds_dir / f"{kind}-{workload}-warmup")
         fixed, matched, tokens = length_controls(json_workload, lengths, rounds_dir)
-        runs += [("vlora", "free-same-length", fixed), ("vlora", "free-same-lengths", matched)]
+        runs += [("vlora", "free-same-length", fixed), ("vlora", "free-same-lengths", matched),
+                 ("vllm", "free-same-lengths", matched)]
         results: dict[str, list[dict]] = {f"{k}-{w}": [] for k, w, _ in runs}
-        for _, workload, scenario in runs[-2:]:
-            load_run(servers["vlora"][1], scenario, names, args.warmup, rounds_dir / f"vlora-{workload}-warmup")
+        for kind, workload, scenario in runs[-3:]:
+            load_run(servers[kind][1], scenario, names, args.warmup, rounds_dir / f"{kind}-{workload}-warmup")
         for round_ in range(args.rounds):
             shift = round_ % len(runs)
             for kind, workload, scenario in runs[shift:] + runs[:shift]:
@@ -107,6 +110,9 @@ def main() -> None:
     versus_lengths = [r for r in compare(med["vlora-free-same-lengths"], med["vlora-json"]) if r[0] in FIGURES]
     versus_same = [r for r in compare(med["vlora-free-same-length"], med["vlora-json"]) if r[0] in FIGURES]
     versus_free = [r for r in compare(med["vlora-free"], med["vlora-json"]) if r[0] in FIGURES]
+    vllm_lengths = [r for r in compare(med["vllm-free-same-lengths"], med["vllm-json"]) if r[0] in FIGURES]
+    free_versus_vllm = [r for r in compare(med["vllm-free-same-lengths"], med["vlora-free-same-lengths"]) if r[0] in FIGURES]
+    vllm_tpot = med["vllm-json"]["tpot"]["p50"] / med["vllm-free-same-lengths"]["tpot"]["p50"]
     tput = med["vlora-json"]["output_tokens_per_s"] / med["vllm-json"]["output_tokens_per_s"]
     tpot = med["vlora-json"]["tpot"]["p50"] / med["vlora-free-same-lengths"]["tpot"]["p50"]
     tpot_mean = med["vlora-json"]["tpot"]["p50"] / med["vlora-free-same-length"]["tpot"]["p50"]
@@ -121,10 +127,13 @@ def main() -> None:
                 "tokens: the closed loop's requests in lockstep), B = constrained", compare_table(versus_same),
             "", "vlora: A = unconstrained closed-c8.yaml (64 tokens: fewer prefills per token), B = constrained",
             compare_table(versus_free),
+            "", "vLLM's server: A = unconstrained at the same answer lengths, B = constrained (what the grammar costs "
+                "vLLM's own server)", compare_table(vllm_lengths),
+            "", "unconstrained at the same answer lengths: A = vLLM's server, B = vlora", compare_table(free_versus_vllm),
             "", f"targets: constrained output tok/s vlora / vLLM {tput:.3f} (>= 1.00: {'met' if tput >= 1.0 else 'NOT met'}); "
                 f"constrained / unconstrained TPOT p50 on vlora at the same answer lengths {tpot:.3f} "
                 f"(<= 1.15: {'met' if tpot <= 1.15 else 'NOT met'}; against the mean length alone {tpot_mean:.3f}, "
-                f"against 64-token answers {tpot_64:.3f}); "
+                f"against 64-token answers {tpot_64:.3f}; vLLM's server's own ratio {vllm_tpot:.3f}); "
                 f"took {time.monotonic() - started:.0f} s"]
     report = "\n".join(text)
     (args.out / "comparison.txt").write_text(report + "\n")

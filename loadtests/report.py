@@ -40,6 +40,8 @@ def markdown(summary: dict, meta: dict, plots: list[Path]) -> str:
     lines.append(row("**all**", summary))
     for name, s in summary.get("per_adapter", {}).items():
         lines.append(row(f"`{name}`", s))
+    for name, s in summary.get("per_extra", {}).items():
+        lines.append(row(f"extra `{name}`", s))
     lines += ["", f"Cold-adapter TTFT p50 {_fmt(summary['cold_ttft']['p50'])} "
               f"(n={summary['cold_ttft']['n']}); warm TTFT p50 {_fmt(summary['ttft']['p50'])}."]
     if summary.get("slo"):
@@ -132,6 +134,11 @@ def compare(a: dict, b: dict) -> list[tuple[str, float, float, float | None]]:
         for key in pa:
             if key in pb:
                 rows.append((f"{adapter}/{key}", pa[key], pb[key], pb[key] / pa[key] if pa[key] else None))
+    for kind in sorted(set(a.get("per_extra", {})) & set(b.get("per_extra", {}))):
+        pa, pb = _flatten(a["per_extra"][kind]), _flatten(b["per_extra"][kind])
+        for key in pa:
+            if key in pb:
+                rows.append((f"extra:{kind}/{key}", pa[key], pb[key], pb[key] / pa[key] if pa[key] else None))
     return rows
 
 

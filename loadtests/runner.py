@@ -62,7 +62,8 @@ def request_body(s: Scenario, p: PlannedRequest) -> dict:
 async def send_one(client: httpx.AsyncClient, url: str, s: Scenario, p: PlannedRequest, t0: float,
                    headers: dict[str, str]) -> RequestRecord:
     body = await asyncio.to_thread(request_body, s, p)
-    rec = RequestRecord(index=p.index, model=p.model, cold=p.cold, start=time.perf_counter() - t0)
+    rec = RequestRecord(index=p.index, model=p.model, cold=p.cold, start=time.perf_counter() - t0,
+                        extra=None if p.extra is None else s.extras[p.extra].get("name", f"extra-{p.extra}"))
     try:
         async with client.stream("POST", f"{url}/v1/chat/completions", json=body, headers=headers,
                                  timeout=s.timeout_s) as resp:

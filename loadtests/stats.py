@@ -27,6 +27,7 @@ class RequestRecord:
     end: float | None = None
     output_tokens: int = 0
     prompt_tokens: int = 0
+    extra: str | None = None        # the name of the scenario extras entry it carried
 
     @property
     def ok(self) -> bool:
@@ -111,6 +112,9 @@ def summarize_all(records: list[RequestRecord], wall_s: float, slo: dict[str, fl
         model: summarize([r for r in records if r.model == model], wall_s, slo)
         for model in sorted({r.model for r in records})
     }
+    kinds = sorted({r.extra for r in records if r.extra is not None})
+    if kinds:  # servers may stream some kinds differently (a held-back tool call): each is summarized alone
+        out["per_extra"] = {kind: summarize([r for r in records if r.extra == kind], wall_s, slo) for kind in kinds}
     return out
 
 

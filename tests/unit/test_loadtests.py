@@ -19,11 +19,11 @@ def test_percentile_matches_numpy(values, p):
     assert percentile([], p) is None
 
 
-def _rec(i, model, ttft, n_tokens, e2e, status=200, error=None, cold=False):
+def _rec(i, model, ttft, n_tokens, e2e, status=200, error=None, cold=False, extra=None):
     start = float(i)
     times = [start + ttft + k * (e2e - ttft) / max(n_tokens - 1, 1) for k in range(n_tokens)]
     return RequestRecord(index=i, model=model, cold=cold, start=start, status=status, error=error, ttft=ttft,
-                         token_times=times, end=start + e2e, output_tokens=n_tokens)
+                         token_times=times, end=start + e2e, output_tokens=n_tokens, extra=extra)
 
 
 def test_summary_on_known_timings():
@@ -117,6 +117,16 @@ def test_shipped_scenarios_load():
 
     for path in (Path(__file__).resolve().parents[2] / "loadtests" / "scenarios").glob("*.yaml"):
         assert Scenario.from_yaml(path).max_requests > 0
+
+
+def test_requests_are_summarized_by_the_extra_they_carried():
+    records = [_rec(0, "a", 0.1, 11, 1.1, extra="plain"), _rec(1, "a", 0.3, 11, 2.3, extra="tool"),
+               _rec(2, "b", 0.2, 5, 0.6, extra="tool")]
+    s = summarize_all(records, wall_s=10.0)
+    assert set(s["per_extra"]) == {"plain", "tool"}
+    assert s["per_extra"]["plain"]["requests"] == 1 and s["per_extra"]["plain"]["tpot"]["p50"] == pytest.approx(0.1)
+    assert s["per_extra"]["tool"]["requests"] == 2 and s["per_extra"]["tool"]["ttft"]["p50"] == pytest.approx(0.25)
+    assert "per_extra" not in summarize_all([_rec(0, "a", 0.1, 11, 1.1)], wall_s=1.0)  # no extras: no split
 
 
 def test_compare_ratios():
