@@ -88,6 +88,16 @@ def preload(library: str, current: str) -> str:
 
 
 # Words of vLLM's structured-output validation errors (which name no parameter we could map back).
+# An engine output that came this fast after the stream asked for it was already queued (a decode step takes
+# milliseconds): the stream then lets the event loop turn before it goes on (see `generate`).
+QUEUED_OUTPUT_S = 0.0005
+
+
+async def _let_others_run() -> None:
+    """One turn of the event loop for the other tasks."""
+    await asyncio.sleep(0)
+
+
 CONSTRAINT_WORDS = ("structured", "grammar", "regex", "schema", "choice", "json")
 
 
@@ -431,7 +441,15 @@ class VLLMEngine:
             extra = {"priority": request.priority} if self.priority_scheduling else {}
             stream = self._llm.generate(prompt, self._sampling_params(request), request.request_id, lora_request=lora,
                                         **self._reasoning_kwargs(request), **extra)
+            resumed = time.perf_counter()
             async for out in stream:
+                # When outputs are already queued, neither vLLM's collector nor the response writer yields
+                # to the event loop: one fast stream would starve every other request (health checks,
+                # metrics, disconnect detection) until it ends. Let them run before such an output. One that
+                # took longer than QUEUED_OUTPUT_S to come waited for an engine step: the loop ran meanwhile,
+                # and a turn of it more would only add to the stream's time per token.
+                if time.perf_counter() - resumed < QUEUED_OUTPUT_S:
+                    await _let_others_run()
                 prompt_tokens = len(out.prompt_token_ids) if out.prompt_token_ids is not None else None
                 prompt_logprobs = _prompt_logprobs(out, request.sampling.prompt_logprobs)
                 for choice in out.outputs:
@@ -441,10 +459,7 @@ class VLLMEngine:
                                 token_ids=choice.token_ids, prompt_logprobs=prompt_logprobs)
                     prompt_logprobs = None  # once per request
                 finished = out.finished
-                # When outputs are already queued, neither vLLM's collector nor the response writer yields
-                # to the event loop: one fast stream would starve every other request (health checks,
-                # metrics, disconnect detection) until it ends. Let them run between outputs.
-                await asyncio.sleep(0)
+                resumed = time.perf_counter()
         except Exception as exc:
             from vllm.exceptions import VLLMClientError
             from vllm.v1.engine.exceptions import EngineDeadError
