@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -281,7 +282,10 @@ def main() -> None:
                                            ("--engine-arg", "mm_processor_cache_gb=0", *args.soak_args.split()))
     path.write_text(json.dumps(results, indent=2))
     text = tables(results["flood"], [r for r in (results.get("soak"), results.get("soak_no_mm_cache")) if r])
-    (args.out / "results.md").write_text("Command: `.venv/bin/python bench/isolation.py`\n\n" + text + "\n")
+    shown = [a for i, a in enumerate(sys.argv[1:]) if a != "--out" and sys.argv[i] != "--out"
+             and not a.startswith("--out=")]  # where it was written says nothing about the run
+    command = " ".join([".venv/bin/python bench/isolation.py", *map(shlex.quote, shown)])
+    (args.out / "results.md").write_text(f"Command: `{command}`\n\n" + text + "\n")
     print(text)
 
 
