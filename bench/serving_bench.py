@@ -43,6 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from loadtests.report import compare, compare_table  # noqa: E402
+from loadtests.stats import RequestRecord  # noqa: E402
 from service.cpus import api_cpus, engine_bound_cpus, format_cpus, pin_process  # noqa: E402
 
 CONTROL_FIGURES = ("requests_per_s", "output_tokens_per_s", "ttft.p50", "ttft.p90", "tpot.p50", "e2e.p50")
@@ -160,39 +161,34 @@ def median_summary(summaries: list[dict]) -> dict:
     return merge(summaries)
 
 
-def pooled(runs: list[Path]) -> dict[str, list[dict]]:
+def pooled(runs: list[Path]) -> dict[str, list[RequestRecord]]:
     """Every successful request of these load runs, all together and by request kind."""
-    records = [r for run in runs for r in map(json.loads, (run / "results.jsonl").read_text().splitlines())
-               if r["status"] == 200 and r["error"] is None]
-    kinds = sorted({r["extra"] for r in records if r.get("extra")})
-    return {"all": records, **{k: [r for r in records if r.get("extra") == k] for k in kinds}}
+    records = [r for run in runs for line in (run / "results.jsonl").read_text().splitlines()
+               if (r := RequestRecord(**json.loads(line))).ok]
+    kinds = sorted({r.extra for r in records if r.extra})
+    return {"all": records, **{k: [r for r in records if r.extra == k] for k in kinds}}
 
 
-def figure(record: dict, name: str) -> float | None:
-    """A request's TTFT, TPOT (first to last chunk over its tokens after the first), E2E, or chunks per token."""
-    if name == "ttft":
-        return record["ttft"]
-    if name == "e2e":
-        return record["end"] - record["start"]
+def figure(record: RequestRecord, name: str) -> float | None:
+    """A request's TTFT, TPOT, E2E (loadtests' own figures), or chunks per output token."""
     if name == "chunks/token":
-        return len(record["token_times"]) / record["output_tokens"] if record["output_tokens"] else None
-    first = record["start"] + (record["ttft"] or 0.0)
-    return (record["end"] - first) / (record["output_tokens"] - 1) if record["output_tokens"] > 1 else None
+        return len(record.token_times) / record.output_tokens if record.output_tokens else None
+    return getattr(record, name)
 
 
-def p50(records: list[dict], name: str) -> float:
+def p50(records: list[RequestRecord], name: str) -> float:
     import statistics
 
     values = [v for r in records if (v := figure(r, name)) is not None]
     return statistics.median(values) if values else float("nan")
 
 
-def token_streamed_kinds(a: dict[str, list[dict]], b: dict[str, list[dict]]) -> list[str]:
+def token_streamed_kinds(a: dict[str, list[RequestRecord]], b: dict[str, list[RequestRecord]]) -> list[str]:
     """The request kinds whose median stream carries at least one chunk per two output tokens on both servers."""
     return [k for k in a if k != "all" and k in b and min(p50(a[k], "chunks/token"), p50(b[k], "chunks/token")) >= 0.5]
 
 
-def single_table(a: dict[str, list[dict]], b: dict[str, list[dict]]) -> str:
+def single_table(a: dict[str, list[RequestRecord]], b: dict[str, list[RequestRecord]]) -> str:
     """Medians of the pooled one-at-a-time requests, all and by kind: A, B and B/A."""
     rows = []
     for kind in ["all", *(k for k in a if k != "all" and k in b)]:

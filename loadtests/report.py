@@ -123,22 +123,18 @@ def _flatten(summary: dict) -> dict[str, float]:
 
 
 def compare(a: dict, b: dict) -> list[tuple[str, float, float, float | None]]:
-    """(figure, A, B, B/A) for every figure both summaries have, overall and per adapter."""
+    """(figure, A, B, B/A) for every figure both summaries have, overall, per adapter and per extras entry."""
     rows = []
     fa, fb = _flatten(a), _flatten(b)
     for key in fa:
         if key in fb:
             rows.append((key, fa[key], fb[key], fb[key] / fa[key] if fa[key] else None))
-    for adapter in sorted(set(a.get("per_adapter", {})) & set(b.get("per_adapter", {}))):
-        pa, pb = _flatten(a["per_adapter"][adapter]), _flatten(b["per_adapter"][adapter])
-        for key in pa:
-            if key in pb:
-                rows.append((f"{adapter}/{key}", pa[key], pb[key], pb[key] / pa[key] if pa[key] else None))
-    for kind in sorted(set(a.get("per_extra", {})) & set(b.get("per_extra", {}))):
-        pa, pb = _flatten(a["per_extra"][kind]), _flatten(b["per_extra"][kind])
-        for key in pa:
-            if key in pb:
-                rows.append((f"extra:{kind}/{key}", pa[key], pb[key], pb[key] / pa[key] if pa[key] else None))
+    for part, prefix in (("per_adapter", ""), ("per_extra", "extra:")):
+        for name in sorted(set(a.get(part, {})) & set(b.get(part, {}))):
+            pa, pb = _flatten(a[part][name]), _flatten(b[part][name])
+            for key in pa:
+                if key in pb:
+                    rows.append((f"{prefix}{name}/{key}", pa[key], pb[key], pb[key] / pa[key] if pa[key] else None))
     return rows
 
 

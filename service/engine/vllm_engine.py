@@ -87,7 +87,6 @@ def preload(library: str, current: str) -> str:
     return f"{library}:{current}" if current else library
 
 
-# Words of vLLM's structured-output validation errors (which name no parameter we could map back).
 # An engine output that came this fast after the stream asked for it was already queued (a decode step takes
 # milliseconds): the stream then lets the event loop turn before it goes on (see `generate`).
 QUEUED_OUTPUT_S = 0.0005
@@ -98,6 +97,7 @@ async def _let_others_run() -> None:
     await asyncio.sleep(0)
 
 
+# Words of vLLM's structured-output validation errors (which name no parameter we could map back).
 CONSTRAINT_WORDS = ("structured", "grammar", "regex", "schema", "choice", "json")
 
 
