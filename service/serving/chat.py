@@ -32,10 +32,11 @@ from service.protocol.chat import (
     Usage,
 )
 from service.serving.generation import Generation, sse_error
+from service.serving.jsontext import JsonStringEscaper, valid_json_text
 from service.serving.render import ChatRenderer
 from service.serving.sampling import sampling_for, wire_logprobs
 from service.serving.sse import DONE, sse_event
-from service.serving.tools import StreamedCalls, forced_call, forced_call_schema, wire_calls
+from service.serving.tools import StreamedCalls, cut_short_call, forced_call, forced_call_schema, wire_calls
 from service.serving.totals import Prepared, Totals
 
 # Prompts up to this many characters are tokenized on the event loop (for counting); longer ones in a thread.
@@ -138,9 +139,11 @@ class ChatService(Generation):
         text = "".join(totals.text.get(index, []))
         parser = self.engine.reasoning_parser(prep.request.reasoning) if prep.request.reasoning is not None else None
         if parser is None:
-            return None, text, None
-        reasoning, content = parser.split(text, totals.token_ids.get(index, []))
-        return reasoning, content, parser.reasoning_tokens()
+            reasoning, content, tokens = None, text, None
+        else:
+            reasoning, content = parser.split(text, totals.token_ids.get(index, []))
+            tokens = parser.reasoning_tokens()
+        return reasoning, valid_json_text(content) if prep.json_output else content, tokens
 
     def completion(self, prep: Prepared, totals: Totals) -> ChatCompletion:
         wants_logprobs = prep.request.sampling.logprobs is not None
@@ -162,8 +165,10 @@ class ChatService(Generation):
         content = text
         if prep.tool_mode == "auto" and text:
             content, calls = self.engine.tool_call_parser().parse(text)
-        elif prep.forced_tools and (call := forced_call(text or "")) is not None:
-            content, calls = None, [call]
+        elif prep.forced_tools:
+            call = forced_call(text or "")
+            content, calls = (None, [call]) if call is not None else cut_short_call(self.engine.tool_call_parser(),
+                                                                                   text or "")
         if not prep.parallel_tool_calls:
             calls = calls[:1]
         if calls and finish == "stop":
@@ -190,6 +195,7 @@ class ChatStream:
                       for i in range(self.n)} if prep.tool_mode != "none" else {}
         self.thinking = {i: service.engine.reasoning_parser(prep.request.reasoning)
                          for i in range(self.n)} if prep.request.reasoning is not None else {}
+        self.json = {i: JsonStringEscaper() for i in range(self.n)} if prep.json_output else {}
 
     def _chunk(self, choices: list[ChunkChoice], usage: Usage | None = None) -> str:
         p = self.prep
@@ -209,6 +215,8 @@ class ChatStream:
                 reasoning, content = join_text(reasoning, held_reasoning), join_text(content, held_content)
             if not self.prep.include_reasoning:
                 reasoning = None
+        if content and (escaper := self.json.get(delta.index)) is not None:
+            content = escaper.feed(content)
         if (state := self.calls.get(delta.index)) is not None:
             if content:
                 content, tool_calls = state.feed(content)

@@ -44,6 +44,7 @@ from service.protocol.responses import (
 )
 from service.serving.chat import ChatService, join_text
 from service.serving.generation import CLIENT_GONE
+from service.serving.jsontext import JsonStringEscaper
 from service.serving.response_store import ResponseStore, Stored
 from service.serving.tools import StreamedCalls
 from service.serving.totals import Prepared, Totals
@@ -390,6 +391,7 @@ class ResponsesStream:
             if prep.request.reasoning is not None else None
         self.calls = StreamedCalls(chat.engine.tool_call_parser(), forced=prep.forced_tools,
                                    parallel=prep.parallel_tool_calls) if prep.tool_mode != "none" else None
+        self.json = JsonStringEscaper() if prep.json_output else None
         self.reasoning_id, self.message_id = f"rs_{uuid.uuid4().hex}", f"msg_{uuid.uuid4().hex}"
         self.seq = 0
         self.order: list[str] = []  # item ids, in output order
@@ -461,6 +463,8 @@ class ResponsesStream:
             if delta.finish_reason:
                 held_reasoning, held_content = self.thinker.end()
                 reasoning, content = join_text(reasoning, held_reasoning), join_text(content, held_content)
+        if content and self.json is not None:
+            content = self.json.feed(content)
         calls = []
         if self.calls is not None:
             if content:

@@ -55,6 +55,22 @@ def forced_call(text: str) -> ParsedToolCall | None:
     return ParsedToolCall(name=obj["name"], arguments=json.dumps(obj["arguments"], ensure_ascii=False))
 
 
+def cut_short_call(parser: ToolCallParser, text: str) -> tuple[str | None, list[ParsedToolCall]]:
+    """A forced call cut short (by max_tokens) as its stream ends: the call with the arguments written so far
+    once its name is complete (as OpenAI answers a call that max_tokens cut), so that a whole answer and a
+    streamed one agree."""
+    calls = StreamedCalls(parser, forced=True)
+    content, deltas = calls.feed(text)
+    names: dict[int, str] = {}
+    arguments: dict[int, list[str]] = {}
+    for d in deltas + calls.end():
+        if d.function.name:
+            names[d.index] = d.function.name
+        arguments.setdefault(d.index, []).append(d.function.arguments or "")
+    return content, [ParsedToolCall(name=names[i], arguments="".join(parts)) for i, parts in sorted(arguments.items())
+                     if i in names]
+
+
 def wire_calls(calls: list[ParsedToolCall]) -> list[ToolCall] | None:
     return [ToolCall(id=call_id(), function=FunctionCall(name=c.name, arguments=c.arguments)) for c in calls] or None
 
@@ -88,8 +104,10 @@ class StreamedCalls:
         for d in deltas:
             if d.index > 0 and not self.parallel:
                 continue
-            self.called = True
             first = d.index not in self.ids
+            if first and not d.name:
+                continue  # a call is sent once its name is known (a call cut short before it is none)
+            self.called = True
             if first:
                 self.ids[d.index] = call_id()
             out.append(DeltaToolCall(index=d.index, id=self.ids[d.index] if first else None,

@@ -38,6 +38,13 @@ class Prepared:
         """A required or named tool_choice: the output is constrained to one call."""
         return self.tool_mode in ("required", "named")
 
+    @property
+    def json_output(self) -> bool:
+        """The output is constrained to JSON (a schema, any object, or a forced call): serving/jsontext.py makes
+        its strings valid JSON."""
+        constraint = self.request.sampling.constraint
+        return constraint is not None and constraint.kind in ("json", "json_object")
+
 
 @dataclass
 class Totals:

@@ -129,6 +129,69 @@ def test_logit_bias_forces_a_token(client, messages, tiny_processor):
         assert [t.token for t in r.choices[0].logprobs.content] == [token] * 4
 
 
+BOUNDED = {"type": "object", "properties": {"note": {"type": "string", "minLength": 3, "maxLength": 6}},
+           "required": ["note"], "additionalProperties": False}
+
+
+def _control_tokens(tokenizer) -> dict[str, int]:
+    """A logit_bias toward every token that decodes to a control character (U+0000-U+001F)."""
+    return {str(i): 60 for i in range(len(tokenizer)) if any(ord(ch) < 32 for ch in tokenizer.decode([i]))}
+
+
+def _strict_object(text: str) -> dict:
+    """The JSON object in `text`, parsed as strictly as RFC 8259 reads (raw control characters refused)."""
+    return json.loads(text, strict=True)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_bounded_strings_with_control_characters_are_valid_json(client, messages, tiny_processor, stream):
+    """xgrammar lets a string with minLength/maxLength hold raw control characters, which JSON forbids; pushed
+    toward them with logit_bias, the model writes some, and vlora's answer escapes them: strict parsers,
+    `parse()` and the schema all accept it, and the decoded string is what the model wrote."""
+    bias = _control_tokens(tiny_processor.tokenizer)
+    fmt = {"type": "json_schema", "json_schema": {"name": "bounded", "schema": BOUNDED, "strict": True}}
+    text, finish, r = _create(client, "demo-a", messages, stream, response_format=fmt, logit_bias=bias,
+                              logprobs=True)
+    assert finish == "stop", text
+    value = _strict_object(text)
+    jsonschema.validate(value, BOUNDED)
+    tokens = [t.token for c in (r if stream else [r]) if c.choices and c.choices[0].logprobs
+              for t in c.choices[0].logprobs.content]
+    assert any(ord(ch) < 32 for t in tokens for ch in t), tokens  # the model wrote raw control characters
+    assert any(ord(ch) < 32 for ch in value["note"])  # and they are in the string, escaped in the JSON
+
+
+def test_forced_tool_call_with_control_characters_has_valid_arguments(client, messages, tiny_processor):
+    tool = {"type": "function", "function": {"name": "note", "parameters": BOUNDED}}
+    bias = _control_tokens(tiny_processor.tokenizer)
+    whole = client.chat.completions.create(model="demo-b", messages=messages, tools=[tool], tool_choice="required",
+                                           logit_bias=bias, temperature=0, max_tokens=120)
+    [call] = whole.choices[0].message.tool_calls
+    arguments = _strict_object(call.function.arguments)
+    jsonschema.validate(arguments, BOUNDED)
+    assert any(ord(ch) < 32 for ch in arguments["note"])
+    streamed = "".join(tc.function.arguments or "" for chunk in client.chat.completions.create(
+        model="demo-b", messages=messages, tools=[tool], tool_choice="required", logit_bias=bias, temperature=0,
+        max_tokens=120, stream=True) if chunk.choices for tc in chunk.choices[0].delta.tool_calls or [])
+    assert _strict_object(streamed) == arguments
+
+
+def test_a_forced_call_cut_short_is_the_same_whole_and_streamed(client, messages):
+    """max_tokens ends a required call inside its arguments: both answers hold the call with the arguments
+    written so far and finish_reason "length", as OpenAI answers a call that max_tokens cut."""
+    kw = {"model": "demo-a", "messages": messages, "tools": [TOOL], "tool_choice": "required", "temperature": 0,
+          "max_tokens": 30}
+    whole = client.chat.completions.create(**kw).choices[0]
+    [call] = whole.message.tool_calls
+    assert whole.finish_reason == "length" and call.function.name == "record"
+    assert '"arguments"' not in call.function.arguments and call.function.arguments.startswith("{")
+    chunks = [c for c in client.chat.completions.create(stream=True, **kw) if c.choices]
+    deltas = [tc for c in chunks for tc in c.choices[0].delta.tool_calls or []]
+    assert deltas[0].function.name == "record" and deltas[0].id
+    assert "".join(tc.function.arguments or "" for tc in deltas) == call.function.arguments
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
 @pytest.mark.parametrize(("extra", "param"), [
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objekt"}}}},
      "response_format"),
