@@ -151,8 +151,29 @@ def api_error_response(exc: APIError) -> JSONResponse:
     )
 
 
+def body_message(err: dict) -> str | None:
+    """What is wrong with the request body as a whole (not JSON, not an object, missing), if that is the error."""
+    loc = tuple(err.get("loc", ()))
+    if err.get("type") == "json_invalid":
+        where = f" at character {loc[1]}" if len(loc) > 1 else ""
+        return f"the request body is not valid JSON ({(err.get('ctx') or {}).get('error', 'decode error')}{where})"
+    if loc != ("body",):
+        return None
+    if err.get("type") == "missing":
+        return "the request body is empty: send a JSON object with Content-Type: application/json"
+    if isinstance(err.get("input"), bytes):  # a body FastAPI did not parse: not sent as JSON
+        return "the request body must be a JSON object sent with Content-Type: application/json"
+    kind = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "a boolean"}.get(
+        type(err.get("input")), "not an object")
+    return f"the request body must be a JSON object, not {kind}"
+
+
 def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
-    """First few pydantic errors as one readable line, plus the dotted path of the first as `param`."""
+    """First few pydantic errors as one readable line, plus the dotted path of the first as `param` (no
+    `param` when the body as a whole is wrong)."""
+    for err in exc.errors():
+        if (whole := body_message(err)) is not None:
+            return whole, None
     parts, param = [], None
     # Union branches each report an error; the deepest location is the one that names the real problem.
     errors = sorted(exc.errors(), key=lambda e: -len(e.get("loc", ())))

@@ -116,7 +116,7 @@ class NamedToolChoice(_Lenient):
     function: NamedFunction
 
 
-_UNSUPPORTED = ("functions", "audio")
+_UNSUPPORTED = ("functions", "audio", "web_search_options")
 # Template variables vlora sets itself (or the processor's own arguments): not settable by a client.
 TEMPLATE_RESERVED = {"messages", "tools", "documents", "add_generation_prompt", "continue_final_message", "tokenize",
                      "return_dict", "chat_template", "tokenizer", "processor"}
@@ -140,6 +140,16 @@ class ChatCompletionRequest(SamplingRequest):
     # Accepted so we can name them in a clear refusal instead of silently ignoring them.
     functions: Any = None
     audio: Any = None
+    web_search_options: Any = None
+    modalities: list[str] | None = None  # OpenAI's output modalities: text is the only one served
+
+    @field_validator("modalities")
+    @classmethod
+    def _modalities(cls, v: list[str] | None) -> list[str] | None:
+        other = sorted(set(v or ()) - {"text"})
+        if other:
+            raise ValueError(f"this server answers text only, not {', '.join(map(repr, other))}")
+        return v
 
     # Field validators (not the model validator) so that each refusal names its parameter.
     @field_validator(*_UNSUPPORTED)

@@ -82,3 +82,18 @@ def test_unknown_route_and_method(client):
     assert client.get("/nope").json()["error"]["code"] == "not_found"
     resp = client.get("/chat")
     assert resp.status_code == 405 and resp.json()["error"]["code"] == "method_not_allowed"
+
+
+@pytest.mark.parametrize(("content", "headers", "says"), [
+    (b"{bad", {"content-type": "application/json"}, "the request body is not valid JSON (Expecting property name "
+                                                      "enclosed in double quotes at character 1)"),
+    (b"", {"content-type": "application/json"}, "the request body is empty"),
+    (b'{"model": "m"}', {"content-type": "text/plain"}, "sent with Content-Type: application/json"),
+    (b"[1, 2]", {"content-type": "application/json"}, "must be a JSON object, not an array"),
+    (b'"hi"', {"content-type": "application/json"}, "must be a JSON object, not a string"),
+])
+def test_a_body_that_is_not_a_json_object_says_so(client, content, headers, says):
+    resp = client.post("/chat", content=content, headers=headers)
+    assert resp.status_code == 400
+    err = resp.json()["error"]
+    assert says in err["message"] and err["param"] is None and err["type"] == "invalid_request_error", err

@@ -58,6 +58,8 @@ def test_image_url_as_bare_string():
     ({"stop": [""]}, "non-empty"),
     ({"tools": [{"type": "function"}]}, "tools.0.function"),
     ({"functions": [{"name": "f"}]}, "'functions' is not supported"),
+    ({"modalities": ["text", "audio"]}, "text only, not 'audio'"),
+    ({"web_search_options": {}}, "'web_search_options' is not supported"),
     ({"tool_choice": "required"}, "needs tools"),
     ({"tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "other"}}}, "not among the tools"),
     ({"tools": [TOOL], "tool_choice": "required", "response_format": {"type": "json_object"}}, "constrains the output"),
@@ -84,6 +86,12 @@ def test_invalid_requests(kw, needle):
 def test_text_response_format_is_accepted():
     r = req(response_format={"type": "text"})
     assert r.response_format.type == "text" and r.constraint() is None
+
+
+def test_text_modality_and_hints_that_do_not_change_the_answer_are_accepted():
+    """`modalities: ["text"]` is what is served; `prediction` (a latency hint) and `store` change no output."""
+    r = req(modalities=["text"], prediction={"type": "content", "content": "x"}, store=False)
+    assert r.modalities == ["text"]
 
 
 def test_constraints_and_logprobs_are_read_once():
