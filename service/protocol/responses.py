@@ -4,7 +4,8 @@ Supported: `input` as a string or items (messages with `input_text`, `input_imag
 earlier assistant turns; `function_call` and `function_call_output` items of earlier tool calls), `instructions`,
 `max_output_tokens`, `temperature`, `top_p` (and vLLM's `top_k`, `min_p`, `seed`, `repetition_penalty`,
 `min_tokens`), `text.format` (text, json_object, json_schema; or vLLM's
-`structured_outputs` as on the chat path), function `tools`
+`structured_outputs` as on the chat path), `include: ["message.output_text.logprobs"]` with `top_logprobs`
+(the output text's logprobs, whole and in each text delta), function `tools`
 with `tool_choice` (none, auto, required, a named function) and `parallel_tool_calls`, `stream` (the typed
 events), `metadata`; a thinking model's reasoning (with --reasoning-parser) comes as a `reasoning` output item
 before the message, tool calls as `function_call` items. `reasoning.effort` reaches the chat
@@ -102,6 +103,13 @@ class TextConfig(_Lenient):
 
 
 _REFUSED = ("conversation", "prompt")
+OUTPUT_LOGPROBS = "message.output_text.logprobs"
+# OpenAI's `include` values. Only the output text's logprobs add anything here; the others name items this
+# server never outputs (its tools are functions) or content it does not keep (encrypted reasoning), so they
+# add nothing, as they add nothing to a response without such items on OpenAI's API.
+INCLUDABLE = Literal["file_search_call.results", "web_search_call.results", "web_search_call.action.sources",
+                     "message.input_image.image_url", "computer_call_output.output.image_url",
+                     "code_interpreter_call.outputs", "reasoning.encrypted_content", "message.output_text.logprobs"]
 SAMPLING_EXTRAS = ("top_k", "min_p", "seed", "repetition_penalty", "min_tokens")
 
 
@@ -147,6 +155,19 @@ class ResponsesRequest(_Lenient):
     reasoning: ReasoningConfig | None = None
     background: bool = False
     prompt: Any = None
+    include: list[INCLUDABLE] | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_logprobs(cls, v: int | None, info: ValidationInfo) -> int | None:
+        if v is not None and OUTPUT_LOGPROBS not in (info.data.get("include") or ()):
+            raise ValueError(f"top_logprobs needs include: [{OUTPUT_LOGPROBS!r}]")
+        return v
+
+    @property
+    def output_logprobs(self) -> bool:
+        return OUTPUT_LOGPROBS in (self.include or ())
 
     @field_validator(*_REFUSED)
     @classmethod
@@ -200,6 +221,8 @@ class ResponsesRequest(_Lenient):
                                 "parallel_tool_calls": self.parallel_tool_calls}
         if self.structured_outputs is not None:
             body["structured_outputs"] = self.structured_outputs
+        if self.output_logprobs:
+            body.update(logprobs=True, top_logprobs=self.top_logprobs or 0)
         body.update({name: value for name in SAMPLING_EXTRAS if (value := getattr(self, name)) is not None})
         if self.reasoning is not None and self.reasoning.effort is not None:
             body["reasoning_effort"] = self.reasoning.effort
@@ -290,6 +313,7 @@ class Response(BaseModel):
     previous_response_id: str | None = None
     reasoning: dict | None = None
     truncation: str = "disabled"
+    top_logprobs: int | None = None
 
 
 class ResponseDeleted(BaseModel):

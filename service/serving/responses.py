@@ -27,7 +27,7 @@ from collections.abc import Callable
 from pydantic import ValidationError
 
 from service.auth import OPEN, Tenant
-from service.engine.base import Delta
+from service.engine.base import Delta, TokenLogprob
 from service.errors import APIError, BadRequest, NotFound, error_body
 from service.lifecycle import Drain
 from service.protocol.chat import ChatCompletionRequest
@@ -46,6 +46,7 @@ from service.serving.chat import ChatService, join_text
 from service.serving.generation import CLIENT_GONE
 from service.serving.jsontext import JsonStringEscaper
 from service.serving.response_store import ResponseStore, Stored
+from service.serving.sampling import wire_logprobs
 from service.serving.tools import StreamedCalls
 from service.serving.totals import Prepared, Totals
 
@@ -113,17 +114,26 @@ def _response(req: ResponsesRequest, prep: Prepared, status: str, output: list |
                     text={"format": fmt}, metadata=req.metadata or {}, parallel_tool_calls=req.parallel_tool_calls,
                     tool_choice=choice, tools=[t.model_dump(exclude_none=True) for t in req.tools or []],
                     store=stored, background=req.background, previous_response_id=req.previous_response_id,
-                    reasoning=req.reasoning.model_dump(exclude_none=True) if req.reasoning is not None else None)
+                    reasoning=req.reasoning.model_dump(exclude_none=True) if req.reasoning is not None else None,
+                    top_logprobs=req.top_logprobs)
+
+
+def _text_logprobs(tokens: list[TokenLogprob] | None) -> list[dict]:
+    """Tokens' logprobs as an output text carries them (the chat path's shape: token, logprob, bytes and
+    top_logprobs)."""
+    wired = wire_logprobs(tokens) if tokens else None
+    return [t.model_dump() for t in wired.content] if wired is not None else []
 
 
 def _items(status: str, reasoning: str | None, text: str | None, reasoning_id: str, message_id: str,
-           calls: list | None = None) -> list:
+           calls: list | None = None, logprobs: list[dict] | None = None) -> list:
     """The output items: the reasoning (when there is any), the message (when it has text, or nothing was
     called), then the function calls."""
     items: list = [OutputReasoning(id=reasoning_id, status=status, content=[ReasoningText(text=reasoning)])] \
         if reasoning is not None else []
     if text or not calls:
-        items.append(OutputMessage(id=message_id, status=status, content=[OutputText(text=text or "")]))
+        items.append(OutputMessage(id=message_id, status=status,
+                                   content=[OutputText(text=text or "", logprobs=logprobs or [])]))
     return items + [OutputFunctionCall(id=f"fc_{uuid.uuid4().hex}", call_id=c.id, name=c.function.name,
                                        arguments=c.function.arguments) for c in calls or []]
 
@@ -235,8 +245,9 @@ class ResponsesService:
             status = _status(totals)
             reasoning, content, tokens = self.chat.split(prep, totals, 0)
             message, _ = self.chat.message(prep, content, totals.finish.get(0), reasoning)
+            logprobs = _text_logprobs(totals.logprobs.get(0)) if req.output_logprobs else None
             output = _items(status, reasoning, message.content, f"rs_{uuid.uuid4().hex}", f"msg_{uuid.uuid4().hex}",
-                            message.tool_calls)
+                            message.tool_calls, logprobs)
             return keep(_response(req, prep, status, output, totals, tokens, stored))
 
         def stream(prep: Prepared) -> ResponsesStream:
@@ -392,6 +403,10 @@ class ResponsesStream:
         self.calls = StreamedCalls(chat.engine.tool_call_parser(), forced=prep.forced_tools,
                                    parallel=prep.parallel_tool_calls) if prep.tool_mode != "none" else None
         self.json = JsonStringEscaper() if prep.json_output else None
+        # Logprobs asked for (include): each text delta carries those of the tokens since the previous one (a
+        # thinking model's reasoning tokens too, as the whole response's text does), the text's done event all.
+        self.logprobs: list[TokenLogprob] | None = [] if req.output_logprobs else None
+        self.logprobs_sent = 0
         self.reasoning_id, self.message_id = f"rs_{uuid.uuid4().hex}", f"msg_{uuid.uuid4().hex}"
         self.seq = 0
         self.order: list[str] = []  # item ids, in output order
@@ -471,6 +486,8 @@ class ResponsesStream:
                 content, calls = self.calls.feed(content)
             if delta.finish_reason:
                 calls += self.calls.end()
+        if self.logprobs is not None and delta.logprobs:
+            self.logprobs += delta.logprobs
         events = []
         if reasoning and self.text is None and not self.functions:  # reasoning after other output is dropped
             if self.reasoning is None:
@@ -483,8 +500,14 @@ class ResponsesStream:
                 events += self._open_message()
             self.text.append(content)
             events.append(self._event("response.output_text.delta", **self._where(self.message_id), delta=content,
-                                      logprobs=[]))
+                                      logprobs=self._new_logprobs()))
         return events + self._function_deltas(calls)
+
+    def _new_logprobs(self) -> list[dict]:
+        if self.logprobs is None:
+            return []
+        new, self.logprobs_sent = self.logprobs[self.logprobs_sent:], len(self.logprobs)
+        return _text_logprobs(new)
 
     def end(self, totals: Totals) -> list[str]:
         status = _status(totals)
@@ -500,10 +523,11 @@ class ResponsesStream:
                 output.append(OutputReasoning(id=item_id, status=status,
                                               content=[ReasoningText(text="".join(self.reasoning))]))
             elif item_id == self.message_id:
-                text = "".join(self.text)
-                output.append(OutputMessage(id=item_id, status=status, content=[OutputText(text=text)]))
+                text, logprobs = "".join(self.text), _text_logprobs(self.logprobs)
+                output.append(OutputMessage(id=item_id, status=status,
+                                            content=[OutputText(text=text, logprobs=logprobs)]))
                 where = self._where(item_id)
-                events += [self._event("response.output_text.done", **where, text=text, logprobs=[]),
+                events += [self._event("response.output_text.done", **where, text=text, logprobs=logprobs),
                            self._event("response.content_part.done", **where, part=OutputText(text=text).model_dump()),
                            self._event("response.output_item.done", output_index=where["output_index"],
                                        item=output[-1].model_dump())]

@@ -64,7 +64,39 @@ def test_string_input_and_json_schema_format(client):
     assert json.loads(r.output_text)["color"] in ("red", "blue") and r.status == "completed"
 
 
+@pytest.mark.parametrize("model", [BASE, "demo-a"])
+def test_output_text_logprobs_are_the_chat_logprobs_whole_and_streamed(client, model):
+    """include: ["message.output_text.logprobs"] with top_logprobs: the output text carries the logprobs the chat
+    path answers for the same request; streamed, the text deltas carry them in order and the done event all."""
+    kw = {"model": model, "max_output_tokens": 6, "temperature": 0, "include": ["message.output_text.logprobs"],
+          "top_logprobs": 3}
+    r = client.responses.create(input=_input(), **kw)
+    chat = client.chat.completions.create(model=model, max_tokens=6, temperature=0, logprobs=True, top_logprobs=3,
+                                          messages=[{"role": "user", "content": [
+                                              {"type": "image_url", "image_url": {"url": _input()[0]["content"][0]["image_url"]}},
+                                              {"type": "text", "text": "What color is the shape?"}]}])
+
+    def rows(logprobs):
+        return [(t.token, round(t.logprob, 4), t.bytes, [(a.token, round(a.logprob, 4)) for a in t.top_logprobs])
+                for t in logprobs]
+
+    whole = rows(r.output[0].content[0].logprobs)
+    assert whole == rows(chat.choices[0].logprobs.content) and len(whole) == r.usage.output_tokens
+    assert r.top_logprobs == 3 and all(len(row[3]) == 3 for row in whole)
+    events = list(client.responses.create(input=_input(), stream=True, **kw))
+    streamed = [(t.token, round(t.logprob, 4)) for e in events if e.type == "response.output_text.delta"
+                for t in e.logprobs]
+    done = next(e for e in events if e.type == "response.output_text.done")
+    assert streamed == [row[:2] for row in whole[:len(streamed)]] and streamed
+    assert [(t.token, round(t.logprob, 4)) for t in done.logprobs] == [row[:2] for row in whole]
+    plain = client.responses.create(model=model, input="hi", max_output_tokens=2)
+    assert plain.output[0].content[0].logprobs == []
+
+
 @pytest.mark.parametrize(("kw", "param"), [
+    ({"top_logprobs": 2}, "top_logprobs"),
+    ({"include": ["message.output_text.logprobs"], "top_logprobs": 21}, "top_logprobs"),
+    ({"include": ["everything"]}, "include"),
     ({"conversation": "conv_1"}, "conversation"),
     ({"tools": [{"type": "web_search"}]}, "tools"),
     ({"tools": [{"type": "function", "name": "f", "parameters": {}}],
