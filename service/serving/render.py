@@ -101,7 +101,11 @@ class ChatRenderer:
     def image_tokens(self, width: int, height: int) -> int:
         if self.image_processor is None:
             raise BadRequest("this model does not accept images")
-        return self.image_processor.get_number_of_image_patches(height, width, {}) // (self._merge**2)
+        try:
+            return self.image_processor.get_number_of_image_patches(height, width, {}) // (self._merge**2)
+        except ValueError as exc:  # e.g. Qwen's resize: an aspect ratio over 200
+            raise BadRequest(f"an image of {width}x{height} pixels cannot be processed: {exc}",
+                             param="image_url") from None
 
     def tokenize(self, prompt: str) -> list[int]:
         """The prompt's token ids, as the engine would tokenize the text (handed to it, so it is done once)."""
@@ -125,6 +129,14 @@ class ChatRenderer:
         counted as the engine will expand it: from the frames' count and size by the processor's own arithmetic
         (Qwen3-VL's `get_num_of_video_patches` and `replace_video_token`), so that the frames are processed
         once, by the engine; other processors run whole."""
+        try:
+            return self._video_tokens(clip)
+        except ValueError as exc:  # e.g. Qwen's resize: an aspect ratio over 200
+            height, width = (int(n) for n in clip.frames.shape[1:3])
+            raise BadRequest(f"a video of {width}x{height} pixels cannot be processed: {exc}",
+                             param="video_url") from None
+
+    def _video_tokens(self, clip) -> int:
         processor, videos = self.processor, self.video_processor
         if not (hasattr(processor, "replace_video_token") and hasattr(videos, "get_num_of_video_patches")):
             return self._video_tokens_processed(clip)

@@ -254,6 +254,14 @@ def test_undecodable_images_are_400(server, client, red_uri, url, status):
     _assert_still_serves(client, red_uri)
 
 
+def test_an_image_too_narrow_to_resize_is_400_naming_it(server, client, red_uri):
+    """4000x10 pixels: Qwen's resize refuses an aspect ratio over 200 (a 500 before)."""
+    resp = _raw(server, {"model": BASE, "messages": image_message(data_uri(encode(shape_image("red", (4000, 10)))))})
+    _assert_error(resp, 400)
+    assert resp.json()["error"]["param"] == "image_url" and "aspect ratio" in resp.json()["error"]["message"]
+    _assert_still_serves(client, red_uri)
+
+
 def test_truncated_jpeg_is_400(server, client, red_uri):
     jpeg = encode(shape_image("red", (512, 512)), "JPEG")
     _assert_error(_raw(server, {"model": BASE, "messages": image_message(data_uri(jpeg[: len(jpeg) // 2]))}), 400)

@@ -119,3 +119,21 @@ def test_video_tokens_come_from_the_processors_arithmetic_without_processing_the
                                  type(tiny_processor.video_processor).__name__, fps=2.0, max_frames=32)
     renderer = ChatRenderer(tiny_processor)
     assert renderer.video_tokens(clip) == renderer._video_tokens_processed(clip)  # the processor run whole
+
+
+def test_an_image_the_processor_cannot_resize_is_a_400_naming_it(renderer):
+    """Qwen's resize refuses an aspect ratio over 200: a client error, not a crash of the request."""
+    with pytest.raises(BadRequest, match="4000x10 pixels cannot be processed: absolute aspect ratio") as exc:
+        renderer.image_tokens(4000, 10)
+    assert exc.value.param == "image_url"
+
+
+def test_a_video_the_processor_cannot_resize_is_a_400_naming_it(tiny_processor):
+    from service.engine.vllm_engine import VLLMEngine
+    from tests.videos import moving_circle_mp4
+
+    clip = VLLMEngine.load_video(None, moving_circle_mp4(frames=4, size=(840, 4), fps=4),
+                                 type(tiny_processor.video_processor).__name__, fps=2.0, max_frames=4)
+    with pytest.raises(BadRequest, match="840x4 pixels cannot be processed") as exc:
+        ChatRenderer(tiny_processor).video_tokens(clip)
+    assert exc.value.param == "video_url"
