@@ -16,6 +16,7 @@ from service.errors import APIError, BadRequest
 from service.protocol.completions import Completion, CompletionChoice, CompletionLogprobs, CompletionRequest
 from service.protocol.sampling import Usage
 from service.serving.generation import Generation, sse_error
+from service.serving.jsontext import JsonStringEscaper, valid_json_text
 from service.serving.render import ChatRenderer
 from service.serving.sampling import sampling_for
 from service.serving.sse import DONE, sse_event, sse_json
@@ -175,7 +176,11 @@ class CompletionService:
             head = prompt_logprobs(totals.prompt_logprobs, self._first_token(prep))
             return legacy_logprobs(totals.logprobs.get(i, []), _text_end(head), head)
 
-        choices = [CompletionChoice(index=offset + i, text=echoed + "".join(totals.text.get(i, [])),
+        def text(i: int) -> str:
+            out = "".join(totals.text.get(i, []))
+            return valid_json_text(out) if prep.json_output else out
+
+        choices = [CompletionChoice(index=offset + i, text=echoed + text(i),
                                     finish_reason=totals.finish.get(i), logprobs=logprobs(i))
                    for i in range(req.n)]
         return Completion(id=prep.request.request_id, created=prep.created, model=prep.model, choices=choices,
@@ -230,6 +235,7 @@ class CompletionStream:
         self.offsets: dict[int, int] = {}
         self.prompt: CompletionLogprobs | None = None
         self.echoed: set[int] = set()
+        self.json = {i: JsonStringEscaper() for i in range(n)} if prep.json_output else {}
 
     def _chunk(self, choices: list[CompletionChoice], usage=None) -> str:
         p, b = self.prep, self.batch
@@ -260,7 +266,10 @@ class CompletionStream:
             offset = self.offsets.get(delta.index, 0)
             logprobs = legacy_logprobs(delta.logprobs, offset)
             self.offsets[delta.index] = offset + sum(len(t.token) for t in delta.logprobs)
-        return head + [self._chunk([CompletionChoice(index=delta.index, text=delta.text,
+        text = delta.text
+        if text and (escaper := self.json.get(delta.index)) is not None:
+            text = escaper.feed(text)
+        return head + [self._chunk([CompletionChoice(index=delta.index, text=text,
                                                      finish_reason=delta.finish_reason, logprobs=logprobs)])]
 
     def end(self, totals: Totals) -> list[str]:

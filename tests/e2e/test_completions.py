@@ -3,9 +3,13 @@ logprobs, a constraint, and the refusals that name their field."""
 
 from __future__ import annotations
 
+import json
+
 import openai
 import pytest
 from openai import OpenAI
+
+from tests.e2e.test_structured import BOUNDED, _control_tokens
 
 BASE = "tiny-qwen3-vl"
 PROMPT = "What color is the shape? The shape is"
@@ -44,6 +48,16 @@ def test_legacy_logprobs_and_constraints(client):
     choice = client.completions.create(model=BASE, prompt=PROMPT, max_tokens=5, temperature=0,
                                        extra_body={"structured_outputs": {"choice": ["red", "blue"]}})
     assert choice.choices[0].text in ("red", "blue")
+
+
+def test_constrained_json_with_control_characters_is_valid_json_whole_and_streamed(client, tiny_processor):
+    """The chat path's escaping of raw control characters in bounded strings (test_structured.py) holds here too."""
+    kw = dict(model="demo-b", prompt=PROMPT, max_tokens=40, temperature=0, logit_bias=_control_tokens(tiny_processor.tokenizer),
+              extra_body={"structured_outputs": {"json": BOUNDED}})
+    whole = client.completions.create(**kw).choices[0].text
+    streamed = "".join(c.choices[0].text for c in client.completions.create(stream=True, **kw) if c.choices)
+    value = json.loads(whole)
+    assert streamed == whole and any(ord(ch) < 32 for ch in value["note"]), whole
 
 
 @pytest.mark.parametrize("model", [BASE, "demo-a"])
