@@ -44,6 +44,12 @@ class Sampling:
     prompt_logprobs: int | None = None  # the same for the prompt's own tokens (completions' echo); None: none
     logit_bias: dict[int, float] | None = None
     constraint: Constraint | None = None
+    stop_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
+    allowed_token_ids: list[int] | None = None
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
 
 
 @dataclass

@@ -401,6 +401,12 @@ class VLLMEngine:
             logprobs=s.logprobs,
             prompt_logprobs=s.prompt_logprobs,
             logit_bias=s.logit_bias,
+            stop_token_ids=s.stop_token_ids,
+            bad_words=s.bad_words,
+            allowed_token_ids=s.allowed_token_ids,
+            skip_special_tokens=s.skip_special_tokens,
+            spaces_between_special_tokens=s.spaces_between_special_tokens,
+            include_stop_str_in_output=s.include_stop_str_in_output,
             structured_outputs=self._structured_outputs(s.constraint),
             output_kind=RequestOutputKind.DELTA,
         )

@@ -116,7 +116,7 @@ class NamedToolChoice(_Lenient):
     function: NamedFunction
 
 
-_UNSUPPORTED = ("functions", "audio", "web_search_options")
+_UNSUPPORTED = ("functions", "audio", "web_search_options", "echo", "documents")
 # Template variables vlora sets itself (or the processor's own arguments): not settable by a client.
 TEMPLATE_RESERVED = {"messages", "tools", "documents", "add_generation_prompt", "continue_final_message", "tokenize",
                      "return_dict", "chat_template", "tokenizer", "processor"}
@@ -141,6 +141,8 @@ class ChatCompletionRequest(SamplingRequest):
     functions: Any = None
     audio: Any = None
     web_search_options: Any = None
+    echo: Any = None  # vLLM's: the last message's text before the answer
+    documents: Any = None  # vLLM's: documents for a RAG chat template
     modalities: list[str] | None = None  # OpenAI's output modalities: text is the only one served
 
     @field_validator("modalities")

@@ -1,9 +1,11 @@
 """What every generating request shares on the wire (pure pydantic): the model, streaming, sampling, the
-output constraint (OpenAI's `response_format` or vLLM's `structured_outputs`, one of them) and logit_bias."""
+output constraint (OpenAI's `response_format` or vLLM's `structured_outputs`, one of them), logit_bias, and
+vLLM's extra sampling parameters (those it serves passed on as vLLM's server passes them, the others refused by
+name)."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
@@ -66,6 +68,43 @@ class StructuredOutputs(BaseModel):
         raise AssertionError("validated to hold one constraint")
 
 
+# vLLM's extra request parameters that this server does not serve, each with why or what to send instead;
+# refused by name when set to anything but their inert default (vLLM's server honours them, so ignoring one
+# would answer something else than was asked).
+VLLM_REFUSED: dict[str, tuple[tuple, str]] = {
+    "use_beam_search": ((False,), "beam search is not served; sample n answers instead"),
+    "length_penalty": ((1, 1.0), "it applies to beam search, which is not served"),
+    "prompt_logprobs": ((), "the prompt's logprobs are served by /v1/completions with echo and logprobs"),
+    "return_tokens_as_token_ids": ((False,), "not served"),
+    "return_token_ids": ((False,), "not served"),
+    "truncate_prompt_tokens": ((), "a prompt over the context is refused, never cut (its images and tools would "
+                                   "lose their tokens)"),
+    "chat_template": ((), "every request is rendered by the model's own chat template (a template per request "
+                          "would run the client's code on the server)"),
+    "mm_processor_kwargs": ((), "the image processor's settings are the server's (they change an image's token "
+                                "count)"),
+    "priority": ((0,), "a request's priority is its tenant's class in the keys file"),
+    "request_id": ((), "send it as the X-Request-ID header, which every answer and log line carries"),
+    "cache_salt": ((), "not served"),
+    "vllm_xargs": ((), "not served"),
+    "kv_transfer_params": ((), "not served"),
+    "thinking_token_budget": ((), "not served"),
+    **{name: ((), "vLLM's structured_outputs replaced the guided_* parameters: send "
+                  f"structured_outputs: {{\"{kind}\": ...}}")
+       for name, kind in (("guided_json", "json"), ("guided_regex", "regex"), ("guided_choice", "choice"),
+                          ("guided_grammar", "grammar"))},
+    "guided_decoding_backend": ((), "the structured-output backend is the server's (--structured-outputs-backend)"),
+    "guided_whitespace_pattern": ((), "compact JSON unless the server runs with --structured-outputs-any-whitespace"),
+}
+
+
+def refuse_vllm_extra(value: Any, field: str) -> Any:
+    inert, why = VLLM_REFUSED[field]
+    if value is None or value in inert or value == {} or value == []:
+        return value
+    raise ValueError(f"'{field}' is not supported by this server: {why}")
+
+
 class SamplingRequest(_Lenient):
     model: str = Field(min_length=1)
     stream: bool = False
@@ -86,6 +125,38 @@ class SamplingRequest(_Lenient):
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputs | None = None
     logit_bias: dict[str, float] | None = None
+    # vLLM's extra sampling parameters, as its server takes them (its SamplingParams)
+    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(default=None, max_length=64)
+    bad_words: list[Annotated[str, Field(min_length=1)]] | None = Field(default=None, max_length=64)
+    allowed_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(default=None, min_length=1)
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    use_beam_search: Any = None
+    length_penalty: Any = None
+    prompt_logprobs: Any = None
+    return_tokens_as_token_ids: Any = None
+    return_token_ids: Any = None
+    truncate_prompt_tokens: Any = None
+    chat_template: Any = None
+    mm_processor_kwargs: Any = None
+    priority: Any = None
+    request_id: Any = None
+    cache_salt: Any = None
+    vllm_xargs: Any = None
+    kv_transfer_params: Any = None
+    thinking_token_budget: Any = None
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
+    guided_decoding_backend: Any = None
+    guided_whitespace_pattern: Any = None
+
+    @field_validator(*VLLM_REFUSED)
+    @classmethod
+    def _vllm_refused(cls, v: Any, info: ValidationInfo) -> Any:
+        return refuse_vllm_extra(v, info.field_name)
 
     @field_validator("stop")
     @classmethod

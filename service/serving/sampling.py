@@ -15,13 +15,13 @@ def sampling_for(req: ChatCompletionRequest, max_tokens: int, vocab_size: int,
                  forced_tool_schema: dict | None = None) -> Sampling:
     """The engine's sampling for `req`; `forced_tool_schema` (a required or named tool_choice) constrains the
     output to the one call it allows."""
-    logit_bias = None
-    if req.logit_bias:
-        logit_bias = {int(token): bias for token, bias in req.logit_bias.items()}
-        beyond = sorted(t for t in logit_bias if t >= vocab_size)
+    logit_bias = {int(token): bias for token, bias in req.logit_bias.items()} if req.logit_bias else None
+    for param, ids in (("logit_bias", logit_bias), ("stop_token_ids", req.stop_token_ids),
+                       ("allowed_token_ids", req.allowed_token_ids)):
+        beyond = sorted({t for t in ids or () if t >= vocab_size})
         if beyond:
-            raise BadRequest(f"logit_bias names token id(s) {beyond[:5]} outside the vocabulary (size {vocab_size})",
-                             param="logit_bias")
+            raise BadRequest(f"{param} names token id(s) {beyond[:5]} outside the vocabulary (size {vocab_size})",
+                             param=param)
     constraint = None
     if forced_tool_schema is not None:
         constraint = Constraint(kind="json", spec=forced_tool_schema, param="tool_choice")
@@ -33,7 +33,10 @@ def sampling_for(req: ChatCompletionRequest, max_tokens: int, vocab_size: int,
         min_p=req.min_p, n=req.n, stop=req.stop, seed=req.seed, presence_penalty=req.presence_penalty,
         frequency_penalty=req.frequency_penalty, repetition_penalty=req.repetition_penalty,
         min_tokens=req.min_tokens, ignore_eos=req.ignore_eos, logprobs=req.top_logprobs_wanted,
-        logit_bias=logit_bias, constraint=constraint,
+        logit_bias=logit_bias, constraint=constraint, stop_token_ids=req.stop_token_ids, bad_words=req.bad_words,
+        allowed_token_ids=req.allowed_token_ids, skip_special_tokens=req.skip_special_tokens,
+        spaces_between_special_tokens=req.spaces_between_special_tokens,
+        include_stop_str_in_output=req.include_stop_str_in_output,
     )
 
 

@@ -129,6 +129,42 @@ def test_logit_bias_forces_a_token(client, messages, tiny_processor):
         assert [t.token for t in r.choices[0].logprobs.content] == [token] * 4
 
 
+def test_vllm_sampling_extras_reach_the_engine(client, messages, tiny_processor):
+    """vLLM's allowed_token_ids, stop_token_ids, bad_words, include_stop_str_in_output and skip_special_tokens do
+    what they do on vLLM's server, for an adapter and streamed; the ones not served are a 400 naming them."""
+    tokenizer = tiny_processor.tokenizer
+    [shape], [color] = (tokenizer(w, add_special_tokens=False)["input_ids"] for w in ("shape", "color"))  # one token each
+    special = tokenizer.convert_tokens_to_ids("<|vision_end|>")
+
+    def ids(r) -> list[int]:
+        return [tokenizer.convert_tokens_to_ids(t.token) for t in r.choices[0].logprobs.content]
+
+    def extra(model="demo-a", stream=False, bias=None, max_tokens=6, **vllm):
+        kw = {"logit_bias": bias} if bias else {}
+        return _create(client, model, messages, stream, max_tokens=max_tokens, logprobs=not stream,
+                       extra_body=vllm, **kw)
+
+    _, _, r = extra(allowed_token_ids=[shape, color], min_tokens=6)
+    assert set(ids(r)) <= {shape, color} and len(ids(r)) == 6
+    _, finish, r = extra(allowed_token_ids=[shape, color], bias={str(color): 50}, stop_token_ids=[color])
+    assert finish == "stop" and ids(r) == [color]
+    _, _, r = extra(bias={str(shape): 100}, bad_words=["shape"], min_tokens=6)
+    assert shape not in ids(r) and len(ids(r)) == 6
+    for stream in (False, True):
+        kept, finish, _ = extra("demo-b", stream, {str(color): 50}, allowed_token_ids=[shape, color], stop=["color"],
+                                include_stop_str_in_output=True)
+        cut, _, _ = extra("demo-b", stream, {str(color): 50}, allowed_token_ids=[shape, color], stop=["color"])
+        assert finish == "stop" and kept == "color" and cut == ""
+        shown, _, _ = extra("demo-b", stream, max_tokens=2, allowed_token_ids=[special], skip_special_tokens=False,
+                            min_tokens=2)
+        hidden, _, _ = extra("demo-b", stream, max_tokens=2, allowed_token_ids=[special], min_tokens=2)
+        assert shown == "<|vision_end|>" * 2 and hidden == ""
+    for refused in ({"use_beam_search": True}, {"guided_json": SCHEMA}, {"stop_token_ids": [10**8]}):
+        with pytest.raises(openai.BadRequestError) as exc:
+            extra(**refused)
+        assert exc.value.body["param"] == next(iter(refused)), exc.value.body
+
+
 BOUNDED = {"type": "object", "properties": {"note": {"type": "string", "minLength": 3, "maxLength": 6}},
            "required": ["note"], "additionalProperties": False}
 

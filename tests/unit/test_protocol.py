@@ -59,6 +59,15 @@ def test_image_url_as_bare_string():
     ({"tools": [{"type": "function"}]}, "tools.0.function"),
     ({"functions": [{"name": "f"}]}, "'functions' is not supported"),
     ({"modalities": ["text", "audio"]}, "text only, not 'audio'"),
+    ({"use_beam_search": True}, "'use_beam_search' is not supported by this server: beam search"),
+    ({"guided_json": {"type": "object"}}, 'send structured_outputs: {"json": ...}'),
+    ({"priority": 3}, "its tenant's class"),
+    ({"request_id": "r1"}, "X-Request-ID"),
+    ({"chat_template": "{{ x }}"}, "'chat_template' is not supported"),
+    ({"echo": True}, "'echo' is not supported"),
+    ({"stop_token_ids": [-1]}, "stop_token_ids.0"),
+    ({"allowed_token_ids": []}, "allowed_token_ids"),
+    ({"bad_words": [""]}, "bad_words.0"),
     ({"web_search_options": {}}, "'web_search_options' is not supported"),
     ({"tool_choice": "required"}, "needs tools"),
     ({"tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "other"}}}, "not among the tools"),
@@ -86,6 +95,13 @@ def test_invalid_requests(kw, needle):
 def test_text_response_format_is_accepted():
     r = req(response_format={"type": "text"})
     assert r.response_format.type == "text" and r.constraint() is None
+
+
+def test_vllm_extras_at_their_inert_defaults_are_accepted():
+    """A client that sends vLLM's defaults (beam search off, length_penalty 1, priority 0, ...) is served."""
+    r = req(use_beam_search=False, length_penalty=1.0, priority=0, return_token_ids=False, mm_processor_kwargs={},
+            skip_special_tokens=True, stop_token_ids=[], bad_words=None)
+    assert r.use_beam_search is False and r.stop_token_ids == []
 
 
 def test_text_modality_and_hints_that_do_not_change_the_answer_are_accepted():
