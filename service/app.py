@@ -27,7 +27,7 @@ from service.lifecycle import Drain, RequestLifecycle, ShedLoad
 from service.limits import FairShare, Quotas
 from service.media import MediaLimits
 from service.metrics import Metrics
-from service.routes import adapters, chat, completions, models, ops, playground, responses
+from service.routes import adapters, chat, completions, models, ops, playground, responses, tokenize
 from service.serving.chat import ChatService, VideoSampling
 from service.serving.completions import CompletionService
 from service.serving.golden import GoldenCheck
@@ -36,6 +36,7 @@ from service.serving.playground import Assets
 from service.serving.render import ChatRenderer
 from service.serving.response_store import ResponseStore
 from service.serving.responses import ResponsesService
+from service.serving.tokenize import TokenizeService
 from service.settings import ServiceSettings
 
 logger = logging.getLogger("vlora.app")
@@ -207,11 +208,13 @@ def create_app(settings: ServiceSettings, engine: Engine, *, metrics: Metrics, r
                                  metrics, settings.max_pending_requests, settings.retry_after_s, video,
                                  quotas=Quotas(ring.adapter_limits), fair=fair)
     app.state.completions = CompletionService(app.state.chat, renderer)  # shares the chat service's admission
+    app.state.tokenize = TokenizeService(app.state.chat)
     app.state.responses = ResponsesService(app.state.chat, ResponseStore(settings.responses_store_bytes),
                                            app.state.drain)
     install_error_handlers(app)
     app.openapi = _openapi_without_422(app)
-    for router in (chat.router, completions.router, responses.router, models.router, adapters.router, ops.router):
+    for router in (chat.router, completions.router, responses.router, tokenize.router, models.router,
+                   adapters.router, ops.router):
         app.include_router(router)
     public = list(settings.public_paths)
     if settings.playground:  # the page itself holds nothing secret; what it calls needs the user's key

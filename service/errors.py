@@ -183,8 +183,9 @@ def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
         if where_from and where_from[0] in ("body", "query", "path"):  # OpenAI names the parameter alone
             where_from = where_from[1:]
         for part in (str(p) for p in where_from):
-            # Drop pydantic's union-branch labels and collapse discriminator tags (`image_url.image_url`).
-            if part == "str" or part.startswith(("list[", "function-", "tagged-union[")):
+            # Drop pydantic's union-branch labels and tags (ours in angle brackets) and collapse discriminator
+            # tags (`image_url.image_url`).
+            if part == "str" or part.startswith(("list[", "function-", "tagged-union[", "<")):
                 continue
             if not loc or loc[-1] != part:
                 loc.append(part)

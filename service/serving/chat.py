@@ -44,6 +44,17 @@ INLINE_TOKENIZE_CHARS = 16_384
 
 
 @dataclass(frozen=True)
+class Rendered:
+    prompt: str
+    ids: list[int]  # the prompt's token ids, one placeholder per image and video
+    images: list
+    image_tokens: list[int]  # each image's tokens
+    videos: list
+    video_ids: list[list[int]]  # each video's tokens
+    prompt_tokens: int  # the prompt's length once each image and video is expanded
+
+
+@dataclass(frozen=True)
 class VideoSampling:
     max_videos: int = 1
     fps: float = 2.0
@@ -77,8 +88,10 @@ class ChatService(Generation):
             self.registry.release(revision)
             raise
 
-    async def _prepare(self, req: ChatCompletionRequest, revision: Revision | None, request_id: str) -> Prepared:
-        adapter = revision.key if revision is not None else None
+    async def render(self, req: ChatCompletionRequest) -> Rendered:
+        """The request's prompt as the engine will take it: its media fetched and decoded (limits checked), the
+        messages rendered through the chat template (a forced tool call's opening prefilled), tokenized, and
+        its length with every image and video expanded."""
         n_images, n_videos = req.image_count(), req.video_count()
         if n_images > self.max_images:
             raise BadRequest(f"{n_images} images in one request; the limit is {self.max_images}", param="messages")
@@ -88,51 +101,56 @@ class ChatService(Generation):
         urls = [part.image_url.url for m in req.messages for part in m.images()]
         started = time.perf_counter()
         images = list(await asyncio.gather(*(load_image(u, self.limits) for u in urls))) if urls else []
-        image_tokens = sum(self.renderer.image_tokens(*im.size) for im in images)
+        image_tokens = [self.renderer.image_tokens(*im.size) for im in images]
         if urls:
             self.metrics.image_seconds.observe(time.perf_counter() - started)
-        videos, video_tokens = await self._videos(req) if n_videos else ([], [])
-        mode = req.tool_mode
+        videos, video_ids = await self._videos(req) if n_videos else ([], [])
         # A forced call starts with the call opening the model writes itself (see serving/tools.py).
         prefill = self.engine.tool_call_parser().call_prefix if req.forced_tools else ""
-        prompt = self.renderer.render(req.messages, tools=req.tools if mode != "none" else None, prefill=prefill,
-                                      add_generation_prompt=req.add_generation_prompt,
+        prompt = self.renderer.render(req.messages, tools=req.tools if req.tool_mode != "none" else None,
+                                      prefill=prefill, add_generation_prompt=req.add_generation_prompt,
                                       continue_final_message=req.continue_final_message,
                                       template_kwargs=req.template_variables)
-        sizes = [im.size for im in images]
         if len(prompt) <= INLINE_TOKENIZE_CHARS:  # under a millisecond: cheaper than a thread hand-off
             ids = self.renderer.tokenize(prompt)
         else:
             ids = await asyncio.to_thread(self.renderer.tokenize, prompt)
-        prompt_tokens = self.renderer.prompt_tokens(ids, sizes, video_tokens)
+        prompt_tokens = self.renderer.prompt_tokens(ids, [im.size for im in images], [len(v) for v in video_ids])
+        return Rendered(prompt=prompt, ids=ids, images=images, image_tokens=image_tokens, videos=videos,
+                        video_ids=video_ids, prompt_tokens=prompt_tokens)
+
+    async def _prepare(self, req: ChatCompletionRequest, revision: Revision | None, request_id: str) -> Prepared:
+        adapter = revision.key if revision is not None else None
+        r = await self.render(req)
         wanted = req.output_limit
-        room = self.room_for(prompt_tokens, wanted, "messages", " (images and videos included)")
+        room = self.room_for(r.prompt_tokens, wanted, "messages", " (images and videos included)")
         forced = forced_call_schema(req) if req.forced_tools else None
         sampling = sampling_for(req, wanted or room, self.renderer.vocab_size, forced_tool_schema=forced)
         # A thinking model's reasoning is split out (a forced call skips it: the call is the whole output).
         template_kwargs = req.template_variables
         thinking = not req.forced_tools and self.engine.reasoning_parser(template_kwargs) is not None
-        gen = GenerationRequest(request_id=request_id, prompt=prompt, prompt_token_ids=ids, images=images, videos=videos,
-                                sampling=sampling, adapter=adapter, reasoning=template_kwargs if thinking else None)
-        return Prepared(request=gen, model=req.model, revision=revision, image_tokens=image_tokens,
-                        video_tokens=sum(video_tokens), prompt_tokens=prompt_tokens,
+        gen = GenerationRequest(request_id=request_id, prompt=r.prompt, prompt_token_ids=r.ids, images=r.images,
+                                videos=r.videos, sampling=sampling, adapter=adapter,
+                                reasoning=template_kwargs if thinking else None)
+        return Prepared(request=gen, model=req.model, revision=revision, image_tokens=sum(r.image_tokens),
+                        video_tokens=sum(len(v) for v in r.video_ids), prompt_tokens=r.prompt_tokens,
                         adapter_label=self.adapter_label(revision),
-                        tool_mode=mode, parallel_tool_calls=req.parallel_tool_calls,
+                        tool_mode=req.tool_mode, parallel_tool_calls=req.parallel_tool_calls,
                         include_reasoning=req.include_reasoning)
 
-    async def _videos(self, req: ChatCompletionRequest) -> tuple[list, list[int]]:
-        """Each video fetched (address policy, byte cap), decoded and sampled by the engine's loader, and its
-        prompt tokens counted by the model's processor: blocking work, done in threads."""
+    async def _videos(self, req: ChatCompletionRequest) -> tuple[list, list[list[int]]]:
+        """Each video fetched (address policy, byte cap), decoded and sampled by the engine's loader, and the
+        prompt tokens it becomes found by the model's processor: blocking work, done in threads."""
         processor = self.renderer.video_processor_name
         urls = [part.video_url.url for m in req.messages for part in m.videos()]
         blobs = await asyncio.gather(*(load_video_bytes(u, self.limits) for u in urls))
 
         def decode(data: bytes):
             clip = self.engine.load_video(data, processor, self.video.fps, self.video.max_frames)
-            return clip, self.renderer.video_tokens(clip)
+            return clip, self.renderer.video_ids(clip)
 
         decoded = await asyncio.gather(*(asyncio.to_thread(decode, b) for b in blobs))
-        return [clip for clip, _ in decoded], [tokens for _, tokens in decoded]
+        return [clip for clip, _ in decoded], [ids for _, ids in decoded]
 
     def split(self, prep: Prepared, totals: Totals, index: int) -> tuple[str | None, str | None, int | None]:
         """(reasoning, content, reasoning tokens) of one choice; no reasoning (None) unless the server splits it."""

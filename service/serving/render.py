@@ -125,21 +125,24 @@ class ChatRenderer:
         return type(self.video_processor).__name__
 
     def video_tokens(self, clip) -> int:
-        """Tokens one decoded video becomes in the prompt (its frames' tokens and the processor's timestamps),
-        counted as the engine will expand it: from the frames' count and size by the processor's own arithmetic
-        (Qwen3-VL's `get_num_of_video_patches` and `replace_video_token`), so that the frames are processed
-        once, by the engine; other processors run whole."""
+        return len(self.video_ids(clip))
+
+    def video_ids(self, clip) -> list[int]:
+        """The tokens one decoded video becomes in the prompt (its frames' tokens and the processor's
+        timestamps), as the engine will expand it: from the frames' count and size by the processor's own
+        arithmetic (Qwen3-VL's `get_num_of_video_patches` and `replace_video_token`), so that the frames are
+        processed once, by the engine; other processors run whole."""
         try:
-            return self._video_tokens(clip)
+            return self._video_ids(clip)
         except ValueError as exc:  # e.g. Qwen's resize: an aspect ratio over 200
             height, width = (int(n) for n in clip.frames.shape[1:3])
             raise BadRequest(f"a video of {width}x{height} pixels cannot be processed: {exc}",
                              param="video_url") from None
 
-    def _video_tokens(self, clip) -> int:
+    def _video_ids(self, clip) -> list[int]:
         processor, videos = self.processor, self.video_processor
         if not (hasattr(processor, "replace_video_token") and hasattr(videos, "get_num_of_video_patches")):
-            return self._video_tokens_processed(clip)
+            return self._video_ids_processed(clip)
         import torch
         from transformers.video_utils import VideoMetadata
 
@@ -150,14 +153,28 @@ class ChatRenderer:
         metadata = VideoMetadata(**{k: v for k, v in clip.metadata.items() if k in fields})
         grid = torch.tensor([[groups, patches // groups, 1]])  # frames' patches per group: all replace_ reads
         placeholder = processor.replace_video_token({"video_grid_thw": grid, "video_metadata": [metadata]}, 0)
-        return len(self.tokenizer(placeholder, add_special_tokens=False)["input_ids"])
+        return self.tokenizer(placeholder, add_special_tokens=False)["input_ids"]
 
-    def _video_tokens_processed(self, clip) -> int:
-        """The count from the whole processor (frames resized and patched)."""
+    def _video_ids_processed(self, clip) -> list[int]:
+        """The ids from the whole processor (frames resized and patched)."""
         metadata = {k: v for k, v in clip.metadata.items() if k != "do_sample_frames"}
         snippet = "<|vision_start|><|video_pad|><|vision_end|>"
         out = self.processor(text=[snippet], videos=[clip.frames], video_metadata=[metadata], do_sample_frames=False)
-        return len(out["input_ids"][0]) - 2  # the placeholder's expansion, without the start and end around it
+        return list(out["input_ids"][0][1:-1])  # the placeholder's expansion, without the start and end around it
+
+    def expand(self, ids: list[int], image_tokens: list[int], video_ids: list[list[int]]) -> list[int]:
+        """The prompt's ids as the engine sees them: each image placeholder repeated for the image's tokens,
+        each video placeholder replaced by the video's ids (what vLLM's /tokenize answers)."""
+        images, videos = iter(image_tokens), iter(video_ids)
+        out: list[int] = []
+        for i in ids:
+            if i == self._image_pad and self._image_pad is not None:
+                out += [i] * next(images)
+            elif i == self._video_pad and self._video_pad is not None:
+                out += next(videos)
+            else:
+                out.append(i)
+        return out
 
     def prompt_tokens(self, ids: list[int], image_sizes: list[tuple[int, int]], video_tokens: list[int] = ()) -> int:
         """The prompt's length once the engine expands each image and video placeholder."""

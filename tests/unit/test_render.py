@@ -118,7 +118,7 @@ def test_video_tokens_come_from_the_processors_arithmetic_without_processing_the
     clip = VLLMEngine.load_video(None, moving_circle_mp4(frames=frames, size=size, fps=fps),
                                  type(tiny_processor.video_processor).__name__, fps=2.0, max_frames=32)
     renderer = ChatRenderer(tiny_processor)
-    assert renderer.video_tokens(clip) == renderer._video_tokens_processed(clip)  # the processor run whole
+    assert renderer.video_ids(clip) == renderer._video_ids_processed(clip)  # the processor run whole
 
 
 def test_an_image_the_processor_cannot_resize_is_a_400_naming_it(renderer):
