@@ -206,7 +206,8 @@ def create_app(settings: ServiceSettings, engine: Engine, *, metrics: Metrics, r
             if settings.fair_share and ring.enabled else None)
     app.state.chat = ChatService(engine, registry, renderer, limits, settings.max_images_per_request,
                                  metrics, settings.max_pending_requests, settings.retry_after_s, video,
-                                 quotas=Quotas(ring.adapter_limits), fair=fair)
+                                 quotas=Quotas(ring.adapter_limits), fair=fair,
+                                 cache_per_tenant=settings.prefix_cache_per_tenant)
     app.state.completions = CompletionService(app.state.chat, renderer)  # shares the chat service's admission
     app.state.tokenize = TokenizeService(app.state.chat)
     app.state.responses = ResponsesService(app.state.chat, ResponseStore(settings.responses_store_bytes),

@@ -133,6 +133,9 @@ class ServiceSettings(BaseSettings):
         description="Any other vLLM engine argument, --engine-arg KEY=VALUE (repeatable; VALUE parsed as JSON when "
                     "it is JSON) or VLORA_ENGINE_ARGS='{...}'. Arguments vlora sets from its own settings are refused.")
     enable_prefix_caching: bool = Field(True, description="Reuse the KV cache of shared prompt prefixes.")
+    prefix_cache_per_tenant: bool = Field(True, description="Each tenant reuses only its own cached prefixes (vLLM's "
+                                          "cache_salt, the tenant's name): how fast another tenant's prompt starts says "
+                                          "nothing about what a tenant sent. Off: tenants share cached prefixes.")
     enforce_eager: bool = Field(False, description="No CUDA graphs in the engine (slower; starts faster).")
     seed: int = Field(0, description="Engine seed (requests may pass their own).")
 

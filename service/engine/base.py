@@ -78,6 +78,9 @@ class GenerationRequest:
     # None: no split, a constraint holds from the first token.
     reasoning: dict[str, Any] | None = None
     priority: int = 0  # the engine's scheduling priority when it schedules by priority (lower: sooner)
+    # Salts the engine's prefix cache: a request reuses cached prefixes only of requests with the same salt
+    # (vLLM's cache_salt; None: shared with every unsalted request).
+    cache_salt: str | None = None
 
 
 @dataclass
@@ -102,6 +105,7 @@ class Delta:
     # The prompt's tokens with their logprobs (None for the first, which nothing precedes), once per request on
     # the first delta after the prompt was read, when the request asked for them.
     prompt_logprobs: list[TokenLogprob | None] | None = None
+    cached_tokens: int | None = None  # the prompt's tokens found in the prefix cache (when the engine says)
 
 
 @dataclass

@@ -435,6 +435,8 @@ class VLLMEngine:
         # Token ids when the caller has them (it tokenized to check limits: vLLM need not tokenize again).
         prompt: dict = ({"prompt_token_ids": request.prompt_token_ids} if request.prompt_token_ids is not None
                         else {"prompt": request.prompt})
+        if request.cache_salt is not None:
+            prompt["cache_salt"] = request.cache_salt
         if request.images or request.videos:
             prompt["multi_modal_data"] = {}
         if request.images:
@@ -457,12 +459,14 @@ class VLLMEngine:
                 if time.perf_counter() - resumed < QUEUED_OUTPUT_S:
                     await _let_others_run()
                 prompt_tokens = len(out.prompt_token_ids) if out.prompt_token_ids is not None else None
+                cached = out.num_cached_tokens
                 prompt_logprobs = _prompt_logprobs(out, request.sampling.prompt_logprobs)
                 for choice in out.outputs:
                     yield Delta(index=choice.index, text=choice.text, new_tokens=len(choice.token_ids),
                                 finish_reason=choice.finish_reason, prompt_tokens=prompt_tokens,
                                 logprobs=_token_logprobs(choice, request.sampling.logprobs),
-                                token_ids=choice.token_ids, prompt_logprobs=prompt_logprobs)
+                                token_ids=choice.token_ids, prompt_logprobs=prompt_logprobs,
+                                cached_tokens=cached)
                     prompt_logprobs = None  # once per request
                 finished = out.finished
                 resumed = time.perf_counter()

@@ -85,7 +85,7 @@ VLLM_REFUSED: dict[str, tuple[tuple, str]] = {
                                 "count)"),
     "priority": ((0,), "a request's priority is its tenant's class in the keys file"),
     "request_id": ((), "send it as the X-Request-ID header, which every answer and log line carries"),
-    "cache_salt": ((), "not served"),
+    "cache_salt": ((), "the prefix cache is salted per tenant by the server (--prefix-cache-per-tenant)"),
     "vllm_xargs": ((), "not served"),
     "kv_transfer_params": ((), "not served"),
     "thinking_token_budget": ((), "not served"),
@@ -214,8 +214,13 @@ class CompletionTokensDetails(BaseModel):
     reasoning_tokens: int = 0
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0  # the prompt's tokens served from the prefix cache (OpenAI's field)
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
     completion_tokens_details: CompletionTokensDetails | None = None  # with a reasoning parser
+    prompt_tokens_details: PromptTokensDetails | None = None

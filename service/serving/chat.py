@@ -64,8 +64,9 @@ class VideoSampling:
 class ChatService(Generation):
     def __init__(self, engine: Engine, registry: AdapterRegistry, renderer: ChatRenderer, limits: MediaLimits,
                  max_images: int, metrics: Metrics, max_pending: int = 64, retry_after_s: int = 5,
-                 video: VideoSampling | None = None, quotas: Quotas | None = None, fair: FairShare | None = None):
-        super().__init__(engine, registry, metrics, max_pending, retry_after_s, quotas, fair)
+                 video: VideoSampling | None = None, quotas: Quotas | None = None, fair: FairShare | None = None,
+                 cache_per_tenant: bool = True):
+        super().__init__(engine, registry, metrics, max_pending, retry_after_s, quotas, fair, cache_per_tenant)
         self.renderer = renderer
         self.limits = limits
         self.max_images = max_images

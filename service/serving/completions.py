@@ -14,7 +14,7 @@ from service.auth import OPEN, Tenant
 from service.engine.base import Delta, GenerationRequest, TokenLogprob
 from service.errors import APIError, BadRequest
 from service.protocol.completions import Completion, CompletionChoice, CompletionLogprobs, CompletionRequest
-from service.protocol.sampling import Usage
+from service.protocol.sampling import PromptTokensDetails, Usage
 from service.serving.generation import Generation, sse_error
 from service.serving.jsontext import JsonStringEscaper, valid_json_text
 from service.serving.render import ChatRenderer
@@ -64,11 +64,19 @@ class Batch:
     created: int = field(default_factory=lambda: int(time.time()))
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0
     error: str | None = None
 
     def usage(self) -> Usage:
         return Usage(prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens,
-                     total_tokens=self.prompt_tokens + self.completion_tokens)
+                     total_tokens=self.prompt_tokens + self.completion_tokens,
+                     prompt_tokens_details=PromptTokensDetails(cached_tokens=self.cached_tokens))
+
+    def add(self, usage: Usage) -> Batch:
+        self.prompt_tokens += usage.prompt_tokens
+        self.completion_tokens += usage.completion_tokens
+        self.cached_tokens += usage.prompt_tokens_details.cached_tokens if usage.prompt_tokens_details else 0
+        return self
 
 
 def _first_error(group: BaseExceptionGroup) -> BaseException:
@@ -91,11 +99,11 @@ class CompletionService:
             return await self._serve(req, req.prompt[0], 0, tenant)
         if not req.stream:
             parts = await self._all(req, tenant, None)
+            total = Batch()
+            for part in parts:
+                total.add(part.usage)
             return Completion(id=parts[0].id, created=parts[0].created, model=parts[0].model,
-                              choices=[c for part in parts for c in part.choices],
-                              usage=Usage(prompt_tokens=sum(p.usage.prompt_tokens for p in parts),
-                                          completion_tokens=sum(p.usage.completion_tokens for p in parts),
-                                          total_tokens=sum(p.usage.total_tokens for p in parts)))
+                              choices=[c for part in parts for c in part.choices], usage=total.usage())
         batch = Batch()
         return self._merged(await self._all(req, tenant, batch), batch, req)
 
@@ -274,8 +282,7 @@ class CompletionStream:
 
     def end(self, totals: Totals) -> list[str]:
         if self.batch is not None:
-            self.batch.prompt_tokens += totals.prompt_tokens
-            self.batch.completion_tokens += totals.completion_tokens
+            self.batch.add(totals.usage())
             return []
         return ([self._chunk([], usage=totals.usage())] if self.include_usage else []) + [DONE]
 

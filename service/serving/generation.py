@@ -61,8 +61,10 @@ class Generation:
     """One per app: every generating endpoint shares its admission count (one --max-pending-requests bound)."""
 
     def __init__(self, engine: Engine, registry: AdapterRegistry, metrics: Metrics, max_pending: int = 64,
-                 retry_after_s: int = 5, quotas: Quotas | None = None, fair: FairShare | None = None):
+                 retry_after_s: int = 5, quotas: Quotas | None = None, fair: FairShare | None = None,
+                 cache_per_tenant: bool = True):
         self.engine = engine
+        self.cache_per_tenant = cache_per_tenant  # salt the engine's prefix cache with the tenant's name
         self.registry = registry
         self.metrics = metrics
         self.max_pending = max_pending
@@ -213,6 +215,8 @@ class Generation:
                 prep = await prepare()
                 prep.ticket, prep.tenant = ticket, tenant.name
                 prep.request.priority = tenant.engine_priority
+                if self.cache_per_tenant:
+                    prep.request.cache_salt = f"tenant:{tenant.name}"
                 self.reserve(prep)
             except APIError as exc:
                 if prep is not None:

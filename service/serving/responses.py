@@ -104,6 +104,7 @@ def _response(req: ResponsesRequest, prep: Prepared, status: str, output: list |
     if totals is not None and status != "in_progress":
         usage = ResponseUsage(input_tokens=totals.prompt_tokens, output_tokens=totals.completion_tokens,
                               total_tokens=totals.prompt_tokens + totals.completion_tokens,
+                              input_tokens_details={"cached_tokens": totals.cached_tokens},
                               output_tokens_details={"reasoning_tokens": reasoning_tokens or 0})
     incomplete = {"reason": "max_output_tokens"} if status == "incomplete" else None
     fmt = req.text.format.model_dump(by_alias=True, exclude_none=True)

@@ -9,7 +9,7 @@ from typing import Any
 
 from service.adapters.registry import Revision
 from service.engine.base import Delta, GenerationRequest, TokenLogprob
-from service.protocol.sampling import CompletionTokensDetails, Usage
+from service.protocol.sampling import CompletionTokensDetails, PromptTokensDetails, Usage
 
 
 @dataclass
@@ -55,6 +55,7 @@ class Totals:
     logprobs: dict[int, list[TokenLogprob]] = field(default_factory=dict)
     token_ids: dict[int, list[int]] = field(default_factory=dict)
     prompt_logprobs: list[TokenLogprob | None] | None = None
+    cached_tokens: int = 0  # the prompt's tokens the engine found in its prefix cache
     first_token_at: float | None = None
     last_token_at: float | None = None
     gaps: list[tuple[float, int]] = field(default_factory=list)  # (seconds since previous tokens, new tokens)
@@ -62,6 +63,8 @@ class Totals:
     def add(self, delta: Delta) -> None:
         if delta.prompt_tokens is not None:
             self.prompt_tokens = delta.prompt_tokens
+        if delta.cached_tokens is not None:
+            self.cached_tokens = delta.cached_tokens
         self.completion_tokens += delta.new_tokens
         self.text.setdefault(delta.index, []).append(delta.text)
         self.token_ids.setdefault(delta.index, []).extend(delta.token_ids)
@@ -83,4 +86,5 @@ class Totals:
         """The usage object; `reasoning_tokens` (of all choices) when the output was split into reasoning."""
         details = CompletionTokensDetails(reasoning_tokens=reasoning_tokens) if reasoning_tokens is not None else None
         return Usage(prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens,
-                     total_tokens=self.prompt_tokens + self.completion_tokens, completion_tokens_details=details)
+                     total_tokens=self.prompt_tokens + self.completion_tokens, completion_tokens_details=details,
+                     prompt_tokens_details=PromptTokensDetails(cached_tokens=self.cached_tokens))

@@ -114,7 +114,7 @@ def server(demo_assets, root, images, tmp_path_factory):
     srv = start_server(
         ["--model", str(demo_assets["model"]), "--adapter-dir", str(root), "--preload", "none",
          "--max-lora-rank", "16", "--api-keys-file", str(keys),
-         "--image-url-allowlist", f"127.0.0.1:{images.port_a}"],
+         "--image-url-allowlist", f"127.0.0.1:{images.port_a}", "--no-prefix-cache-per-tenant"],
         tmp_path_factory.mktemp("adapters-server") / "server.log",
     )
     yield srv
@@ -338,3 +338,14 @@ def test_image_url_address_policy_on_loopback(server, images):
     assert images.hits_b == []  # B was never contacted
     for url in ("file:///etc/passwd", f"ftp://127.0.0.1:{port}/x.png", "gopher://127.0.0.1/"):
         assert "scheme" in _error(_post(server, _body("demo-a", url)), 400)
+
+
+def test_tenants_share_cached_prefixes_when_the_cache_is_not_per_tenant(server):
+    """With --no-prefix-cache-per-tenant one tenant's prompt finds another's cached prefix (test_tenants.py: by
+    default it does not)."""
+    body = {"model": "tiny-qwen3-vl", "max_tokens": 1, "messages": [{"role": "user", "content": "Count these: " + ", ".join(
+        f"item {i}" for i in range(80))}]}
+    first = _post(server, body).json()["usage"]
+    other = _post(server, body, key=GLOBEX).json()["usage"]
+    assert first["prompt_tokens_details"]["cached_tokens"] == 0
+    assert other["prompt_tokens_details"]["cached_tokens"] >= first["prompt_tokens"] // 2

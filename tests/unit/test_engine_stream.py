@@ -27,7 +27,7 @@ class _Engine:
                 await asyncio.sleep(self.gap_s)
             choice = SimpleNamespace(index=0, text="x", token_ids=[i], logprobs=None,
                                      finish_reason="length" if i == self.tokens - 1 else None)
-            yield SimpleNamespace(prompt_token_ids=[1, 2], prompt_logprobs=None, outputs=[choice],
+            yield SimpleNamespace(prompt_token_ids=[1, 2], prompt_logprobs=None, num_cached_tokens=0, outputs=[choice],
                                   finished=i == self.tokens - 1)
 
     async def abort(self, request_id):
