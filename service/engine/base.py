@@ -106,6 +106,7 @@ class Delta:
     # the first delta after the prompt was read, when the request asked for them.
     prompt_logprobs: list[TokenLogprob | None] | None = None
     cached_tokens: int | None = None  # the prompt's tokens found in the prefix cache (when the engine says)
+    prompt_token_ids: Sequence[int] | None = None  # the prompt as the engine saw it, on the first delta only
 
 
 @dataclass

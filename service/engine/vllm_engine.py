@@ -443,7 +443,7 @@ class VLLMEngine:
             prompt["multi_modal_data"]["image"] = request.images
         if request.videos:
             prompt["multi_modal_data"]["video"] = [(clip.frames, clip.metadata) for clip in request.videos]
-        finished = False
+        finished = sent_prompt_ids = False
         self._request_adapters[request.request_id] = request.adapter
         try:
             extra = {"priority": request.priority} if self.priority_scheduling else {}
@@ -459,6 +459,8 @@ class VLLMEngine:
                 if time.perf_counter() - resumed < QUEUED_OUTPUT_S:
                     await _let_others_run()
                 prompt_tokens = len(out.prompt_token_ids) if out.prompt_token_ids is not None else None
+                prompt_ids = out.prompt_token_ids if not sent_prompt_ids else None
+                sent_prompt_ids = sent_prompt_ids or prompt_ids is not None
                 cached = out.num_cached_tokens
                 prompt_logprobs = _prompt_logprobs(out, request.sampling.prompt_logprobs)
                 for choice in out.outputs:
@@ -466,8 +468,8 @@ class VLLMEngine:
                                 finish_reason=choice.finish_reason, prompt_tokens=prompt_tokens,
                                 logprobs=_token_logprobs(choice, request.sampling.logprobs),
                                 token_ids=choice.token_ids, prompt_logprobs=prompt_logprobs,
-                                cached_tokens=cached)
-                    prompt_logprobs = None  # once per request
+                                cached_tokens=cached, prompt_token_ids=prompt_ids)
+                    prompt_logprobs = prompt_ids = None  # once per request
                 finished = out.finished
                 resumed = time.perf_counter()
         except Exception as exc:

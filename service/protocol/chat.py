@@ -279,6 +279,7 @@ class Choice(BaseModel):
     message: ResponseMessage
     finish_reason: FinishReason | None
     logprobs: ChoiceLogprobs | None = None
+    token_ids: list[int] | None = None  # vLLM's, with return_token_ids
 
 
 class ChatCompletion(BaseModel):
@@ -289,6 +290,7 @@ class ChatCompletion(BaseModel):
     choices: list[Choice]
     usage: Usage
     system_fingerprint: str | None = None
+    prompt_token_ids: list[int] | None = None  # vLLM's, with return_token_ids
 
 
 class DeltaFunctionCall(BaseModel):
@@ -316,6 +318,7 @@ class ChunkChoice(BaseModel):
     delta: DeltaMessage
     finish_reason: FinishReason | None = None
     logprobs: ChoiceLogprobs | None = None
+    token_ids: list[int] | None = None  # vLLM's, with return_token_ids: this chunk's tokens
 
 
 class ChatCompletionChunk(BaseModel):
@@ -326,3 +329,4 @@ class ChatCompletionChunk(BaseModel):
     choices: list[ChunkChoice]
     usage: Usage | None = None
     system_fingerprint: str | None = None
+    prompt_token_ids: list[int] | None = None  # vLLM's, with return_token_ids: on the first chunk that has them

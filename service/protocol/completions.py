@@ -78,6 +78,8 @@ class CompletionChoice(BaseModel):
     text: str
     finish_reason: FinishReason | None = None
     logprobs: CompletionLogprobs | None = None
+    prompt_token_ids: list[int] | None = None  # vLLM's, with return_token_ids (streamed: on a choice's first chunk)
+    token_ids: list[int] | None = None  # vLLM's, with return_token_ids (streamed: this chunk's tokens)
 
 
 class Completion(BaseModel):

@@ -76,7 +76,8 @@ VLLM_REFUSED: dict[str, tuple[tuple, str]] = {
     "length_penalty": ((1, 1.0), "it applies to beam search, which is not served"),
     "prompt_logprobs": ((), "the prompt's logprobs are served by /v1/completions with echo and logprobs"),
     "return_tokens_as_token_ids": ((False,), "not served"),
-    "return_token_ids": ((False,), "not served"),
+    "logprob_token_ids": ((), "not served; top_logprobs (up to 20) gives the most likely tokens"),
+    "truncation_side": ((), "a prompt over the context is refused, never cut"),
     "truncate_prompt_tokens": ((), "a prompt over the context is refused, never cut (its images and tools would "
                                    "lose their tokens)"),
     "chat_template": ((), "every request is rendered by the model's own chat template (a template per request "
@@ -132,11 +133,15 @@ class SamplingRequest(_Lenient):
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # vLLM's: the answer carries the prompt's token ids (images and videos expanded, as the engine saw them) and
+    # each choice's generated ids; streamed, the ids of each chunk's tokens
+    return_token_ids: bool = False
     use_beam_search: Any = None
     length_penalty: Any = None
     prompt_logprobs: Any = None
     return_tokens_as_token_ids: Any = None
-    return_token_ids: Any = None
+    logprob_token_ids: Any = None
+    truncation_side: Any = None
     truncate_prompt_tokens: Any = None
     chat_template: Any = None
     mm_processor_kwargs: Any = None

@@ -137,7 +137,7 @@ class ChatService(Generation):
                         video_tokens=sum(len(v) for v in r.video_ids), prompt_tokens=r.prompt_tokens,
                         adapter_label=self.adapter_label(revision),
                         tool_mode=req.tool_mode, parallel_tool_calls=req.parallel_tool_calls,
-                        include_reasoning=req.include_reasoning)
+                        include_reasoning=req.include_reasoning, return_token_ids=req.return_token_ids)
 
     async def _videos(self, req: ChatCompletionRequest) -> tuple[list, list[list[int]]]:
         """Each video fetched (address policy, byte cap), decoded and sampled by the engine's loader, and the
@@ -173,9 +173,11 @@ class ChatService(Generation):
                 reasoning_tokens = (reasoning_tokens or 0) + tokens
             message, finish = self.message(prep, content, totals.finish.get(i), reasoning)
             choices.append(Choice(index=i, message=message, finish_reason=finish,
-                                  logprobs=wire_logprobs(totals.logprobs.get(i, [])) if wants_logprobs else None))
+                                  logprobs=wire_logprobs(totals.logprobs.get(i, [])) if wants_logprobs else None,
+                                  token_ids=totals.token_ids.get(i, []) if prep.return_token_ids else None))
         return ChatCompletion(id=prep.request.request_id, created=prep.created, model=prep.model, choices=choices,
-                              usage=totals.usage(reasoning_tokens))
+                              usage=totals.usage(reasoning_tokens),
+                              prompt_token_ids=totals.prompt_token_ids if prep.return_token_ids else None)
 
     def message(self, prep: Prepared, text: str | None, finish: str | None,
                 reasoning: str | None = None) -> tuple[ResponseMessage, str | None]:
@@ -216,10 +218,11 @@ class ChatStream:
                          for i in range(self.n)} if prep.request.reasoning is not None else {}
         self.json = {i: JsonStringEscaper() for i in range(self.n)} if prep.json_output else {}
 
-    def _chunk(self, choices: list[ChunkChoice], usage: Usage | None = None) -> str:
+    def _chunk(self, choices: list[ChunkChoice], usage: Usage | None = None,
+               prompt_token_ids: list[int] | None = None) -> str:
         p = self.prep
         return sse_event(ChatCompletionChunk(id=p.request.request_id, created=p.created, model=p.model,
-                                             choices=choices, usage=usage))
+                                             choices=choices, usage=usage, prompt_token_ids=prompt_token_ids))
 
     def start(self) -> list[str]:
         return [self._chunk([ChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))
@@ -242,12 +245,16 @@ class ChatStream:
             if finish:
                 tool_calls += state.end()
                 finish = "tool_calls" if state.called and finish == "stop" else finish
-        if not (content or reasoning or tool_calls or finish or delta.logprobs):
+        ids = self.prep.return_token_ids
+        if not (content or reasoning or tool_calls or finish or delta.logprobs or ids and delta.token_ids):
             return []
         message = DeltaMessage(content=content, reasoning_content=reasoning, reasoning=reasoning,
                                tool_calls=tool_calls or None)
+        prompt_ids = list(delta.prompt_token_ids) if ids and delta.prompt_token_ids is not None else None
         return [self._chunk([ChunkChoice(index=delta.index, finish_reason=finish, delta=message,
-                                         logprobs=wire_logprobs(delta.logprobs))])]
+                                         logprobs=wire_logprobs(delta.logprobs),
+                                         token_ids=list(delta.token_ids) if ids else None)],
+                            prompt_token_ids=prompt_ids)]
 
     def end(self, totals: Totals) -> list[str]:
         if not self.include_usage:

@@ -188,8 +188,11 @@ class CompletionService:
             out = "".join(totals.text.get(i, []))
             return valid_json_text(out) if prep.json_output else out
 
+        ids = req.return_token_ids
         choices = [CompletionChoice(index=offset + i, text=echoed + text(i),
-                                    finish_reason=totals.finish.get(i), logprobs=logprobs(i))
+                                    finish_reason=totals.finish.get(i), logprobs=logprobs(i),
+                                    prompt_token_ids=totals.prompt_token_ids if ids else None,
+                                    token_ids=totals.token_ids.get(i, []) if ids else None)
                    for i in range(req.n)]
         return Completion(id=prep.request.request_id, created=prep.created, model=prep.model, choices=choices,
                           usage=totals.usage())
@@ -222,7 +225,7 @@ class CompletionService:
                                     sampling=sampling,
                                     adapter=revision.key if revision is not None else None)
             return Prepared(request=gen, model=req.model, revision=revision, kind="completion", prompt_tokens=prompt_tokens,
-                            adapter_label=self.gen.adapter_label(revision))
+                            adapter_label=self.gen.adapter_label(revision), return_token_ids=req.return_token_ids)
         except BaseException:
             self.gen.registry.release(revision)
             raise
@@ -244,6 +247,8 @@ class CompletionStream:
         self.prompt: CompletionLogprobs | None = None
         self.echoed: set[int] = set()
         self.json = {i: JsonStringEscaper() for i in range(n)} if prep.json_output else {}
+        self.prompt_ids: list[int] | None = None  # with return_token_ids: sent on each choice's first chunk
+        self.ids_sent: set[int] = set()
 
     def _chunk(self, choices: list[CompletionChoice], usage=None) -> str:
         p, b = self.prep, self.batch
@@ -267,7 +272,10 @@ class CompletionStream:
                 prompt = self.prompt or CompletionLogprobs()
                 self.offsets[delta.index] = _text_end(prompt)
                 head = [self._chunk([CompletionChoice(index=delta.index, text=self.echo, logprobs=prompt)])]
-        if not (delta.text or delta.finish_reason or delta.logprobs):
+        ids = self.prep.return_token_ids
+        if ids and delta.prompt_token_ids is not None:
+            self.prompt_ids = list(delta.prompt_token_ids)
+        if not (delta.text or delta.finish_reason or delta.logprobs or ids and delta.token_ids):
             return head
         logprobs = None
         if delta.logprobs is not None:
@@ -277,8 +285,13 @@ class CompletionStream:
         text = delta.text
         if text and (escaper := self.json.get(delta.index)) is not None:
             text = escaper.feed(text)
-        return head + [self._chunk([CompletionChoice(index=delta.index, text=text,
-                                                     finish_reason=delta.finish_reason, logprobs=logprobs)])]
+        prompt_ids = None
+        if ids and delta.index not in self.ids_sent:
+            self.ids_sent.add(delta.index)
+            prompt_ids = self.prompt_ids
+        return head + [self._chunk([CompletionChoice(index=delta.index, text=text, finish_reason=delta.finish_reason,
+                                                     logprobs=logprobs, prompt_token_ids=prompt_ids,
+                                                     token_ids=list(delta.token_ids) if ids else None)])]
 
     def end(self, totals: Totals) -> list[str]:
         if self.batch is not None:

@@ -25,6 +25,7 @@ class Prepared:
     tool_mode: str = "none"  # see serving/tools.py
     parallel_tool_calls: bool = True
     include_reasoning: bool = True
+    return_token_ids: bool = False  # vLLM's: the answer carries prompt and output token ids
     created: int = field(default_factory=lambda: int(time.time()))
     started: float = field(default_factory=time.perf_counter)
     ticket: Any = None  # service.limits.Ticket: what the request counts against (set by Generation.serve)
@@ -56,6 +57,7 @@ class Totals:
     token_ids: dict[int, list[int]] = field(default_factory=dict)
     prompt_logprobs: list[TokenLogprob | None] | None = None
     cached_tokens: int = 0  # the prompt's tokens the engine found in its prefix cache
+    prompt_token_ids: list[int] | None = None  # the prompt as the engine saw it
     first_token_at: float | None = None
     last_token_at: float | None = None
     gaps: list[tuple[float, int]] = field(default_factory=list)  # (seconds since previous tokens, new tokens)
@@ -65,6 +67,8 @@ class Totals:
             self.prompt_tokens = delta.prompt_tokens
         if delta.cached_tokens is not None:
             self.cached_tokens = delta.cached_tokens
+        if delta.prompt_token_ids is not None:
+            self.prompt_token_ids = list(delta.prompt_token_ids)
         self.completion_tokens += delta.new_tokens
         self.text.setdefault(delta.index, []).append(delta.text)
         self.token_ids.setdefault(delta.index, []).extend(delta.token_ids)

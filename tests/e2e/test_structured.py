@@ -165,6 +165,33 @@ def test_vllm_sampling_extras_reach_the_engine(client, messages, tiny_processor)
         assert exc.value.body["param"] == next(iter(refused)), exc.value.body
 
 
+def test_return_token_ids_gives_the_engines_prompt_and_output_ids(client, messages, tiny_processor):
+    """vLLM's return_token_ids: the prompt's ids as the engine saw them (the image expanded: as many as
+    usage.prompt_tokens), each choice's generated ids (their text is the answer), streamed per chunk too."""
+    kw = {"max_tokens": 6, "n": 2, "temperature": 1, "seed": 5, "extra_body": {"return_token_ids": True, "min_tokens": 6}}
+    _, _, whole = _create(client, "demo-a", messages, **kw)
+    tokenizer = tiny_processor.tokenizer
+    prompt = whole.model_extra["prompt_token_ids"]
+    assert len(prompt) == whole.usage.prompt_tokens
+    assert prompt.count(tokenizer.convert_tokens_to_ids("<|image_pad|>")) > 4
+    for choice in whole.choices:
+        ids = choice.model_extra["token_ids"]
+        assert len(ids) == 6 and tokenizer.decode(ids, skip_special_tokens=True) == choice.message.content
+    _, _, chunks = _create(client, "demo-a", messages, stream=True, **kw)
+    assert [c.model_extra.get("prompt_token_ids") for c in chunks if c.model_extra.get("prompt_token_ids")] == [prompt]
+    streamed = {0: [], 1: []}
+    for c in chunks:
+        for choice in c.choices:
+            streamed[choice.index] += choice.model_extra.get("token_ids") or []
+    assert streamed == {c.index: c.model_extra["token_ids"] for c in whole.choices}
+    plain = client.completions.create(model="demo-b", prompt="The shape is", max_tokens=3,
+                                      extra_body={"return_token_ids": True, "min_tokens": 3})
+    choice = plain.choices[0].model_extra
+    assert choice["prompt_token_ids"] == tokenizer("The shape is")["input_ids"] and len(choice["token_ids"]) == 3
+    _, _, without = _create(client, "demo-a", messages, max_tokens=2)
+    assert "prompt_token_ids" not in without.model_extra and "token_ids" not in without.choices[0].model_extra
+
+
 BOUNDED = {"type": "object", "properties": {"note": {"type": "string", "minLength": 3, "maxLength": 6}},
            "required": ["note"], "additionalProperties": False}
 
