@@ -239,6 +239,37 @@ def test_forced_tool_call_with_control_characters_has_valid_arguments(client, me
     assert _strict_object(streamed) == arguments
 
 
+def test_a_forced_call_is_the_same_whole_and_streamed_wherever_max_tokens_cuts_it(client, messages):
+    """Swept over the cut: before the name is complete (no call), inside the arguments (the call so far), after
+    the call (whole): the answer and the stream agree on content, calls and finish_reason."""
+    def streamed(**kw):
+        content, calls, finish = "", {}, None
+        for chunk in client.chat.completions.create(stream=True, **kw):
+            for choice in chunk.choices:
+                content += choice.delta.content or ""
+                for tc in choice.delta.tool_calls or []:
+                    name, args = calls.get(tc.index, ("", ""))
+                    calls[tc.index] = (name + (tc.function.name or ""), args + (tc.function.arguments or ""))
+                finish = choice.finish_reason or finish
+        return content or None, [calls[i] for i in sorted(calls)], finish
+
+    regimes = set()
+    for max_tokens in (*range(4, 64, 6), 120):
+        kw = {"model": "demo-b", "messages": messages, "tools": [TOOL], "tool_choice": "required",
+              "temperature": 0, "max_tokens": max_tokens}
+        whole = client.chat.completions.create(**kw).choices[0]
+        calls = [(c.function.name, c.function.arguments) for c in whole.message.tool_calls or []]
+        regimes.add("whole" if whole.finish_reason == "tool_calls" else "partial" if calls else "none")
+        s_content, s_calls, s_finish = streamed(**kw)
+        assert (whole.message.content, whole.finish_reason) == (s_content, s_finish), max_tokens
+        assert [n for n, _ in calls] == [n for n, _ in s_calls], max_tokens
+        if whole.finish_reason == "tool_calls":  # whole: re-serialized arguments; streamed: as written
+            assert [json.loads(a) for _, a in calls] == [json.loads(a) for _, a in s_calls]
+        else:
+            assert calls == s_calls, max_tokens
+    assert regimes == {"none", "partial", "whole"}, regimes
+
+
 def test_a_forced_call_cut_short_is_the_same_whole_and_streamed(client, messages):
     """max_tokens ends a required call inside its arguments: both answers hold the call with the arguments
     written so far and finish_reason "length", as OpenAI answers a call that max_tokens cut."""
