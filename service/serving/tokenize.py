@@ -31,8 +31,8 @@ class TokenizeService:
         registry = self.chat.registry
         if model is None or (model == registry.base_name and tenant.base):
             return registry.base_name
-        if model != registry.base_name and model in registry.available() and tenant.may_use_adapter(model):
-            return model
+        if model != registry.base_name and registry.known(model) and tenant.may_use_adapter(model.partition("@")[0]):
+            return model  # an adapter the caller may use (a pinned NAME@REV is not looked up: same tokenizer)
         raise ModelNotFound.named(model)
 
     async def tokenize(self, req: TokenizeChatRequest | TokenizePromptRequest, tenant: Tenant = OPEN) -> TokenizeResponse:
