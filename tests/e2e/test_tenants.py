@@ -164,6 +164,26 @@ def test_a_queued_request_whose_client_left_never_reaches_the_engine(server):
     assert post(server, "vip").status_code == 200  # and its slot was not lost
 
 
+LONG = "Describe these shapes in order: " + ", ".join(f"shape {i} is a {['red', 'blue'][i % 2]} circle" for i in range(60))
+
+
+def test_the_prefix_cache_is_per_tenant(server):
+    """A tenant's repeated prompt is served from the prefix cache (OpenAI's usage.prompt_tokens_details.cached_tokens,
+    input_tokens_details on the Responses API); the same prompt from another tenant is not, so its time to first
+    token says nothing about what others sent (test_adapters.py: shared with --no-prefix-cache-per-tenant)."""
+    body = {**BODY, "messages": [{"role": "user", "content": LONG}], "max_tokens": 1}
+    first, again = (post(server, "vip", body).json()["usage"] for _ in range(2))
+    other = post(server, "single", body).json()["usage"]
+    assert first["prompt_tokens"] > 200 and first["prompt_tokens_details"]["cached_tokens"] == 0
+    assert again["prompt_tokens_details"]["cached_tokens"] >= first["prompt_tokens"] // 2
+    assert other["prompt_tokens_details"]["cached_tokens"] == 0
+    responses = [httpx.post(f"{server.url}/v1/responses", timeout=60, headers={"Authorization": f"Bearer {KEYS['vip']}"},
+                            json={"model": BODY["model"], "input": LONG + " Once more.", "max_output_tokens": 1})
+                 for _ in range(2)]
+    cached = [r.json()["usage"]["input_tokens_details"]["cached_tokens"] for r in responses]
+    assert cached[1] >= cached[0] > 0  # the chat's prefix, in whole blocks of the engine's KV cache
+
+
 def test_keys_file_rotation_without_restart(server):
     """Last in this module (it rewrites the server's tenants file): new keys work and removed ones stop within
     the reload period; an unreadable new file keeps the keys in use and logs why."""
@@ -187,22 +207,3 @@ def test_keys_file_rotation_without_restart(server):
     assert status("sk-rotated-0001") == 200  # the keys in use stay
     assert "tenants file not reloaded; keeping the keys in use" in server.log_tail(400)
 
-
-LONG = "Describe these shapes in order: " + ", ".join(f"shape {i} is a {['red', 'blue'][i % 2]} circle" for i in range(60))
-
-
-def test_the_prefix_cache_is_per_tenant(server):
-    """A tenant's repeated prompt is served from the prefix cache (OpenAI's usage.prompt_tokens_details.cached_tokens,
-    input_tokens_details on the Responses API); the same prompt from another tenant is not, so its time to first
-    token says nothing about what others sent (test_adapters.py: shared with --no-prefix-cache-per-tenant)."""
-    body = {**BODY, "messages": [{"role": "user", "content": LONG}], "max_tokens": 1}
-    first, again = (post(server, "vip", body).json()["usage"] for _ in range(2))
-    other = post(server, "single", body).json()["usage"]
-    assert first["prompt_tokens"] > 200 and first["prompt_tokens_details"]["cached_tokens"] == 0
-    assert again["prompt_tokens_details"]["cached_tokens"] >= first["prompt_tokens"] // 2
-    assert other["prompt_tokens_details"]["cached_tokens"] == 0
-    responses = [httpx.post(f"{server.url}/v1/responses", timeout=60, headers={"Authorization": f"Bearer {KEYS['vip']}"},
-                            json={"model": BODY["model"], "input": LONG + " Once more.", "max_output_tokens": 1})
-                 for _ in range(2)]
-    cached = [r.json()["usage"]["input_tokens_details"]["cached_tokens"] for r in responses]
-    assert cached[1] >= cached[0] > 0  # the chat's prefix, in whole blocks of the engine's KV cache
