@@ -116,7 +116,7 @@ class ChatService(Generation):
             ids = self.renderer.tokenize(prompt)
         else:
             ids = await asyncio.to_thread(self.renderer.tokenize, prompt)
-        prompt_tokens = self.renderer.prompt_tokens(ids, [im.size for im in images], [len(v) for v in video_ids])
+        prompt_tokens = self.renderer.prompt_tokens(ids, image_tokens, [len(v) for v in video_ids])
         return Rendered(prompt=prompt, ids=ids, images=images, image_tokens=image_tokens, videos=videos,
                         video_ids=video_ids, prompt_tokens=prompt_tokens)
 

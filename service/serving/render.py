@@ -124,9 +124,6 @@ class ChatRenderer:
             raise BadRequest("this model does not accept videos", param="messages")
         return type(self.video_processor).__name__
 
-    def video_tokens(self, clip) -> int:
-        return len(self.video_ids(clip))
-
     def video_ids(self, clip) -> list[int]:
         """The tokens one decoded video becomes in the prompt (its frames' tokens and the processor's
         timestamps), as the engine will expand it: from the frames' count and size by the processor's own
@@ -176,15 +173,15 @@ class ChatRenderer:
                 out.append(i)
         return out
 
-    def prompt_tokens(self, ids: list[int], image_sizes: list[tuple[int, int]], video_tokens: list[int] = ()) -> int:
-        """The prompt's length once the engine expands each image and video placeholder."""
+    def prompt_tokens(self, ids: list[int], image_tokens: list[int], video_tokens: list[int] = ()) -> int:
+        """The prompt's length once the engine expands each image and video placeholder (`image_tokens`: each
+        image's, from `image_tokens()`)."""
         placeholders = sum(1 for i in ids if i == self._image_pad) if self._image_pad is not None else 0
-        if placeholders != len(image_sizes):
+        if placeholders != len(image_tokens):
             raise BadRequest(f"the chat template produced {placeholders} image placeholders for "
-                             f"{len(image_sizes)} images")
+                             f"{len(image_tokens)} images")
         video_pads = sum(1 for i in ids if i == self._video_pad) if self._video_pad is not None else 0
         if video_pads != len(video_tokens):
             raise BadRequest(f"the chat template produced {video_pads} video placeholders for "
                              f"{len(video_tokens)} videos")
-        return (len(ids) - placeholders - video_pads + sum(self.image_tokens(w, h) for w, h in image_sizes)
-                + sum(video_tokens))
+        return len(ids) - placeholders - video_pads + sum(image_tokens) + sum(video_tokens)

@@ -55,7 +55,7 @@ def test_prompt_tokens_match_processor(renderer, tiny_processor, sizes):
     prompt = renderer.render(messages({"role": "user", "content": content}))
     images = [shape_image("red", size) for size in sizes] or None
     real = tiny_processor(text=[prompt], images=images, return_tensors="pt")["input_ids"].shape[1]
-    assert renderer.prompt_tokens(renderer.tokenize(prompt), sizes) == real
+    assert renderer.prompt_tokens(renderer.tokenize(prompt), [renderer.image_tokens(*s) for s in sizes]) == real
 
 
 def test_placeholder_count_must_match_images(renderer):
@@ -135,5 +135,5 @@ def test_a_video_the_processor_cannot_resize_is_a_400_naming_it(tiny_processor):
     clip = VLLMEngine.load_video(None, moving_circle_mp4(frames=4, size=(840, 4), fps=4),
                                  type(tiny_processor.video_processor).__name__, fps=2.0, max_frames=4)
     with pytest.raises(BadRequest, match="840x4 pixels cannot be processed") as exc:
-        ChatRenderer(tiny_processor).video_tokens(clip)
+        ChatRenderer(tiny_processor).video_ids(clip)
     assert exc.value.param == "video_url"
