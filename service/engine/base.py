@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, NamedTuple, Protocol
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,9 @@ class Sampling:
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # vLLM's: each token's alternatives are these tokens (in this order) rather than the most likely ones; then
+    # `logprobs` is their count
+    logprob_token_ids: list[int] | None = None
 
 
 @dataclass
@@ -83,12 +86,23 @@ class GenerationRequest:
     cache_salt: str | None = None
 
 
+class Alternative(NamedTuple):
+    """One of a position's most likely tokens (their rank is their place in the list, from 1)."""
+
+    token: str
+    logprob: float
+    bytes: list[int]
+    id: int
+
+
 @dataclass
 class TokenLogprob:
     token: str
     logprob: float
     bytes: list[int]
-    top: list[tuple[str, float, list[int]]] = field(default_factory=list)  # (token, logprob, bytes), best first
+    top: list[Alternative] = field(default_factory=list)  # best first
+    id: int = -1  # the token's id
+    rank: int | None = None  # its rank among the vocabulary at its position (1: the most likely)
 
 
 @dataclass

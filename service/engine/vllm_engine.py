@@ -21,6 +21,7 @@ from typing import Any
 from service.cpus import keep_off_engine_cpus
 from service.engine.base import (
     AdapterInfo,
+    Alternative,
     Constraint,
     Delta,
     EngineEvents,
@@ -105,23 +106,29 @@ def _token_bytes(token: str) -> list[int]:
     return list(token.encode("utf-8", errors="replace"))
 
 
-def _entry(lp) -> tuple[str, float, list[int]]:
+def _entry(token_id: int, lp) -> Alternative:
     token = lp.decoded_token or ""
-    return token, max(lp.logprob, -9999.0), _token_bytes(token)  # -inf is no JSON number
+    return Alternative(token, max(lp.logprob, -9999.0), _token_bytes(token), token_id)  # -inf is no JSON number
 
 
-def _token_logprob(token_id: int, alternatives: dict, wanted: int) -> TokenLogprob:
-    """One position's token and its `wanted` best alternatives from vLLM's {token id: Logprob} map."""
-    ranked = sorted(alternatives.values(), key=lambda lp: lp.rank or 0)[:wanted]  # none when wanted is 0
-    token, logprob, data = _entry(alternatives[token_id])
-    return TokenLogprob(token=token, logprob=logprob, bytes=data, top=[_entry(lp) for lp in ranked])
+def _token_logprob(token_id: int, alternatives: dict, wanted: int, named: list[int] | None = None) -> TokenLogprob:
+    """One position's token and its `wanted` best alternatives from vLLM's {token id: Logprob} map, or the
+    `named` tokens' (logprob_token_ids) in their order."""
+    if named:
+        ranked = [(i, alternatives[i]) for i in named if i in alternatives]
+    else:
+        ranked = sorted(alternatives.items(), key=lambda item: item[1].rank or 0)[:wanted]  # none when wanted is 0
+    own = alternatives[token_id]
+    token, logprob, data, _ = _entry(token_id, own)
+    return TokenLogprob(token=token, logprob=logprob, bytes=data, top=[_entry(i, lp) for i, lp in ranked],
+                        id=token_id, rank=own.rank)
 
 
-def _token_logprobs(choice, wanted: int | None) -> list[TokenLogprob] | None:
+def _token_logprobs(choice, wanted: int | None, named: list[int] | None = None) -> list[TokenLogprob] | None:
     """OpenAI-shaped logprobs of a delta's new tokens from vLLM's per-position {token id: Logprob} maps."""
     if wanted is None or choice.logprobs is None:
         return None
-    return [_token_logprob(token_id, alternatives, wanted)
+    return [_token_logprob(token_id, alternatives, wanted, named)
             for token_id, alternatives in zip(choice.token_ids, choice.logprobs, strict=False)]
 
 
@@ -400,6 +407,7 @@ class VLLMEngine:
             ignore_eos=s.ignore_eos,
             logprobs=s.logprobs,
             prompt_logprobs=s.prompt_logprobs,
+            logprob_token_ids=s.logprob_token_ids,
             logit_bias=s.logit_bias,
             stop_token_ids=s.stop_token_ids,
             bad_words=s.bad_words,
@@ -466,7 +474,8 @@ class VLLMEngine:
                 for choice in out.outputs:
                     yield Delta(index=choice.index, text=choice.text, new_tokens=len(choice.token_ids),
                                 finish_reason=choice.finish_reason, prompt_tokens=prompt_tokens,
-                                logprobs=_token_logprobs(choice, request.sampling.logprobs),
+                                logprobs=_token_logprobs(choice, request.sampling.logprobs,
+                                                         request.sampling.logprob_token_ids),
                                 token_ids=choice.token_ids, prompt_logprobs=prompt_logprobs,
                                 cached_tokens=cached, prompt_token_ids=prompt_ids)
                     prompt_logprobs = prompt_ids = None  # once per request

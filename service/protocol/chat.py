@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, ValidationInfo, field_validator, model_validator
 
-from service.protocol.sampling import SamplingRequest, Usage, _Lenient, refuse_if_set
+from service.protocol.sampling import PromptLogprobs, SamplingRequest, Usage, _Lenient, refuse_if_set
 
 
 class ImageURL(_Lenient):
@@ -94,6 +94,12 @@ class ChatMessage(_Lenient):
     def videos(self) -> list[VideoPart]:
         return [p for p in self.content if isinstance(p, VideoPart)] if isinstance(self.content, list) else []
 
+    def text(self) -> str:
+        """The message's text (its text parts one per line, as vLLM's chat echo joins them)."""
+        if isinstance(self.content, list):
+            return "\n".join(p.text for p in self.content if isinstance(p, TextPart))
+        return self.content or ""
+
 
 class FunctionDefinition(_Lenient):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
@@ -116,7 +122,7 @@ class NamedToolChoice(_Lenient):
     function: NamedFunction
 
 
-_UNSUPPORTED = ("functions", "audio", "web_search_options", "echo", "documents")
+_UNSUPPORTED = ("functions", "audio", "web_search_options", "documents")
 # Template variables vlora sets itself (or the processor's own arguments): not settable by a client.
 TEMPLATE_RESERVED = {"messages", "tools", "documents", "add_generation_prompt", "continue_final_message", "tokenize",
                      "return_dict", "chat_template", "tokenizer", "processor"}
@@ -141,9 +147,18 @@ class ChatCompletionRequest(SamplingRequest):
     functions: Any = None
     audio: Any = None
     web_search_options: Any = None
-    echo: Any = None  # vLLM's: the last message's text before the answer
+    # vLLM's: when the last message is the assistant's (a prefill), its text leads each choice's content
+    echo: bool = False
     documents: Any = None  # vLLM's: documents for a RAG chat template
     modalities: list[str] | None = None  # OpenAI's output modalities: text is the only one served
+
+    @field_validator("truncate_prompt_tokens")
+    @classmethod
+    def _no_truncation(cls, v: int | None) -> int | None:
+        if v is not None:
+            raise ValueError("a chat prompt over the context is refused, never cut (its images, tools and chat "
+                             "template would lose tokens); /v1/completions takes it for text prompts")
+        return v
 
     @field_validator("modalities")
     @classmethod
@@ -211,6 +226,9 @@ class ChatCompletionRequest(SamplingRequest):
                 raise ValueError("continue_final_message continues the last message, which must be an assistant one")
             if self.forced_tools:
                 raise ValueError("a required or named tool_choice cannot continue a final message")
+        if self.echo and self.forced_tools:
+            raise ValueError("echo leads the content with the last message, and a required or named tool_choice "
+                             "answers with a call and no content")
         elif self.messages[-1].role == "assistant" and self.add_generation_prompt:
             raise ValueError("the last message must not be an assistant message (to continue it, send "
                              "continue_final_message: true and add_generation_prompt: false)")
@@ -240,6 +258,12 @@ class ChatCompletionRequest(SamplingRequest):
     @property
     def forced_tools(self) -> bool:
         return self.tool_mode in ("required", "named")
+
+    @property
+    def echoed(self) -> str:
+        """What `echo` puts before each choice's content: the last message's text when it is the assistant's."""
+        last = self.messages[-1]
+        return last.text() if self.echo and last.role == "assistant" else ""
 
     @property
     def top_logprobs_wanted(self) -> int | None:
@@ -291,6 +315,7 @@ class ChatCompletion(BaseModel):
     usage: Usage
     system_fingerprint: str | None = None
     prompt_token_ids: list[int] | None = None  # vLLM's, with return_token_ids
+    prompt_logprobs: PromptLogprobs | None = None  # vLLM's, with prompt_logprobs
 
 
 class DeltaFunctionCall(BaseModel):

@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, ValidationInfo, field_validator
 
-from service.protocol.sampling import SamplingRequest, Usage, refuse_if_set
+from service.protocol.sampling import PromptLogprobs, SamplingRequest, Usage, refuse_if_set
 
 MAX_PROMPTS = 64  # prompts in one request (a batch): each is admitted and generated as a request of its own
 
@@ -47,6 +47,21 @@ class CompletionRequest(SamplingRequest):
                 raise ValueError("token ids are not negative")
         return prompts
 
+    @field_validator("truncate_prompt_tokens")
+    @classmethod
+    def _truncation(cls, v: int | None) -> int | None:
+        if v == 0:
+            raise ValueError("keep at least one token (or -1: as many as the context holds)")
+        return v
+
+    def truncated(self, ids: list[int], context: int) -> list[int]:
+        """The prompt's ids as `truncate_prompt_tokens` and `truncation_side` keep them (vLLM's rule: -1 keeps
+        as many as the context holds; the left side, the start, is cut unless the right is named)."""
+        keep = context if self.truncate_prompt_tokens == -1 else self.truncate_prompt_tokens
+        if keep is None or len(ids) <= keep:
+            return ids
+        return ids[:keep] if self.truncation_side == "right" else ids[len(ids) - keep:]
+
     @field_validator("suffix", "best_of")
     @classmethod
     def _unsupported(cls, v: Any, info: ValidationInfo) -> Any:
@@ -68,6 +83,8 @@ class CompletionLogprobs(BaseModel):
     token_logprobs: list[float | None] = Field(default_factory=list)  # None: a prompt's first token (echo)
     top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
     text_offset: list[int] = Field(default_factory=list)
+    # where the text of the last token ends (not sent: the tokens may be named by id, not by their text)
+    text_end: int = Field(default=0, exclude=True)
 
 
 FinishReason = Literal["stop", "length", "abort"]
@@ -80,6 +97,7 @@ class CompletionChoice(BaseModel):
     logprobs: CompletionLogprobs | None = None
     prompt_token_ids: list[int] | None = None  # vLLM's, with return_token_ids (streamed: on a choice's first chunk)
     token_ids: list[int] | None = None  # vLLM's, with return_token_ids (streamed: this chunk's tokens)
+    prompt_logprobs: PromptLogprobs | None = None  # vLLM's, with prompt_logprobs (the choice's prompt's)
 
 
 class Completion(BaseModel):

@@ -21,6 +21,10 @@ def refuse_if_set(value: Any, field: str, why: str | None = None) -> Any:
     return value
 
 
+MAX_TOP_LOGPROBS = 20  # alternatives per position (OpenAI's top_logprobs bound)
+MAX_LOGPROB_TOKEN_IDS = 128  # vLLM's bound on logprob_token_ids
+
+
 class StreamOptions(_Lenient):
     include_usage: bool = False
 
@@ -74,19 +78,12 @@ class StructuredOutputs(BaseModel):
 VLLM_REFUSED: dict[str, tuple[tuple, str]] = {
     "use_beam_search": ((False,), "beam search is not served; sample n answers instead"),
     "length_penalty": ((1, 1.0), "it applies to beam search, which is not served"),
-    "prompt_logprobs": ((), "the prompt's logprobs are served by /v1/completions with echo and logprobs"),
-    "return_tokens_as_token_ids": ((False,), "not served"),
-    "logprob_token_ids": ((), "not served; top_logprobs (up to 20) gives the most likely tokens"),
-    "truncation_side": ((), "a prompt over the context is refused, never cut"),
-    "truncate_prompt_tokens": ((), "a prompt over the context is refused, never cut (its images and tools would "
-                                   "lose their tokens)"),
     "chat_template": ((), "every request is rendered by the model's own chat template (a template per request "
                           "would run the client's code on the server)"),
     "mm_processor_kwargs": ((), "the image processor's settings are the server's (they change an image's token "
                                 "count)"),
     "priority": ((0,), "a request's priority is its tenant's class in the keys file"),
     "request_id": ((), "send it as the X-Request-ID header, which every answer and log line carries"),
-    "cache_salt": ((), "the prefix cache is salted per tenant by the server (--prefix-cache-per-tenant)"),
     "vllm_xargs": ((), "not served"),
     "kv_transfer_params": ((), "not served"),
     "thinking_token_budget": ((), "not served"),
@@ -136,18 +133,29 @@ class SamplingRequest(_Lenient):
     # vLLM's: the answer carries the prompt's token ids (images and videos expanded, as the engine saw them) and
     # each choice's generated ids; streamed, the ids of each chunk's tokens
     return_token_ids: bool = False
+    # vLLM's: each token in logprobs (and its alternatives) as "token_id:N", for tokens whose text is no whole
+    # character (a byte of a multi-byte one) and so cannot be told apart by their text
+    return_tokens_as_token_ids: bool = False
+    # vLLM's: the prompt's own tokens with their logprobs and this many alternatives each (whole answers only),
+    # as its server shapes them (see PromptLogprob)
+    prompt_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    # vLLM's: with logprobs, each token's alternatives are these tokens, in this order (e.g. a classifier's
+    # labels), in place of the most likely ones
+    logprob_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(default=None, min_length=1,
+                                                                        max_length=MAX_LOGPROB_TOKEN_IDS)
+    # vLLM's: requests share cached prompt prefixes only with requests of the same salt (e.g. one per end user);
+    # within the tenant's own salt when the cache is per tenant (--prefix-cache-per-tenant)
+    cache_salt: str | None = Field(default=None, min_length=1, max_length=256)
     use_beam_search: Any = None
     length_penalty: Any = None
-    prompt_logprobs: Any = None
-    return_tokens_as_token_ids: Any = None
-    logprob_token_ids: Any = None
-    truncation_side: Any = None
-    truncate_prompt_tokens: Any = None
+    # vLLM's: keep only this many of the prompt's tokens (-1: the context length), cut from the left (the prompt's
+    # start, vLLM's default) or the right; served for completions' text prompts (chat refuses it: see there)
+    truncate_prompt_tokens: int | None = Field(default=None, ge=-1)
+    truncation_side: Literal["left", "right"] | None = None
     chat_template: Any = None
     mm_processor_kwargs: Any = None
     priority: Any = None
     request_id: Any = None
-    cache_salt: Any = None
     vllm_xargs: Any = None
     kv_transfer_params: Any = None
     thinking_token_budget: Any = None
@@ -162,6 +170,17 @@ class SamplingRequest(_Lenient):
     @classmethod
     def _vllm_refused(cls, v: Any, info: ValidationInfo) -> Any:
         return refuse_vllm_extra(v, info.field_name)
+
+    @field_validator("prompt_logprobs", mode="before")
+    @classmethod
+    def _prompt_logprobs(cls, v: Any, info: ValidationInfo) -> Any:
+        if v == -1:  # vLLM's "the whole vocabulary at every position"
+            raise ValueError(f"-1 (the whole vocabulary at every position) is not served: ask for up to "
+                             f"{MAX_TOP_LOGPROBS} alternatives")
+        if v is not None and info.data.get("stream"):
+            raise ValueError("the prompt's logprobs are sent in whole answers only, not when streaming (as vLLM's "
+                             "server answers)")
+        return v
 
     @field_validator("stop")
     @classmethod
@@ -229,3 +248,16 @@ class Usage(BaseModel):
     total_tokens: int
     completion_tokens_details: CompletionTokensDetails | None = None  # with a reasoning parser
     prompt_tokens_details: PromptTokensDetails | None = None
+
+
+class PromptLogprob(BaseModel):
+    """One token at one prompt position, as vLLM's server sends `prompt_logprobs`: a map per position from token
+    id to this (the prompt's own token, with its rank in the vocabulary, and the `prompt_logprobs` most likely
+    tokens, ranks 1..k); the first position, which nothing precedes, is null."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+PromptLogprobs = list[dict[str, PromptLogprob] | None]

@@ -34,7 +34,7 @@ from service.protocol.chat import (
 from service.serving.generation import Generation, sse_error
 from service.serving.jsontext import JsonStringEscaper, valid_json_text
 from service.serving.render import ChatRenderer
-from service.serving.sampling import sampling_for, wire_logprobs
+from service.serving.sampling import refuse_prompt_logprobs, sampling_for, wire_logprobs, wire_prompt_logprobs
 from service.serving.sse import DONE, sse_event
 from service.serving.tools import StreamedCalls, cut_short_call, forced_call, forced_call_schema, wire_calls
 from service.serving.totals import Prepared, Totals
@@ -122,6 +122,8 @@ class ChatService(Generation):
 
     async def _prepare(self, req: ChatCompletionRequest, revision: Revision | None, request_id: str) -> Prepared:
         adapter = revision.key if revision is not None else None
+        if req.prompt_logprobs is not None:
+            refuse_prompt_logprobs(revision, req.model, "prompt_logprobs")
         r = await self.render(req)
         wanted = req.output_limit
         room = self.room_for(r.prompt_tokens, wanted, "messages", " (images and videos included)")
@@ -131,13 +133,14 @@ class ChatService(Generation):
         template_kwargs = req.template_variables
         thinking = not req.forced_tools and self.engine.reasoning_parser(template_kwargs) is not None
         gen = GenerationRequest(request_id=request_id, prompt=r.prompt, prompt_token_ids=r.ids, images=r.images,
-                                videos=r.videos, sampling=sampling, adapter=adapter,
+                                videos=r.videos, sampling=sampling, adapter=adapter, cache_salt=req.cache_salt,
                                 reasoning=template_kwargs if thinking else None)
         return Prepared(request=gen, model=req.model, revision=revision, image_tokens=sum(r.image_tokens),
                         video_tokens=sum(len(v) for v in r.video_ids), prompt_tokens=r.prompt_tokens,
                         adapter_label=self.adapter_label(revision),
                         tool_mode=req.tool_mode, parallel_tool_calls=req.parallel_tool_calls,
-                        include_reasoning=req.include_reasoning, return_token_ids=req.return_token_ids)
+                        include_reasoning=req.include_reasoning, return_token_ids=req.return_token_ids,
+                        tokens_as_ids=req.return_tokens_as_token_ids, echo=req.echoed)
 
     async def _videos(self, req: ChatCompletionRequest) -> tuple[list, list[list[int]]]:
         """Each video fetched (address policy, byte cap), decoded and sampled by the engine's loader, and the
@@ -172,12 +175,17 @@ class ChatService(Generation):
             if tokens is not None:
                 reasoning_tokens = (reasoning_tokens or 0) + tokens
             message, finish = self.message(prep, content, totals.finish.get(i), reasoning)
+            if prep.echo:
+                message.content = prep.echo + (message.content or "")
             choices.append(Choice(index=i, message=message, finish_reason=finish,
-                                  logprobs=wire_logprobs(totals.logprobs.get(i, [])) if wants_logprobs else None,
+                                  logprobs=(wire_logprobs(totals.logprobs.get(i, []), prep.tokens_as_ids)
+                                            if wants_logprobs else None),
                                   token_ids=totals.token_ids.get(i, []) if prep.return_token_ids else None))
         return ChatCompletion(id=prep.request.request_id, created=prep.created, model=prep.model, choices=choices,
                               usage=totals.usage(reasoning_tokens),
-                              prompt_token_ids=totals.prompt_token_ids if prep.return_token_ids else None)
+                              prompt_token_ids=totals.prompt_token_ids if prep.return_token_ids else None,
+                              prompt_logprobs=wire_prompt_logprobs(totals.prompt_logprobs,
+                                                                   prep.request.sampling.prompt_logprobs))
 
     def message(self, prep: Prepared, text: str | None, finish: str | None,
                 reasoning: str | None = None) -> tuple[ResponseMessage, str | None]:
@@ -225,7 +233,7 @@ class ChatStream:
                                              choices=choices, usage=usage, prompt_token_ids=prompt_token_ids))
 
     def start(self) -> list[str]:
-        return [self._chunk([ChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))
+        return [self._chunk([ChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=self.prep.echo))
                              for i in range(self.n)])]
 
     def delta(self, delta: Delta) -> list[str]:
@@ -252,7 +260,7 @@ class ChatStream:
                                tool_calls=tool_calls or None)
         prompt_ids = list(delta.prompt_token_ids) if ids and delta.prompt_token_ids is not None else None
         return [self._chunk([ChunkChoice(index=delta.index, finish_reason=finish, delta=message,
-                                         logprobs=wire_logprobs(delta.logprobs),
+                                         logprobs=wire_logprobs(delta.logprobs, self.prep.tokens_as_ids),
                                          token_ids=list(delta.token_ids) if ids else None)],
                             prompt_token_ids=prompt_ids)]
 

@@ -18,41 +18,47 @@ from service.protocol.sampling import PromptTokensDetails, Usage
 from service.serving.generation import Generation, sse_error
 from service.serving.jsontext import JsonStringEscaper, valid_json_text
 from service.serving.render import ChatRenderer
-from service.serving.sampling import sampling_for
+from service.serving.sampling import refuse_prompt_logprobs, sampling_for, token_text, wire_prompt_logprobs
 from service.serving.sse import DONE, sse_event, sse_json
 from service.serving.totals import Prepared, Totals
 
 
-def legacy_logprobs(tokens: list[TokenLogprob], offset: int = 0,
-                    out: CompletionLogprobs | None = None) -> CompletionLogprobs:
+def legacy_logprobs(tokens: list[TokenLogprob], offset: int = 0, out: CompletionLogprobs | None = None,
+                    as_ids: bool = False, wanted: int | None = None) -> CompletionLogprobs:
+    """OpenAI's legacy logprobs of `tokens` from text offset `offset` (on `out`); `as_ids`: tokens named
+    "token_id:N" (their offsets stay those of their text); `wanted`: at most this many alternatives each."""
     out = out if out is not None else CompletionLogprobs()
     for t in tokens:
-        out.tokens.append(t.token)
+        out.tokens.append(token_text(t.token, t.id, as_ids))
         out.token_logprobs.append(t.logprob)
         top: dict[str, float] = {}
-        for tok, lp, _ in t.top:  # two tokens may decode to the same text (partial UTF-8): keep the better one
-            top[tok] = max(lp, top.get(tok, lp))
+        for alt in t.top[:wanted]:  # two tokens may decode to the same text (partial UTF-8): keep the better one
+            name = token_text(alt.token, alt.id, as_ids)
+            top[name] = max(alt.logprob, top.get(name, alt.logprob))
         out.top_logprobs.append(top)
         out.text_offset.append(offset)
         offset += len(t.token)
+    out.text_end = offset
     return out
 
 
-def prompt_logprobs(tokens: list[TokenLogprob | None] | None, first: str) -> CompletionLogprobs:
-    """The prompt's part of echo's logprobs: its tokens from offset 0, the first (`first`, its text) without a
-    logprob or alternatives (OpenAI's null)."""
+def prompt_logprobs(tokens: list[TokenLogprob | None] | None, first: tuple[str, int], as_ids: bool = False,
+                    wanted: int | None = None) -> CompletionLogprobs:
+    """The prompt's part of echo's logprobs: its tokens from offset 0, the first (`first`: its text and id)
+    without a logprob or alternatives (OpenAI's null)."""
     out = CompletionLogprobs()
     if not tokens:
         return out
-    out.tokens.append(first)
+    text, token_id = first
+    out.tokens.append(token_text(text, token_id, as_ids))
     out.token_logprobs.append(None)
     out.top_logprobs.append(None)
     out.text_offset.append(0)
-    return legacy_logprobs([t for t in tokens[1:] if t is not None], len(first), out)
+    return legacy_logprobs([t for t in tokens[1:] if t is not None], len(text), out, as_ids, wanted)
 
 
 def _text_end(logprobs: CompletionLogprobs) -> int:
-    return logprobs.text_offset[-1] + len(logprobs.tokens[-1]) if logprobs.tokens else 0
+    return logprobs.text_end
 
 
 @dataclass
@@ -169,9 +175,10 @@ class CompletionService:
     def _echo_logprobs(req: CompletionRequest) -> bool:
         return req.echo and req.logprobs is not None
 
-    def _first_token(self, prep: Prepared) -> str:
+    def _first_token(self, prep: Prepared) -> tuple[str, int]:
+        """The prompt's first token: its text and id."""
         ids = prep.request.prompt_token_ids or []
-        return self.renderer.tokenizer.decode(ids[:1]) if ids else ""
+        return (self.renderer.tokenizer.decode(ids[:1]), ids[0]) if ids else ("", -1)
 
     def completion(self, req: CompletionRequest, prep: Prepared, totals: Totals, offset: int = 0) -> Completion:
         echoed = prep.request.prompt if req.echo else ""
@@ -179,53 +186,66 @@ class CompletionService:
         def logprobs(i: int) -> CompletionLogprobs | None:
             if req.logprobs is None:
                 return None
+            as_ids = prep.tokens_as_ids
             if not req.echo:
-                return legacy_logprobs(totals.logprobs.get(i, []))
-            head = prompt_logprobs(totals.prompt_logprobs, self._first_token(prep))
-            return legacy_logprobs(totals.logprobs.get(i, []), _text_end(head), head)
+                return legacy_logprobs(totals.logprobs.get(i, []), as_ids=as_ids)
+            # the engine's prompt alternatives are as many as the larger of logprobs and prompt_logprobs ask
+            head = prompt_logprobs(totals.prompt_logprobs, self._first_token(prep), as_ids, req.logprobs)
+            return legacy_logprobs(totals.logprobs.get(i, []), _text_end(head), head, as_ids)
 
         def text(i: int) -> str:
             out = "".join(totals.text.get(i, []))
             return valid_json_text(out) if prep.json_output else out
 
         ids = req.return_token_ids
+        prompt_wire = (wire_prompt_logprobs(totals.prompt_logprobs, req.prompt_logprobs)
+                       if req.prompt_logprobs is not None else None)
         choices = [CompletionChoice(index=offset + i, text=echoed + text(i),
                                     finish_reason=totals.finish.get(i), logprobs=logprobs(i),
                                     prompt_token_ids=totals.prompt_token_ids if ids else None,
-                                    token_ids=totals.token_ids.get(i, []) if ids else None)
+                                    token_ids=totals.token_ids.get(i, []) if ids else None,
+                                    prompt_logprobs=prompt_wire)
                    for i in range(req.n)]
         return Completion(id=prep.request.request_id, created=prep.created, model=prep.model, choices=choices,
                           usage=totals.usage())
 
-    def _ids(self, prompt: str | list[int]) -> tuple[str, list[int]]:
-        """(text, token ids) of one prompt, given as text or as token ids."""
+    def _ids(self, req: CompletionRequest, prompt: str | list[int]) -> tuple[str, list[int]]:
+        """(text, token ids) of one prompt, given as text or as token ids, as `truncate_prompt_tokens` keeps it
+        (the text then the kept tokens' text: what echo returns)."""
         if isinstance(prompt, str):
-            return prompt, self.renderer.tokenize(prompt)
-        beyond = sorted({t for t in prompt if t >= self.renderer.vocab_size})
-        if beyond:
-            raise BadRequest(f"the prompt holds token id(s) {beyond[:5]} outside the vocabulary (size "
-                             f"{self.renderer.vocab_size})", param="prompt")
-        return self.renderer.tokenizer.decode(prompt), list(prompt)
+            ids = self.renderer.tokenize(prompt)
+        else:
+            beyond = sorted({t for t in prompt if t >= self.renderer.vocab_size})
+            if beyond:
+                raise BadRequest(f"the prompt holds token id(s) {beyond[:5]} outside the vocabulary (size "
+                                 f"{self.renderer.vocab_size})", param="prompt")
+            ids = list(prompt)
+        kept = req.truncated(ids, self.gen.engine.max_model_len)
+        if isinstance(prompt, str) and kept is ids:
+            return prompt, ids
+        return self.renderer.tokenizer.decode(kept), kept
 
     async def prepare(self, req: CompletionRequest, prompt: str | list[int], tenant: Tenant) -> Prepared:
         revision = await self.gen.resolve(req.model, tenant)
         try:
-            text, ids = self._ids(prompt)
+            text, ids = self._ids(req, prompt)
             prompt_tokens = self.renderer.text_tokens(ids)
             room = self.gen.room_for(prompt_tokens, req.max_tokens, "prompt")
             sampling = sampling_for(req, req.max_tokens or room, self.renderer.vocab_size)
             if self._echo_logprobs(req):
-                # The engine leaves an lm_head delta out of a prompt's logprobs (vllm_fixes, lora-prompt-logprobs).
-                if revision is not None and revision.meta is not None and revision.meta.adapts("lm_head"):
-                    raise BadRequest(f"echo with logprobs is not supported for adapter '{req.model}': it adapts "
-                                     "lm_head, whose delta the engine leaves out of a prompt's logprobs",
-                                     param="echo")
-                sampling = replace(sampling, prompt_logprobs=req.logprobs)
+                if req.logprob_token_ids:
+                    raise BadRequest("logprob_token_ids does not name the prompt's alternatives: send it without "
+                                     "echo (as vLLM's server requires)", param="logprob_token_ids")
+                refuse_prompt_logprobs(revision, req.model, "echo")
+                sampling = replace(sampling, prompt_logprobs=max(req.logprobs, req.prompt_logprobs or 0))
+            elif req.prompt_logprobs is not None:
+                refuse_prompt_logprobs(revision, req.model, "prompt_logprobs")
             gen = GenerationRequest(request_id=f"cmpl-{uuid.uuid4().hex}", prompt=text, prompt_token_ids=ids,
-                                    sampling=sampling,
+                                    sampling=sampling, cache_salt=req.cache_salt,
                                     adapter=revision.key if revision is not None else None)
             return Prepared(request=gen, model=req.model, revision=revision, kind="completion", prompt_tokens=prompt_tokens,
-                            adapter_label=self.gen.adapter_label(revision), return_token_ids=req.return_token_ids)
+                            adapter_label=self.gen.adapter_label(revision), return_token_ids=req.return_token_ids,
+                            tokens_as_ids=req.return_tokens_as_token_ids)
         except BaseException:
             self.gen.registry.release(revision)
             raise
@@ -235,8 +255,8 @@ class CompletionStream:
     """Completion chunks (`object: text_completion`): text and logprob deltas, usage last, then [DONE]."""
 
     def __init__(self, prep: Prepared, include_usage: bool, echo: str = "", n: int = 1,
-                 echo_first_token: str | None = None, offset: int = 0, batch: Batch | None = None):
-        """`echo_first_token` (the prompt's first token's text): echo with logprobs, whose echo chunks carry
+                 echo_first_token: tuple[str, int] | None = None, offset: int = 0, batch: Batch | None = None):
+        """`echo_first_token` (the prompt's first token's text and id): echo with logprobs, whose echo chunks carry
         the prompt's logprobs and so wait for the first delta (which brings them). `offset`: the index of the
         prompt's first choice in a batch; `batch`: the batch whose merged stream this one feeds (its chunks take
         the batch's id, its usage and ending are the merged stream's)."""
@@ -266,7 +286,7 @@ class CompletionStream:
         head = []
         if self.first_token is not None:
             if delta.prompt_logprobs is not None:
-                self.prompt = prompt_logprobs(delta.prompt_logprobs, self.first_token)
+                self.prompt = prompt_logprobs(delta.prompt_logprobs, self.first_token, self.prep.tokens_as_ids)
             if delta.index not in self.echoed:  # the choice's first delta: its echo first, with the prompt's logprobs
                 self.echoed.add(delta.index)
                 prompt = self.prompt or CompletionLogprobs()
@@ -280,7 +300,7 @@ class CompletionStream:
         logprobs = None
         if delta.logprobs is not None:
             offset = self.offsets.get(delta.index, 0)
-            logprobs = legacy_logprobs(delta.logprobs, offset)
+            logprobs = legacy_logprobs(delta.logprobs, offset, as_ids=self.prep.tokens_as_ids)
             self.offsets[delta.index] = offset + sum(len(t.token) for t in delta.logprobs)
         text = delta.text
         if text and (escaper := self.json.get(delta.index)) is not None:

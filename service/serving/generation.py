@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -202,6 +203,16 @@ class Generation:
                 param=prompt_param if room < 1 else "max_tokens")
         return room
 
+    def cache_salt(self, tenant: Tenant, client: str | None) -> str | None:
+        """The engine's prefix-cache salt of a request: its tenant's (--prefix-cache-per-tenant), narrowed by the
+        client's own `cache_salt` (vLLM's) when it sent one. A tenant's name and the client's salt are kept apart
+        (JSON), so that no tenant's salt, with or without a client's, equals another's."""
+        if not self.cache_per_tenant:
+            return client
+        if client is None:
+            return f"tenant:{tenant.name}"
+        return "tenant+client:" + json.dumps([tenant.name, client])
+
     async def serve(self, model: str, prepare: Callable[[], Awaitable[Prepared]],
                     stream: Callable[[Prepared], StreamFormat] | None,
                     complete: Callable[[Prepared, Totals], Any], tenant: Tenant = OPEN):
@@ -215,8 +226,7 @@ class Generation:
                 prep = await prepare()
                 prep.ticket, prep.tenant = ticket, tenant.name
                 prep.request.priority = tenant.engine_priority
-                if self.cache_per_tenant:
-                    prep.request.cache_salt = f"tenant:{tenant.name}"
+                prep.request.cache_salt = self.cache_salt(tenant, prep.request.cache_salt)
                 self.reserve(prep)
             except APIError as exc:
                 if prep is not None:

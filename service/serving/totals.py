@@ -26,6 +26,8 @@ class Prepared:
     parallel_tool_calls: bool = True
     include_reasoning: bool = True
     return_token_ids: bool = False  # vLLM's: the answer carries prompt and output token ids
+    tokens_as_ids: bool = False  # vLLM's return_tokens_as_token_ids: logprobs name tokens "token_id:N"
+    echo: str = ""  # vLLM's chat echo: the text each choice's content starts with
     created: int = field(default_factory=lambda: int(time.time()))
     started: float = field(default_factory=time.perf_counter)
     ticket: Any = None  # service.limits.Ticket: what the request counts against (set by Generation.serve)

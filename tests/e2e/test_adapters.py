@@ -349,3 +349,8 @@ def test_tenants_share_cached_prefixes_when_the_cache_is_not_per_tenant(server):
     other = _post(server, body, key=GLOBEX).json()["usage"]
     assert first["prompt_tokens_details"]["cached_tokens"] == 0
     assert other["prompt_tokens_details"]["cached_tokens"] >= first["prompt_tokens"] // 2
+    # a client's own cache_salt (vLLM's) still keeps its requests apart, across tenants too
+    salted = {**body, "cache_salt": "user-7"}
+    cached = [_post(server, salted, key=key).json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+              for key in (ADMIN, GLOBEX)]
+    assert cached[0] == 0 and cached[1] >= first["prompt_tokens"] // 2

@@ -169,6 +169,46 @@ def test_echo_with_logprobs_scores_the_prompt_as_the_model_does(client, model, r
         assert streamed[i]["token_logprobs"][1:] == pytest.approx(whole[i].logprobs.token_logprobs[1:], abs=1e-4)
 
 
+def test_prompt_logprobs_beside_echo_keep_each_its_own_count(client):
+    """prompt_logprobs (vLLM's shape, in each choice) and echo's logprobs ask the engine once: each answer keeps
+    as many alternatives as it asked for, and they agree on every prompt token's logprob."""
+    r = client.completions.create(model="demo-a", prompt=PROMPT, max_tokens=2, echo=True, logprobs=1, n=2,
+                                  seed=3, extra_body={"prompt_logprobs": 3, "return_token_ids": True})
+    n = r.usage.prompt_tokens
+    for choice in r.choices:
+        lp, positions = choice.logprobs, choice.model_extra["prompt_logprobs"]
+        ids = choice.model_extra["prompt_token_ids"]
+        assert len(positions) == len(ids) == n and positions[0] is None and lp.top_logprobs[0] is None
+        assert all(len(top) <= 1 for top in lp.top_logprobs[1:])
+        for token_id, position, logprob in zip(ids[1:], positions[1:], lp.token_logprobs[1:n], strict=True):
+            own = position[str(token_id)]
+            assert sorted(p["rank"] for p in position.values())[:3] == [1, 2, 3]
+            assert len(position) == 3 + (own["rank"] > 3) and own["logprob"] == logprob
+    assert r.choices[0].model_extra["prompt_logprobs"] == r.choices[1].model_extra["prompt_logprobs"]
+    assert "prompt_logprobs" not in client.completions.create(model="demo-a", prompt=PROMPT,
+                                                              max_tokens=1).choices[0].model_extra
+
+
+def test_truncate_prompt_tokens_serves_the_kept_tokens(client, tiny_processor):
+    """vLLM's truncate_prompt_tokens: the engine reads only the last k tokens (the first k with truncation_side
+    right); usage counts them, echo returns their text, and the answer is the one to those tokens sent alone."""
+    ids = tiny_processor.tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
+    kw = dict(model="demo-a", max_tokens=4, temperature=0, echo=True, extra_body={"min_tokens": 4})
+    for side, kept in (("left", ids[-4:]), ("right", ids[:4])):
+        cut = client.completions.create(prompt=PROMPT, **{**kw, "extra_body": {
+            "min_tokens": 4, "truncate_prompt_tokens": 4, "truncation_side": side, "return_token_ids": True}})
+        alone = client.completions.create(prompt=kept, **kw)
+        choice = cut.choices[0]
+        assert cut.usage.prompt_tokens == 4 and choice.model_extra["prompt_token_ids"] == kept
+        assert choice.text == alone.choices[0].text and choice.text.startswith(tiny_processor.tokenizer.decode(kept))
+    whole = client.completions.create(prompt=PROMPT, **{**kw, "extra_body": {"truncate_prompt_tokens": 1000}})
+    assert whole.usage.prompt_tokens == len(ids) and whole.choices[0].text.startswith(PROMPT)
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.chat.completions.create(model="demo-a", messages=[{"role": "user", "content": PROMPT}],
+                                       extra_body={"truncate_prompt_tokens": 4})
+    assert exc.value.body["param"] == "truncate_prompt_tokens"
+
+
 def test_echo_with_logprobs_batched_with_other_adapters_gets_its_solo_answer(client):
     """The engine computes prompt logprobs beside other requests' sampling (a vLLM bug crashed it there:
     service/engine/vllm_fixes.py, lora-prompt-logprobs)."""
@@ -221,3 +261,16 @@ def test_prefill_continues_the_final_message_exactly_like_the_raw_prompt(client,
                                                         "<|im_start|>assistant\nThe color is", **kw)
     assert chat.choices[0].message.content == raw.choices[0].text
     assert chat.usage.prompt_tokens == raw.usage.prompt_tokens
+    # vLLM's chat echo: the prefill leads the content (its text parts one per line), whole and streamed alike
+    prefill = [{"role": "user", "content": "What color?"},
+               {"role": "assistant", "content": [{"type": "text", "text": "The color"}, {"type": "text", "text": "is"}]}]
+    echo = dict(model=model, messages=prefill, max_tokens=6, temperature=0, extra_body={
+        "continue_final_message": True, "add_generation_prompt": False, "min_tokens": 6, "echo": True})
+    whole = client.chat.completions.create(**echo)
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(stream=True, **echo)
+                       if c.choices)
+    assert whole.choices[0].message.content.startswith("The color\nis") and streamed == whole.choices[0].message.content
+    assert whole.usage.completion_tokens == 6
+    plain = client.chat.completions.create(model=model, messages=prefill[:1], max_tokens=3, temperature=0)
+    assert client.chat.completions.create(model=model, messages=prefill[:1], max_tokens=3, temperature=0,
+                                          extra_body={"echo": True}).choices[0].message.content == plain.choices[0].message.content

@@ -192,6 +192,105 @@ def test_return_token_ids_gives_the_engines_prompt_and_output_ids(client, messag
     assert "prompt_token_ids" not in without.model_extra and "token_ids" not in without.choices[0].model_extra
 
 
+@pytest.mark.parametrize("model", [BASE, "demo-a"])
+def test_prompt_logprobs_score_the_chat_prompt_as_completions_score_its_ids(client, messages, model):
+    """vLLM's prompt_logprobs on chat: per prompt position (the image's included) the prompt's token with its
+    rank and the k most likely (ranks 1..k), the first null; the same numbers /v1/completions gives for the
+    same token ids."""
+    _, _, r = _create(client, model, messages, max_tokens=2,
+                      extra_body={"prompt_logprobs": 2, "return_token_ids": True})
+    ids, positions = r.model_extra["prompt_token_ids"], r.model_extra["prompt_logprobs"]
+    assert len(positions) == len(ids) == r.usage.prompt_tokens and positions[0] is None
+    for token_id, position in zip(ids[1:], positions[1:], strict=True):
+        own = position[str(token_id)]
+        ranked = sorted((p for p in position.values() if p["rank"] <= 2), key=lambda p: p["rank"])
+        assert own["logprob"] <= 0 and own["rank"] >= 1 and isinstance(own["decoded_token"], str)
+        assert [p["rank"] for p in ranked] == [1, 2] and ranked[0]["logprob"] >= ranked[1]["logprob"]
+        assert own["logprob"] <= ranked[0]["logprob"] and len(position) == 2 + (own["rank"] > 2)
+    text_ids = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Name a shape."}],
+                                              max_tokens=1, extra_body={"prompt_logprobs": 0, "return_token_ids": True})
+    prompt = text_ids.model_extra["prompt_token_ids"]
+    scored = client.completions.create(model=model, prompt=prompt, max_tokens=1,
+                                       extra_body={"prompt_logprobs": 0}).choices[0].model_extra["prompt_logprobs"]
+    chat = text_ids.model_extra["prompt_logprobs"]
+    assert scored[0] is None and chat[0] is None and len(scored) == len(chat) == len(prompt)
+    for token_id, a, b in zip(prompt[1:], chat[1:], scored[1:], strict=True):
+        assert list(a) == list(b) == [str(token_id)] and a[str(token_id)]["rank"] == b[str(token_id)]["rank"]
+        assert a[str(token_id)]["logprob"] == pytest.approx(b[str(token_id)]["logprob"], abs=1e-4)
+    for refused in ({"prompt_logprobs": -1}, {"prompt_logprobs": 21}):
+        with pytest.raises(openai.BadRequestError) as exc:
+            _create(client, model, messages, max_tokens=1, extra_body=refused)
+        assert exc.value.body["param"] == "prompt_logprobs"
+    with pytest.raises(openai.BadRequestError) as exc:
+        _create(client, model, messages, stream=True, max_tokens=1, extra_body={"prompt_logprobs": 1})
+    assert exc.value.body["param"] == "prompt_logprobs" and "streaming" in exc.value.body["message"]
+
+
+def test_return_tokens_as_token_ids_names_each_logprob_token_by_its_id(client, messages):
+    """vLLM's return_tokens_as_token_ids: the sampled tokens and their alternatives as "token_id:N" (N the id the
+    engine generated, as return_token_ids lists them), their bytes their text's; whole and streamed alike."""
+    kw = dict(max_tokens=6, logprobs=True, top_logprobs=2)
+    ids_kw = {"min_tokens": 6, "return_token_ids": True}
+    _, _, named = _create(client, "demo-a", messages, **kw, extra_body=ids_kw)
+    _, _, by_id = _create(client, "demo-a", messages, **kw, extra_body={**ids_kw, "return_tokens_as_token_ids": True})
+    ids = by_id.choices[0].model_extra["token_ids"]
+    assert ids == named.choices[0].model_extra["token_ids"]
+    content, texts = by_id.choices[0].logprobs.content, named.choices[0].logprobs.content
+    assert [t.token for t in content] == [f"token_id:{i}" for i in ids]
+    assert [t.bytes for t in content] == [t.bytes for t in texts] and [t.logprob for t in content] == [t.logprob for t in texts]
+    for t in content:
+        assert len(t.top_logprobs) == 2 and all(a.token.startswith("token_id:") and a.token[9:].isdigit()
+                                                for a in t.top_logprobs)
+        assert t.top_logprobs[0].token == t.token  # greedy
+    _, _, chunks = _create(client, "demo-a", messages, stream=True, **kw,
+                           extra_body={**ids_kw, "return_tokens_as_token_ids": True})
+    streamed = [t.token for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+    assert streamed == [t.token for t in content]
+    prompt = "The shape is"
+    legacy = dict(model="demo-b", prompt=prompt, max_tokens=3, logprobs=2, echo=True, temperature=0)
+    text_lp = client.completions.create(**legacy, extra_body={"min_tokens": 3}).choices[0].logprobs
+    id_choice = client.completions.create(**legacy, extra_body={"min_tokens": 3, "return_tokens_as_token_ids": True,
+                                                                "return_token_ids": True}).choices[0]
+    id_lp = id_choice.logprobs
+    every = id_choice.model_extra["prompt_token_ids"] + id_choice.model_extra["token_ids"]
+    assert id_lp.tokens == [f"token_id:{i}" for i in every] and id_lp.text_offset == text_lp.text_offset
+    assert id_lp.token_logprobs == text_lp.token_logprobs
+    assert all(all(k.startswith("token_id:") for k in top) for top in id_lp.top_logprobs if top)
+
+
+def test_logprob_token_ids_score_the_named_tokens_in_their_order(client, messages):
+    """vLLM's logprob_token_ids: each position's alternatives are the named tokens, in the order named, with the
+    logprobs the top-k alternatives give them; whole, streamed and on completions; misuse is a 400 naming it."""
+    kw = dict(max_tokens=4, logprobs=True)
+    as_ids = {"min_tokens": 4, "return_tokens_as_token_ids": True}
+    _, _, top = _create(client, "demo-a", messages, top_logprobs=3, **kw, extra_body=as_ids)
+    first = top.choices[0].logprobs.content[0].top_logprobs
+    best = {a.token: a.logprob for a in first}
+    named = [int(a.token[9:]) for a in reversed(first)] + [7]
+    _, _, r = _create(client, "demo-a", messages, **kw, extra_body={**as_ids, "logprob_token_ids": named})
+    content = r.choices[0].logprobs.content
+    assert [t.token for t in content] == [t.token for t in top.choices[0].logprobs.content]  # greedy, the same
+    for token in content:
+        assert [a.token for a in token.top_logprobs] == [f"token_id:{i}" for i in named]
+    for alt in content[0].top_logprobs[:3]:
+        assert alt.logprob == pytest.approx(best[alt.token], abs=1e-4)
+    _, _, chunks = _create(client, "demo-a", messages, stream=True, **kw,
+                           extra_body={**as_ids, "logprob_token_ids": named})
+    streamed = [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+    assert [[a.token for a in t.top_logprobs] for t in streamed] == [[a.token for a in t.top_logprobs] for t in content]
+    legacy = client.completions.create(model="demo-b", prompt="The shape is", max_tokens=2, logprobs=0,
+                                       extra_body={"logprob_token_ids": named, "return_tokens_as_token_ids": True})
+    assert all(list(top) == [f"token_id:{i}" for i in named] for top in legacy.choices[0].logprobs.top_logprobs)
+    for bad in ({"logprobs": False}, {"top_logprobs": 2}, {"extra_body": {"logprob_token_ids": [10**6]}}):
+        with pytest.raises(openai.BadRequestError) as exc:
+            _create(client, "demo-a", messages, **{**kw, "extra_body": {"logprob_token_ids": named}, **bad})
+        assert exc.value.body["param"] == "logprob_token_ids", exc.value.body
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.completions.create(model="demo-b", prompt="The shape is", max_tokens=2, logprobs=0, echo=True,
+                                  extra_body={"logprob_token_ids": named})
+    assert exc.value.body["param"] == "logprob_token_ids"
+
+
 BOUNDED = {"type": "object", "properties": {"note": {"type": "string", "minLength": 3, "maxLength": 6}},
            "required": ["note"], "additionalProperties": False}
 

@@ -184,6 +184,23 @@ def test_the_prefix_cache_is_per_tenant(server):
     assert cached[1] >= cached[0] > 0  # the chat's prefix, in whole blocks of the engine's KV cache
 
 
+def test_a_clients_cache_salt_narrows_its_tenants_cache(server):
+    """vLLM's cache_salt: within a tenant, requests with the same salt share cached prefixes and others do not
+    (e.g. one salt per end user); the same salt from another tenant finds nothing (its tenant's salt comes
+    first)."""
+    body = {**BODY, "messages": [{"role": "user", "content": "Salted. " + LONG}], "max_tokens": 1}
+
+    def cached(tenant: str, salt: str | None) -> int:
+        sent = {**body, "cache_salt": salt} if salt else body
+        return post(server, tenant, sent).json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+    assert cached("vip", "user-1") == 0
+    assert cached("vip", "user-1") > 0
+    assert cached("vip", "user-2") == 0 and cached("vip", None) == 0 and cached("single", "user-1") == 0
+    bad = post(server, "vip", {**body, "cache_salt": ""})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "cache_salt"
+
+
 def test_keys_file_rotation_without_restart(server):
     """Last in this module (it rewrites the server's tenants file): new keys work and removed ones stop within
     the reload period; an unreadable new file keeps the keys in use and logs why."""

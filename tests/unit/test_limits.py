@@ -262,3 +262,19 @@ def test_fair_share_contended_batch_weights_by_priority():
             task.cancel()
 
     asyncio.run(scenario())
+
+
+def test_cache_salts_keep_tenants_and_their_clients_apart():
+    """Per tenant, a client's cache_salt narrows its tenant's salt and never equals another tenant's (names and
+    salts may hold the separator); with the cache shared, the client's salt is vLLM's own."""
+    from types import SimpleNamespace
+
+    from service.serving.generation import Generation
+
+    def salt(tenant: str, client: str | None, per_tenant: bool = True) -> str | None:
+        return Generation.cache_salt(SimpleNamespace(cache_per_tenant=per_tenant), SimpleNamespace(name=tenant), client)
+
+    salts = [salt("a", None), salt("a", "x"), salt("a", "y"), salt("a:x", None), salt("a", "b:c"), salt("a:b", "c"),
+             salt("tenant:a", None), salt("a", "tenant:a")]
+    assert len(set(salts)) == len(salts) and salts[0] == "tenant:a"
+    assert salt("a", "x", per_tenant=False) == "x" and salt("a", None, per_tenant=False) is None

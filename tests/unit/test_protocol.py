@@ -64,7 +64,7 @@ def test_image_url_as_bare_string():
     ({"priority": 3}, "its tenant's class"),
     ({"request_id": "r1"}, "X-Request-ID"),
     ({"chat_template": "{{ x }}"}, "'chat_template' is not supported"),
-    ({"echo": True}, "'echo' is not supported"),
+    ({"echo": True, "tools": [TOOL], "tool_choice": "required"}, "echo leads the content"),
     ({"stop_token_ids": [-1]}, "stop_token_ids.0"),
     ({"allowed_token_ids": []}, "allowed_token_ids"),
     ({"bad_words": [""]}, "bad_words.0"),
@@ -74,6 +74,11 @@ def test_image_url_as_bare_string():
     ({"tools": [TOOL], "tool_choice": "required", "response_format": {"type": "json_object"}}, "constrains the output"),
     ({"messages": [{"role": "user", "content": "q", "tool_calls": [
         {"id": "c1", "function": {"name": "f", "arguments": "{}"}}]}]}, "only assistant messages"),
+    ({"prompt_logprobs": -1}, "the whole vocabulary at every position"),
+    ({"prompt_logprobs": 21}, "prompt_logprobs"),
+    ({"prompt_logprobs": 0, "stream": True}, "not when streaming"),
+    ({"return_tokens_as_token_ids": "yes please"}, "return_tokens_as_token_ids"),
+    ({"truncate_prompt_tokens": 8}, "a chat prompt over the context is refused, never cut"),
     ({"top_logprobs": 3}, "top_logprobs needs logprobs"),
     ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     ({"logit_bias": {"abc": 1}}, "token ids"),
@@ -141,3 +146,32 @@ def test_tool_modes_and_histories_parse():
          "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "lookup", "arguments": "{}"}}]},
         {"role": "tool", "tool_call_id": "c1", "content": "42"}])
     assert history.messages[1].tool_calls[0].function.name == "lookup" and history.messages[2].tool_call_id == "c1"
+
+
+def test_completions_truncate_the_prompt_as_vllm_does():
+    """vLLM's truncate_prompt_tokens: the last k tokens (its default side), the first k with truncation_side
+    right, the context length with -1; 0 keeps nothing and is refused."""
+    from service.protocol.completions import CompletionRequest
+
+    def truncated(context=5, **kw):
+        return CompletionRequest(model="m", prompt="p", **kw).truncated(list(range(8)), context)
+
+    assert truncated(truncate_prompt_tokens=3) == [5, 6, 7]
+    assert truncated(truncate_prompt_tokens=3, truncation_side="right") == [0, 1, 2]
+    assert truncated(truncate_prompt_tokens=-1) == [3, 4, 5, 6, 7]
+    assert truncated(truncate_prompt_tokens=20) == truncated() == list(range(8))
+    for bad, needle in ((0, "at least one token"), (-2, "greater than or equal to -1")):
+        with pytest.raises(ValidationError, match=needle):
+            truncated(truncate_prompt_tokens=bad)
+    with pytest.raises(ValidationError, match="truncation_side"):
+        truncated(truncate_prompt_tokens=2, truncation_side="middle")
+
+
+def test_chat_echo_repeats_a_final_assistant_message_only():
+    """vLLM's chat echo: the last message's text when it is the assistant's (a prefill), else nothing."""
+    user = {"role": "user", "content": "q"}
+    prefill = {"role": "assistant", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}
+    assert req(messages=[user, prefill], echo=True, add_generation_prompt=False,
+               continue_final_message=True).echoed == "a\nb"
+    assert req(messages=[user], echo=True).echoed == "" and req(messages=[user, prefill], add_generation_prompt=False,
+                                                                 continue_final_message=True).echoed == ""

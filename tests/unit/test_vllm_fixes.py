@@ -150,3 +150,22 @@ def test_adapters_that_adapt_the_head_are_known(tmp_path, keys, expected):
     save_file({k: torch.zeros(4, 8) for k in keys}, str(tmp_path / "adapter_model.safetensors"))
     meta = inspect_adapter("a", tmp_path, max_rank=64, tower_lora=False, base_fingerprint=None)
     assert meta.adapts("lm_head") is expected
+
+
+def test_prompt_logprobs_are_refused_for_an_adapter_that_adapts_the_head():
+    """Chat's prompt_logprobs and completions' echo with logprobs alike: a 400 naming the parameter rather than
+    logprobs without the adapter's lm_head delta; the base and other adapters are served."""
+    from types import SimpleNamespace
+
+    from service.errors import BadRequest
+    from service.serving.sampling import refuse_prompt_logprobs
+
+    def revision(head: bool):
+        return SimpleNamespace(meta=SimpleNamespace(adapts=lambda module: head and module == "lm_head"))
+
+    for param in ("prompt_logprobs", "echo"):
+        with pytest.raises(BadRequest) as exc:
+            refuse_prompt_logprobs(revision(True), "tuned", param)
+        assert exc.value.param == param and "adapts lm_head" in str(exc.value)
+    refuse_prompt_logprobs(revision(False), "tuned", "prompt_logprobs")
+    refuse_prompt_logprobs(None, "base", "prompt_logprobs")
