@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as exc:
         sys.exit(f"vlora-serve: {exc}")
     try:
-        renderer = ChatRenderer.from_pretrained(settings.model)
+        renderer = ChatRenderer.from_pretrained(settings.model, settings.engine_args.get("mm_processor_kwargs"))
     except (OSError, ValueError) as exc:
         sys.exit(f"vlora-serve: the model's processor could not be loaded from '{settings.model}': {exc}")
     try:

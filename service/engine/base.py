@@ -84,6 +84,9 @@ class GenerationRequest:
     # Salts the engine's prefix cache: a request reuses cached prefixes only of requests with the same salt
     # (vLLM's cache_salt; None: shared with every unsalted request).
     cache_salt: str | None = None
+    # The request's pixel budget for its images ({"min_pixels", "max_pixels"}, vLLM's mm_processor_kwargs for the
+    # image processor); None: the processor's own
+    image_sizing: dict[str, int] | None = None
 
 
 class Alternative(NamedTuple):

@@ -449,6 +449,10 @@ class VLLMEngine:
             prompt["multi_modal_data"] = {}
         if request.images:
             prompt["multi_modal_data"]["image"] = request.images
+            if request.image_sizing:  # as the processor's size (its min_pixels / max_pixels arguments are deprecated)
+                prompt["mm_processor_kwargs"] = {"images_kwargs": {"size": {
+                    "shortest_edge": request.image_sizing["min_pixels"],
+                    "longest_edge": request.image_sizing["max_pixels"]}}}
         if request.videos:
             prompt["multi_modal_data"]["video"] = [(clip.frames, clip.metadata) for clip in request.videos]
         finished = sent_prompt_ids = False

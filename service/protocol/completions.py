@@ -47,6 +47,11 @@ class CompletionRequest(SamplingRequest):
                 raise ValueError("token ids are not negative")
         return prompts
 
+    @field_validator("mm_processor_kwargs")
+    @classmethod
+    def _no_images(cls, v: Any) -> Any:
+        return refuse_if_set(v, "mm_processor_kwargs", "a completions prompt holds no images")
+
     @field_validator("truncate_prompt_tokens")
     @classmethod
     def _truncation(cls, v: int | None) -> int | None:

@@ -80,8 +80,8 @@ VLLM_REFUSED: dict[str, tuple[tuple, str]] = {
     "length_penalty": ((1, 1.0), "it applies to beam search, which is not served"),
     "chat_template": ((), "every request is rendered by the model's own chat template (a template per request "
                           "would run the client's code on the server)"),
-    "mm_processor_kwargs": ((), "the image processor's settings are the server's (they change an image's token "
-                                "count)"),
+    "media_io_kwargs": ((), "images and videos are fetched and decoded by the server's loaders, under its limits "
+                            "(a video's frames: --video-fps, --video-max-frames)"),
     "priority": ((0,), "a request's priority is its tenant's class in the keys file"),
     "request_id": ((), "send it as the X-Request-ID header, which every answer and log line carries"),
     "vllm_xargs": ((), "not served"),
@@ -94,6 +94,42 @@ VLLM_REFUSED: dict[str, tuple[tuple, str]] = {
     "guided_decoding_backend": ((), "the structured-output backend is the server's (--structured-outputs-backend)"),
     "guided_whitespace_pattern": ((), "compact JSON unless the server runs with --structured-outputs-any-whitespace"),
 }
+
+
+class ImageSizing(BaseModel):
+    """vLLM's `mm_processor_kwargs` as Qwen-VL's image processor takes them per request: the pixel budget an
+    image is resized into (`min_pixels` .. `max_pixels`, each image keeping its aspect ratio), and so its token
+    count. Flat, as vLLM's server takes them, or under `images_kwargs`; other settings are refused by name."""
+
+    model_config = ConfigDict(extra="forbid")
+    min_pixels: int | None = Field(default=None, ge=1)
+    max_pixels: int | None = Field(default=None, ge=1)
+
+    @classmethod
+    def from_kwargs(cls, v: Any) -> Any:
+        if not isinstance(v, dict):
+            return v  # None, or the type error pydantic names
+        scoped = v.get("images_kwargs")
+        flat = {k: value for k, value in v.items() if k != "images_kwargs"}
+        if isinstance(scoped, dict) and flat:
+            raise ValueError("send the pixel budget flat or under images_kwargs, not both")
+        given = scoped if isinstance(scoped, dict) else flat
+        other = sorted(set(given) - {"min_pixels", "max_pixels"})
+        if other:
+            raise ValueError(f"{', '.join(other)}: only an image's min_pixels and max_pixels are served per request "
+                             "(the processor's other settings are the server's)")
+        if not given:
+            return None
+        for key, value in given.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{key} is a whole number of pixels (at least 1), not {value!r}")
+        sizing = cls(**given)
+        if sizing.min_pixels and sizing.max_pixels and sizing.min_pixels > sizing.max_pixels:
+            raise ValueError(f"min_pixels {sizing.min_pixels} is above max_pixels {sizing.max_pixels}")
+        return sizing
+
+    def processor_kwargs(self) -> dict[str, int]:
+        return self.model_dump(exclude_none=True)
 
 
 def refuse_vllm_extra(value: Any, field: str) -> Any:
@@ -153,7 +189,14 @@ class SamplingRequest(_Lenient):
     truncate_prompt_tokens: int | None = Field(default=None, ge=-1)
     truncation_side: Literal["left", "right"] | None = None
     chat_template: Any = None
-    mm_processor_kwargs: Any = None
+    # vLLM's: the image processor's settings for this request; an image's pixel budget (see ImageSizing)
+    mm_processor_kwargs: ImageSizing | None = None
+
+    @field_validator("mm_processor_kwargs", mode="before")
+    @classmethod
+    def _image_sizing(cls, v: Any) -> Any:
+        return ImageSizing.from_kwargs(v)
+    media_io_kwargs: Any = None
     priority: Any = None
     request_id: Any = None
     vllm_xargs: Any = None

@@ -3,8 +3,9 @@
 `/tokenize` takes a text `prompt` or chat `messages` (images and videos too, with `tools`,
 `add_generation_prompt`, `continue_final_message` and `chat_template_kwargs` as a chat completion takes them)
 and answers the prompt's token ids as the engine will see them (each image and video expanded), their
-`count`, the model's `max_model_len` and, on request, the token strings. vLLM's `chat_template`,
-`mm_processor_kwargs` and `media_io_kwargs` are refused by name, as on the chat path.
+`count`, the model's `max_model_len` and, on request, the token strings. An image's pixel budget
+(`mm_processor_kwargs`) is taken as the chat path takes it; vLLM's `chat_template` and `media_io_kwargs` are
+refused by name, as on the chat path.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, Discriminator, Field, Tag, ValidationInfo, field_validator
 
 from service.protocol.chat import ChatMessage, ToolDefinition
-from service.protocol.sampling import _Lenient, refuse_if_set
+from service.protocol.sampling import ImageSizing, _Lenient, refuse_if_set
 
 
 class TokenizePromptRequest(_Lenient):
@@ -34,10 +35,15 @@ class TokenizeChatRequest(_Lenient):
     tools: list[ToolDefinition] | None = Field(default=None, max_length=128)
     return_token_strs: bool = False
     chat_template: Any = None
-    mm_processor_kwargs: Any = None
+    mm_processor_kwargs: ImageSizing | None = None  # an image's pixel budget, as the chat path takes it
     media_io_kwargs: Any = None
 
-    @field_validator("chat_template", "mm_processor_kwargs", "media_io_kwargs")
+    @field_validator("mm_processor_kwargs", mode="before")
+    @classmethod
+    def _image_sizing(cls, v: Any) -> Any:
+        return ImageSizing.from_kwargs(v)
+
+    @field_validator("chat_template", "media_io_kwargs")
     @classmethod
     def _refused(cls, v: Any, info: ValidationInfo) -> Any:
         return refuse_if_set(v, info.field_name, "the model's own chat template and processor settings are the "

@@ -52,6 +52,7 @@ class Rendered:
     videos: list
     video_ids: list[list[int]]  # each video's tokens
     prompt_tokens: int  # the prompt's length once each image and video is expanded
+    image_sizing: dict[str, int] | None = None  # the request's pixel budget for its images (resolved), if any
 
 
 @dataclass(frozen=True)
@@ -101,8 +102,14 @@ class ChatService(Generation):
                              param="messages")
         urls = [part.image_url.url for m in req.messages for part in m.images()]
         started = time.perf_counter()
+        sizing = None
+        if req.mm_processor_kwargs is not None:
+            if n_videos:
+                raise BadRequest("mm_processor_kwargs sizes images; a video's frames are sized by the server",
+                                 param="mm_processor_kwargs")
+            sizing = self.renderer.image_sizing(req.mm_processor_kwargs.min_pixels, req.mm_processor_kwargs.max_pixels)
         images = list(await asyncio.gather(*(load_image(u, self.limits) for u in urls))) if urls else []
-        image_tokens = [self.renderer.image_tokens(*im.size) for im in images]
+        image_tokens = [self.renderer.image_tokens(*im.size, sizing) for im in images]
         if urls:
             self.metrics.image_seconds.observe(time.perf_counter() - started)
         videos, video_ids = await self._videos(req) if n_videos else ([], [])
@@ -118,7 +125,7 @@ class ChatService(Generation):
             ids = await asyncio.to_thread(self.renderer.tokenize, prompt)
         prompt_tokens = self.renderer.prompt_tokens(ids, image_tokens, [len(v) for v in video_ids])
         return Rendered(prompt=prompt, ids=ids, images=images, image_tokens=image_tokens, videos=videos,
-                        video_ids=video_ids, prompt_tokens=prompt_tokens)
+                        video_ids=video_ids, prompt_tokens=prompt_tokens, image_sizing=sizing if images else None)
 
     async def _prepare(self, req: ChatCompletionRequest, revision: Revision | None, request_id: str) -> Prepared:
         adapter = revision.key if revision is not None else None
@@ -134,6 +141,7 @@ class ChatService(Generation):
         thinking = not req.forced_tools and self.engine.reasoning_parser(template_kwargs) is not None
         gen = GenerationRequest(request_id=request_id, prompt=r.prompt, prompt_token_ids=r.ids, images=r.images,
                                 videos=r.videos, sampling=sampling, adapter=adapter, cache_salt=req.cache_salt,
+                                image_sizing=r.image_sizing,
                                 reasoning=template_kwargs if thinking else None)
         return Prepared(request=gen, model=req.model, revision=revision, image_tokens=sum(r.image_tokens),
                         video_tokens=sum(len(v) for v in r.video_ids), prompt_tokens=r.prompt_tokens,

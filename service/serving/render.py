@@ -55,10 +55,14 @@ def _arguments(text: str) -> Any:
 class ChatRenderer:
     """Renders prompts and counts their tokens with the served model's processor."""
 
-    def __init__(self, processor: Any):
+    def __init__(self, processor: Any, processor_kwargs: dict[str, Any] | None = None):
+        """`processor_kwargs`: the engine's own `mm_processor_kwargs` (--engine-arg), whose image pixel budget the
+        engine resizes every image into, and so the counts here too."""
         self.processor = processor
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.image_processor = getattr(processor, "image_processor", None)
+        kwargs = processor_kwargs if isinstance(processor_kwargs, dict) else {}
+        self.image_budget = self._server_budget(kwargs) if self.image_processor is not None else {}
         self._merge = getattr(self.image_processor, "merge_size", 1) or 1
         self._image_pad = self.tokenizer.convert_tokens_to_ids("<|image_pad|>") if self.image_processor else None
         self.vocab_size = len(self.tokenizer)
@@ -66,10 +70,23 @@ class ChatRenderer:
         self._video_pad = self.tokenizer.convert_tokens_to_ids("<|video_pad|>") if self.video_processor else None
 
     @classmethod
-    def from_pretrained(cls, model: str) -> ChatRenderer:
+    def from_pretrained(cls, model: str, processor_kwargs: dict[str, Any] | None = None) -> ChatRenderer:
         from transformers import AutoProcessor
 
-        return cls(AutoProcessor.from_pretrained(model))
+        return cls(AutoProcessor.from_pretrained(model), processor_kwargs)
+
+    def _server_budget(self, kwargs: dict[str, Any]) -> dict[str, int]:
+        """The image pixel budget the engine applies to every image: the processor's (`size`), with the engine's
+        `mm_processor_kwargs` over it as vLLM merges them (flat, or under `images_kwargs`, which wins)."""
+        size = self.image_processor.size
+        budget = {"min_pixels": size["shortest_edge"], "max_pixels": size["longest_edge"]}
+        for scope in (kwargs, kwargs.get("images_kwargs") or {}):
+            given = scope.get("size") or {}
+            for key, edge in (("min_pixels", "shortest_edge"), ("max_pixels", "longest_edge")):
+                value = scope.get(key, given.get(edge))
+                if value is not None:
+                    budget[key] = int(value)
+        return budget
 
     @property
     def supports_tools(self) -> bool:
@@ -98,11 +115,30 @@ class ChatRenderer:
             raise BadRequest(f"messages could not be rendered with the model's chat template: {exc}") from None
         return prompt + prefill
 
-    def image_tokens(self, width: int, height: int) -> int:
+    def image_sizing(self, min_pixels: int | None, max_pixels: int | None) -> dict[str, int]:
+        """A request's pixel budget for its images (vLLM's `mm_processor_kwargs`), resolved against the
+        processor's: at most the server's `max_pixels` (the engine sizes its encoder budget for it), the server's
+        `min_pixels` unless that is above the request's maximum."""
+        if self.image_processor is None:
+            raise BadRequest("this model does not accept images", param="mm_processor_kwargs")
+        server_min, server_max = self.image_budget["min_pixels"], self.image_budget["max_pixels"]
+        top = max_pixels if max_pixels is not None else server_max
+        if top > server_max:
+            raise BadRequest(f"mm_processor_kwargs: max_pixels {top} is above this server's {server_max} (the "
+                             "engine's budget for one image); ask for fewer pixels", param="mm_processor_kwargs")
+        bottom = min_pixels if min_pixels is not None else min(server_min, top)
+        if bottom > top:
+            raise BadRequest(f"mm_processor_kwargs: min_pixels {bottom} is above max_pixels {top}",
+                             param="mm_processor_kwargs")
+        return {"min_pixels": bottom, "max_pixels": top}
+
+    def image_tokens(self, width: int, height: int, sizing: dict[str, int] | None = None) -> int:
+        """The tokens an image becomes (with a request's pixel budget, `image_sizing()`, if it has one)."""
         if self.image_processor is None:
             raise BadRequest("this model does not accept images")
         try:
-            return self.image_processor.get_number_of_image_patches(height, width, {}) // (self._merge**2)
+            return (self.image_processor.get_number_of_image_patches(height, width, sizing or self.image_budget)
+                    // (self._merge**2))
         except ValueError as exc:  # e.g. Qwen's resize: an aspect ratio over 200
             raise BadRequest(f"an image of {width}x{height} pixels cannot be processed: {exc}",
                              param="image_url") from None

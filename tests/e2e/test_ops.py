@@ -31,13 +31,41 @@ def server(demo_assets, tmp_path_factory):
     srv = start_server(
         ["--model", str(demo_assets["model"]), "--adapter-dir", str(root),
          "--max-pending-requests", str(MAX_PENDING), "--drain-grace-s", "60", "--cpu-memory-bounds",
-         "--cpu-allocator", "tcmalloc"],
+         "--cpu-allocator", "tcmalloc", "--engine-arg", f'mm_processor_kwargs={{"max_pixels": {ENGINE_MAX_PIXELS}}}'],
         tmp_path_factory.mktemp("ops") / "server.log",
         env={"VLORA_METRICS_MAX_ADAPTER_LABELS": "1", "VLORA_ADAPTER_CHECK_INTERVAL_S": "0.3"},
     )
     srv.root = root
     yield srv
     srv.stop()
+
+
+ENGINE_MAX_PIXELS = 128 * 128  # the engine's own image budget (--engine-arg mm_processor_kwargs)
+
+
+def test_the_engines_image_budget_is_the_one_counted(server, body, tiny_processor):
+    """An image budget given to the engine (--engine-arg mm_processor_kwargs) is the one vlora counts with: the
+    engine's expanded prompt, usage and /tokenize agree (a 256x256 image: 16 tokens, not the processor's 64), and
+    a request may lower it but not raise it."""
+    pad = tiny_processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+
+    def pads(extra: dict) -> int:
+        r = httpx.post(f"{server.url}/v1/chat/completions", timeout=60,
+                       json={**body, "max_tokens": 1, "return_token_ids": True, **extra})
+        assert r.status_code == 200, r.text
+        answer = r.json()
+        ids = answer["prompt_token_ids"]
+        counted = httpx.post(f"{server.url}/tokenize", timeout=60, json={
+            "model": body["model"], "messages": body["messages"], **extra}).json()
+        assert answer["usage"]["prompt_tokens"] == len(ids) == counted["count"] and counted["tokens"] == ids
+        return ids.count(pad)
+
+    assert pads({}) == 16
+    assert pads({"mm_processor_kwargs": {"max_pixels": 64 * 64}}) == 4
+    over = httpx.post(f"{server.url}/v1/chat/completions", timeout=60,
+                      json={**body, "mm_processor_kwargs": {"max_pixels": ENGINE_MAX_PIXELS + 1}})
+    assert over.status_code == 400 and over.json()["error"]["param"] == "mm_processor_kwargs"
+    assert "above this server's 16384" in over.json()["error"]["message"]
 
 
 @pytest.fixture(scope="module")

@@ -291,6 +291,40 @@ def test_logprob_token_ids_score_the_named_tokens_in_their_order(client, message
     assert exc.value.body["param"] == "logprob_token_ids"
 
 
+def test_mm_processor_kwargs_set_an_images_pixel_budget(client, server, tiny_processor):
+    """vLLM's mm_processor_kwargs for Qwen-VL: min_pixels / max_pixels resize each image into the request's
+    budget; the engine expands it to the tokens vlora counted (usage, /tokenize), flat or under images_kwargs;
+    a budget above the server's, other settings, and completions are a 400 naming it."""
+    import httpx
+
+    pad = tiny_processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+
+    def pads(size: tuple[int, int], kwargs: dict | None) -> tuple[int, int, int]:
+        msgs = image_message(data_uri(encode(shape_image("red", size=size))), "Color?")
+        extra = {"return_token_ids": True, **({"mm_processor_kwargs": kwargs} if kwargs else {})}
+        r = client.chat.completions.create(model="demo-a", messages=msgs, max_tokens=1, extra_body=extra)
+        counted = httpx.post(f"{server.url}/tokenize", timeout=60, json={
+            "model": "demo-a", "messages": msgs, **({"mm_processor_kwargs": kwargs} if kwargs else {})}).json()["count"]
+        ids = r.model_extra["prompt_token_ids"]
+        assert r.usage.prompt_tokens == len(ids) == counted
+        return ids.count(pad), len(ids), counted
+
+    assert pads((256, 256), None)[0] == 64  # the server's budget (4096 .. 131072 pixels, 32x32 per token)
+    assert pads((256, 256), {"max_pixels": 128 * 128})[0] == 16
+    assert pads((256, 256), {"images_kwargs": {"max_pixels": 128 * 128}})[0] == 16
+    assert pads((32, 32), None)[0] == 4 and pads((32, 32), {"min_pixels": 128 * 128})[0] == 16
+    msgs = image_message(data_uri(encode(shape_image("red"))), "Color?")
+    for bad in ({"max_pixels": 10**6}, {"size": {"longest_edge": 4096}}, {"min_pixels": 8192, "max_pixels": 4096}):
+        with pytest.raises(openai.BadRequestError) as exc:
+            client.chat.completions.create(model="demo-a", messages=msgs, max_tokens=1,
+                                           extra_body={"mm_processor_kwargs": bad})
+        assert exc.value.body["param"] == "mm_processor_kwargs", exc.value.body
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.completions.create(model="demo-a", prompt="x", max_tokens=1,
+                                  extra_body={"mm_processor_kwargs": {"max_pixels": 4096}})
+    assert exc.value.body["param"] == "mm_processor_kwargs"
+
+
 BOUNDED = {"type": "object", "properties": {"note": {"type": "string", "minLength": 3, "maxLength": 6}},
            "required": ["note"], "additionalProperties": False}
 

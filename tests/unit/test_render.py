@@ -137,3 +137,23 @@ def test_a_video_the_processor_cannot_resize_is_a_400_naming_it(tiny_processor):
     with pytest.raises(BadRequest, match="840x4 pixels cannot be processed") as exc:
         ChatRenderer(tiny_processor).video_ids(clip)
     assert exc.value.param == "video_url"
+
+
+@pytest.mark.parametrize("server,request_budget", [
+    ({"max_pixels": 128 * 128}, None),
+    ({"images_kwargs": {"size": {"shortest_edge": 32 * 32, "longest_edge": 256 * 256}}}, None),
+    ({"max_pixels": 256 * 256}, {"min_pixels": None, "max_pixels": 64 * 64}),
+    (None, {"min_pixels": 128 * 128, "max_pixels": None}),
+])
+def test_image_tokens_follow_the_engines_and_the_requests_pixel_budget(tiny_processor, server, request_budget):
+    """The engine's own mm_processor_kwargs (--engine-arg) size every image, and a request's (up to the
+    server's maximum) its own: the counts are the processor's, run with the same budget."""
+    renderer = ChatRenderer(tiny_processor, server)
+    sizing = renderer.image_sizing(**request_budget) if request_budget else None
+    for size in ((512, 512), (40, 30), (300, 90)):
+        budget = sizing or renderer.image_budget
+        real = tiny_processor.image_processor(images=[shape_image("red", size)], return_tensors="pt", size={
+            "shortest_edge": budget["min_pixels"], "longest_edge": budget["max_pixels"]})
+        assert renderer.image_tokens(*size, sizing) == real["image_grid_thw"].prod().item() // 4
+    with pytest.raises(BadRequest, match="above this server's"):
+        renderer.image_sizing(None, renderer.image_budget["max_pixels"] + 1)
