@@ -67,6 +67,11 @@ class ChatRenderer:
         self._image_pad = self.tokenizer.convert_tokens_to_ids("<|image_pad|>") if self.image_processor else None
         self.vocab_size = len(self.tokenizer)
         self.video_processor = getattr(processor, "video_processor", None)
+        # The engine's video budget, where its mm_processor_kwargs change the processor's (None: the processor's)
+        video_budget = self._server_budget(kwargs, videos=True) if self.video_processor is not None else None
+        self._video_size = (None if video_budget is None or video_budget == self._server_budget({}, videos=True)
+                            else {"shortest_edge": video_budget["min_pixels"],
+                                  "longest_edge": video_budget["max_pixels"]})
         self._video_pad = self.tokenizer.convert_tokens_to_ids("<|video_pad|>") if self.video_processor else None
 
     @classmethod
@@ -75,12 +80,13 @@ class ChatRenderer:
 
         return cls(AutoProcessor.from_pretrained(model), processor_kwargs)
 
-    def _server_budget(self, kwargs: dict[str, Any]) -> dict[str, int]:
-        """The image pixel budget the engine applies to every image: the processor's (`size`), with the engine's
-        `mm_processor_kwargs` over it as vLLM merges them (flat, or under `images_kwargs`, which wins)."""
-        size = self.image_processor.size
+    def _server_budget(self, kwargs: dict[str, Any], videos: bool = False) -> dict[str, int]:
+        """The pixel budget the engine applies to every image (or video): the processor's (`size`), with the
+        engine's `mm_processor_kwargs` over it as vLLM merges them (flat, or under `images_kwargs` /
+        `videos_kwargs`, which wins)."""
+        size = (self.video_processor if videos else self.image_processor).size
         budget = {"min_pixels": size["shortest_edge"], "max_pixels": size["longest_edge"]}
-        for scope in (kwargs, kwargs.get("images_kwargs") or {}):
+        for scope in (kwargs, kwargs.get("videos_kwargs" if videos else "images_kwargs") or {}):
             given = scope.get("size") or {}
             for key, edge in (("min_pixels", "shortest_edge"), ("max_pixels", "longest_edge")):
                 value = scope.get(key, given.get(edge))
@@ -180,7 +186,8 @@ class ChatRenderer:
         from transformers.video_utils import VideoMetadata
 
         frames, height, width = (int(n) for n in clip.frames.shape[:3])
-        patches = videos.get_num_of_video_patches(frames, height, width)
+        patches = videos.get_num_of_video_patches(frames, height, width,
+                                                  {"size": self._video_size} if self._video_size else None)
         groups = -(-frames // videos.temporal_patch_size)
         fields = VideoMetadata.__dataclass_fields__
         metadata = VideoMetadata(**{k: v for k, v in clip.metadata.items() if k in fields})
@@ -192,7 +199,9 @@ class ChatRenderer:
         """The ids from the whole processor (frames resized and patched)."""
         metadata = {k: v for k, v in clip.metadata.items() if k != "do_sample_frames"}
         snippet = "<|vision_start|><|video_pad|><|vision_end|>"
-        out = self.processor(text=[snippet], videos=[clip.frames], video_metadata=[metadata], do_sample_frames=False)
+        sized = {"size": self._video_size} if self._video_size else {}
+        out = self.processor(text=[snippet], videos=[clip.frames], video_metadata=[metadata], do_sample_frames=False,
+                             **sized)
         return list(out["input_ids"][0][1:-1])  # the placeholder's expansion, without the start and end around it
 
     def expand(self, ids: list[int], image_tokens: list[int], video_ids: list[list[int]]) -> list[int]:

@@ -66,6 +66,15 @@ def test_the_engines_image_budget_is_the_one_counted(server, body, tiny_processo
                       json={**body, "mm_processor_kwargs": {"max_pixels": ENGINE_MAX_PIXELS + 1}})
     assert over.status_code == 400 and over.json()["error"]["param"] == "mm_processor_kwargs"
     assert "above this server's 16384" in over.json()["error"]["message"]
+    # vLLM applies a flat budget to videos too: counted the same way
+    from tests.videos import moving_circle_mp4, video_data_uri
+
+    video = [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": video_data_uri(moving_circle_mp4(
+        frames=24, size=(320, 240)))}}, {"type": "text", "text": "What moves?"}]}]
+    r = httpx.post(f"{server.url}/v1/chat/completions", timeout=120, json={
+        "model": body["model"], "messages": video, "max_tokens": 1, "return_token_ids": True}).json()
+    counted = httpx.post(f"{server.url}/tokenize", timeout=120, json={"model": body["model"], "messages": video}).json()
+    assert r["usage"]["prompt_tokens"] == len(r["prompt_token_ids"]) == counted["count"], (r["usage"], counted["count"])
 
 
 @pytest.fixture(scope="module")

@@ -119,6 +119,10 @@ def test_video_tokens_come_from_the_processors_arithmetic_without_processing_the
                                  type(tiny_processor.video_processor).__name__, fps=2.0, max_frames=32)
     renderer = ChatRenderer(tiny_processor)
     assert renderer.video_ids(clip) == renderer._video_ids_processed(clip)  # the processor run whole
+    # the engine's own budget (--engine-arg mm_processor_kwargs, flat: vLLM applies it to videos too)
+    budgeted = ChatRenderer(tiny_processor, {"max_pixels": 64 * 64 * 4})
+    assert budgeted.video_ids(clip) == budgeted._video_ids_processed(clip)
+    assert len(budgeted.video_ids(clip)) < len(renderer.video_ids(clip))  # every clip here is over that budget
 
 
 def test_an_image_the_processor_cannot_resize_is_a_400_naming_it(renderer):
