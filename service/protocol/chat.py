@@ -122,7 +122,7 @@ class NamedToolChoice(_Lenient):
     function: NamedFunction
 
 
-_UNSUPPORTED = ("functions", "audio", "web_search_options", "documents")
+_UNSUPPORTED = ("functions", "audio", "web_search_options")
 # Template variables vlora sets itself (or the processor's own arguments): not settable by a client.
 TEMPLATE_RESERVED = {"messages", "tools", "documents", "add_generation_prompt", "continue_final_message", "tokenize",
                      "return_dict", "chat_template", "tokenizer", "processor"}
@@ -149,7 +149,9 @@ class ChatCompletionRequest(SamplingRequest):
     web_search_options: Any = None
     # vLLM's: when the last message is the assistant's (a prefill), its text leads each choice's content
     echo: bool = False
-    documents: Any = None  # vLLM's: documents for a RAG chat template
+    # vLLM's: documents for a chat template that renders them (retrieval-augmented generation), e.g. {"title",
+    # "text"} each; a template that does not is a 400 (vLLM's server would leave them out silently)
+    documents: list[dict[str, str]] | None = Field(default=None, max_length=256)
     modalities: list[str] | None = None  # OpenAI's output modalities: text is the only one served
 
     @field_validator("truncate_prompt_tokens")

@@ -33,6 +33,7 @@ class TokenizeChatRequest(_Lenient):
     add_special_tokens: bool = False  # the chat template adds what the model needs
     chat_template_kwargs: dict[str, Any] | None = None
     tools: list[ToolDefinition] | None = Field(default=None, max_length=128)
+    documents: list[dict[str, str]] | None = Field(default=None, max_length=256)
     return_token_strs: bool = False
     chat_template: Any = None
     mm_processor_kwargs: ImageSizing | None = None  # an image's pixel budget, as the chat path takes it

@@ -118,7 +118,7 @@ class ChatService(Generation):
         prompt = self.renderer.render(req.messages, tools=req.tools if req.tool_mode != "none" else None,
                                       prefill=prefill, add_generation_prompt=req.add_generation_prompt,
                                       continue_final_message=req.continue_final_message,
-                                      template_kwargs=req.template_variables)
+                                      template_kwargs=req.template_variables, documents=req.documents)
         if len(prompt) <= INLINE_TOKENIZE_CHARS:  # under a millisecond: cheaper than a thread hand-off
             ids = self.renderer.tokenize(prompt)
         else:

@@ -97,12 +97,20 @@ class ChatRenderer:
     @property
     def supports_tools(self) -> bool:
         """Whether the model's chat template renders tool definitions."""
-        template = getattr(self.processor, "chat_template", None) or getattr(self.tokenizer, "chat_template", "")
-        return "tools" in (template or "")
+        return "tools" in self._template
+
+    @property
+    def supports_documents(self) -> bool:
+        """Whether the model's chat template renders documents (vLLM's `documents`, for retrieval)."""
+        return "documents" in self._template
+
+    @property
+    def _template(self) -> str:
+        return getattr(self.processor, "chat_template", None) or getattr(self.tokenizer, "chat_template", "") or ""
 
     def render(self, messages: list[ChatMessage], tools: list[ToolDefinition] | None = None,
                prefill: str = "", add_generation_prompt: bool = True, continue_final_message: bool = False,
-               template_kwargs: dict[str, Any] | None = None) -> str:
+               template_kwargs: dict[str, Any] | None = None, documents: list[dict[str, str]] | None = None) -> str:
         """The prompt for `messages` (and `tools`, if any), ending with the assistant's turn and `prefill`, or
         with the last (assistant) message left open to be continued."""
         kwargs = dict(template_kwargs or {})  # e.g. Qwen3's enable_thinking
@@ -110,6 +118,10 @@ class ChatRenderer:
             if not self.supports_tools:
                 raise BadRequest("this model's chat template does not render tools", param="tools")
             kwargs["tools"] = [t.model_dump(exclude_none=True) for t in tools]
+        if documents:
+            if not self.supports_documents:
+                raise BadRequest("this model's chat template does not render documents", param="documents")
+            kwargs["documents"] = documents
         try:
             prompt = self.processor.apply_chat_template(
                 to_template_messages(messages), tokenize=False, add_generation_prompt=add_generation_prompt,

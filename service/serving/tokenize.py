@@ -42,7 +42,8 @@ class TokenizeService:
             ids = tokenizer(req.prompt, add_special_tokens=req.add_special_tokens)["input_ids"]
         else:
             body = req.model_dump(include={"messages", "tools", "add_generation_prompt", "continue_final_message",
-                                           "chat_template_kwargs", "mm_processor_kwargs"}, exclude_none=True,
+                                           "chat_template_kwargs", "mm_processor_kwargs", "documents"},
+                                  exclude_none=True,
                                   by_alias=True)
             chat = ChatCompletionRequest.model_validate({"model": model, **body})
             rendered = await self.chat.render(chat)

@@ -371,3 +371,12 @@ def test_cpu_memory_bounds_are_off_by_default(server):
     assert len(engine) >= 2, engine.keys()  # the engine core and its model worker
     for env in engine.values():
         assert "ONEDNN_PRIMITIVE_CACHE_CAPACITY" not in env and "MALLOC_MMAP_THRESHOLD_" not in env
+
+
+def test_documents_for_a_template_that_does_not_render_them_are_a_400(client):
+    """vLLM's documents (retrieval) reach a chat template that renders them (tests/unit/test_render.py); the tiny
+    model's template, like Qwen3-VL's, does not, and the request says so instead of answering without them."""
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.chat.completions.create(model="tiny-qwen3-vl", messages=[{"role": "user", "content": "Summarize."}],
+                                       max_tokens=2, extra_body={"documents": [{"title": "a", "text": "b"}]})
+    assert exc.value.body["param"] == "documents" and "does not render documents" in exc.value.body["message"]

@@ -83,6 +83,7 @@ def test_image_url_as_bare_string():
     ({"mm_processor_kwargs": {"min_pixels": 9, "max_pixels": 3}}, "min_pixels 9 is above max_pixels 3"),
     ({"mm_processor_kwargs": {"max_pixels": 0}}, "a whole number of pixels"),
     ({"media_io_kwargs": {"video": {"num_frames": 8}}}, "the server's loaders"),
+    ({"documents": "the manual"}, "documents"),
     ({"top_logprobs": 3}, "top_logprobs needs logprobs"),
     ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     ({"logit_bias": {"abc": 1}}, "token ids"),

@@ -161,3 +161,22 @@ def test_image_tokens_follow_the_engines_and_the_requests_pixel_budget(tiny_proc
         assert renderer.image_tokens(*size, sizing) == real["image_grid_thw"].prod().item() // 4
     with pytest.raises(BadRequest, match="above this server's"):
         renderer.image_sizing(None, renderer.image_budget["max_pixels"] + 1)
+
+
+def test_documents_reach_a_template_that_renders_them_and_are_refused_by_one_that_does_not(tiny_processor):
+    """vLLM's chat `documents` (retrieval): passed to a chat template that renders them; the tiny model's, like
+    Qwen's, does not, and a 400 names them rather than leaving them out as vLLM's server does."""
+    import copy
+
+    from service.protocol.chat import ChatCompletionRequest
+
+    docs = [{"title": "Manual", "text": "Red means stop."}]
+    req = ChatCompletionRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "q"}],
+                                                "documents": docs})
+    with pytest.raises(BadRequest) as exc:
+        ChatRenderer(tiny_processor).render(req.messages, documents=req.documents)
+    assert exc.value.param == "documents"
+    processor = copy.deepcopy(tiny_processor)
+    processor.chat_template = ("{% for d in documents %}[{{ d['title'] }}: {{ d['text'] }}]{% endfor %}"
+                               "{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    assert ChatRenderer(processor).render(req.messages, documents=req.documents) == "[Manual: Red means stop.]q"
