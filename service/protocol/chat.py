@@ -228,12 +228,12 @@ class ChatCompletionRequest(SamplingRequest):
                 raise ValueError("continue_final_message continues the last message, which must be an assistant one")
             if self.forced_tools:
                 raise ValueError("a required or named tool_choice cannot continue a final message")
-        if self.echo and self.forced_tools:
-            raise ValueError("echo leads the content with the last message, and a required or named tool_choice "
-                             "answers with a call and no content")
         elif self.messages[-1].role == "assistant" and self.add_generation_prompt:
             raise ValueError("the last message must not be an assistant message (to continue it, send "
                              "continue_final_message: true and add_generation_prompt: false)")
+        if self.echo and self.forced_tools:
+            raise ValueError("echo leads the content with the last message, and a required or named tool_choice "
+                             "answers with a call and no content")
         if self.max_tokens and self.max_completion_tokens and self.max_tokens != self.max_completion_tokens:
             raise ValueError("max_tokens and max_completion_tokens disagree; send one of them")
         return self

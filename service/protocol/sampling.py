@@ -7,7 +7,15 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 
 class _Lenient(BaseModel):
@@ -128,8 +136,9 @@ class ImageSizing(BaseModel):
             raise ValueError(f"min_pixels {sizing.min_pixels} is above max_pixels {sizing.max_pixels}")
         return sizing
 
-    def processor_kwargs(self) -> dict[str, int]:
-        return self.model_dump(exclude_none=True)
+
+# A request's `mm_processor_kwargs` as the chat path and /tokenize take it
+ImageSizingKwargs = Annotated[ImageSizing | None, BeforeValidator(ImageSizing.from_kwargs)]
 
 
 def refuse_vllm_extra(value: Any, field: str) -> Any:
@@ -190,12 +199,7 @@ class SamplingRequest(_Lenient):
     truncation_side: Literal["left", "right"] | None = None
     chat_template: Any = None
     # vLLM's: the image processor's settings for this request; an image's pixel budget (see ImageSizing)
-    mm_processor_kwargs: ImageSizing | None = None
-
-    @field_validator("mm_processor_kwargs", mode="before")
-    @classmethod
-    def _image_sizing(cls, v: Any) -> Any:
-        return ImageSizing.from_kwargs(v)
+    mm_processor_kwargs: ImageSizingKwargs = None
     media_io_kwargs: Any = None
     priority: Any = None
     request_id: Any = None

@@ -15,7 +15,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, Discriminator, Field, Tag, ValidationInfo, field_validator
 
 from service.protocol.chat import ChatMessage, ToolDefinition
-from service.protocol.sampling import ImageSizing, _Lenient, refuse_if_set
+from service.protocol.sampling import ImageSizingKwargs, _Lenient, refuse_vllm_extra
 
 
 class TokenizePromptRequest(_Lenient):
@@ -36,19 +36,13 @@ class TokenizeChatRequest(_Lenient):
     documents: list[dict[str, str]] | None = Field(default=None, max_length=256)
     return_token_strs: bool = False
     chat_template: Any = None
-    mm_processor_kwargs: ImageSizing | None = None  # an image's pixel budget, as the chat path takes it
+    mm_processor_kwargs: ImageSizingKwargs = None  # an image's pixel budget, as the chat path takes it
     media_io_kwargs: Any = None
-
-    @field_validator("mm_processor_kwargs", mode="before")
-    @classmethod
-    def _image_sizing(cls, v: Any) -> Any:
-        return ImageSizing.from_kwargs(v)
 
     @field_validator("chat_template", "media_io_kwargs")
     @classmethod
     def _refused(cls, v: Any, info: ValidationInfo) -> Any:
-        return refuse_if_set(v, info.field_name, "the model's own chat template and processor settings are the "
-                                                 "server's") if v != {} else v
+        return refuse_vllm_extra(v, info.field_name)
 
 
 def _kind(body: Any) -> str:

@@ -57,10 +57,6 @@ def prompt_logprobs(tokens: list[TokenLogprob | None] | None, first: tuple[str, 
     return legacy_logprobs([t for t in tokens[1:] if t is not None], len(text), out, as_ids, wanted)
 
 
-def _text_end(logprobs: CompletionLogprobs) -> int:
-    return logprobs.text_end
-
-
 @dataclass
 class Batch:
     """What the streams of one batch of prompts share: one completion id and time, their usage, the first
@@ -191,7 +187,7 @@ class CompletionService:
                 return legacy_logprobs(totals.logprobs.get(i, []), as_ids=as_ids)
             # the engine's prompt alternatives are as many as the larger of logprobs and prompt_logprobs ask
             head = prompt_logprobs(totals.prompt_logprobs, self._first_token(prep), as_ids, req.logprobs)
-            return legacy_logprobs(totals.logprobs.get(i, []), _text_end(head), head, as_ids)
+            return legacy_logprobs(totals.logprobs.get(i, []), head.text_end, head, as_ids)
 
         def text(i: int) -> str:
             out = "".join(totals.text.get(i, []))
@@ -290,7 +286,7 @@ class CompletionStream:
             if delta.index not in self.echoed:  # the choice's first delta: its echo first, with the prompt's logprobs
                 self.echoed.add(delta.index)
                 prompt = self.prompt or CompletionLogprobs()
-                self.offsets[delta.index] = _text_end(prompt)
+                self.offsets[delta.index] = prompt.text_end
                 head = [self._chunk([CompletionChoice(index=delta.index, text=self.echo, logprobs=prompt)])]
         ids = self.prep.return_token_ids
         if ids and delta.prompt_token_ids is not None:
