@@ -157,7 +157,7 @@ def body_message(err: dict) -> str | None:
     if err.get("type") == "json_invalid":
         where = f" at character {loc[1]}" if len(loc) > 1 else ""
         return f"the request body is not valid JSON ({(err.get('ctx') or {}).get('error', 'decode error')}{where})"
-    if loc != ("body",):
+    if loc != ("body",) or isinstance(err.get("input"), dict):  # an object: a check across its fields failed
         return None
     if err.get("type") == "missing":
         return "the request body is empty: send a JSON object with Content-Type: application/json"

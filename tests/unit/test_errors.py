@@ -97,3 +97,13 @@ def test_a_body_that_is_not_a_json_object_says_so(client, content, headers, says
     assert resp.status_code == 400
     err = resp.json()["error"]
     assert says in err["message"] and err["param"] is None and err["type"] == "invalid_request_error", err
+
+
+def test_a_check_across_an_objects_fields_keeps_its_own_message(client):
+    """A JSON object that fails a check across its fields (a last assistant message with add_generation_prompt)
+    is answered with that check's message, not as a body that is no object."""
+    resp = client.post("/chat", json={"model": "m", "messages": [{"role": "user", "content": "q"},
+                                                                 {"role": "assistant", "content": "a"}]})
+    assert resp.status_code == 400
+    message = resp.json()["error"]["message"]
+    assert "the last message must not be an assistant message" in message and "JSON object" not in message
