@@ -9,8 +9,10 @@ lists it; adapters share the base model's tokenizer).
 
 from __future__ import annotations
 
+from pydantic import ValidationError
+
 from service.auth import OPEN, Tenant
-from service.errors import BadRequest, ModelNotFound
+from service.errors import BadRequest, ModelNotFound, validation_message
 from service.protocol.chat import ChatCompletionRequest
 from service.protocol.tokenize import (
     DetokenizeRequest,
@@ -45,7 +47,11 @@ class TokenizeService:
                                            "chat_template_kwargs", "mm_processor_kwargs", "documents"},
                                   exclude_none=True,
                                   by_alias=True)
-            chat = ChatCompletionRequest.model_validate({"model": model, **body})
+            try:  # the chat path's own checks across fields (e.g. the roles' order), as a chat completion meets them
+                chat = ChatCompletionRequest.model_validate({"model": model, **body})
+            except ValidationError as exc:
+                message, param = validation_message(exc)
+                raise BadRequest(message, param=param) from None
             rendered = await self.chat.render(chat)
             ids = self.renderer.expand(rendered.ids, rendered.image_tokens, rendered.video_ids)
             if req.add_special_tokens:

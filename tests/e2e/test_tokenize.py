@@ -69,3 +69,15 @@ def test_a_text_prompt_and_its_round_trip(demo_server, tiny_processor):
 def test_refusals_name_their_field(demo_server, path, body, status, param):
     out = httpx.post(f"{demo_server.url}{path}", json=body, timeout=30)
     assert out.status_code == status and out.json()["error"]["param"] == param, out.text
+
+
+def test_messages_a_chat_completion_refuses_are_a_400_not_a_500(demo_server):
+    """Checks across fields (here: a last assistant message with add_generation_prompt, found by the fuzz test)
+    refuse a /tokenize body as they refuse the same chat completion, with its message."""
+    messages = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "d"}]
+    out = httpx.post(f"{demo_server.url}/tokenize", json={"messages": messages}, timeout=30)
+    chat = httpx.post(f"{demo_server.url}/v1/chat/completions", json={"model": "demo-a", "messages": messages},
+                      timeout=30)
+    assert out.status_code == chat.status_code == 400, out.text
+    assert out.json()["error"]["message"] == chat.json()["error"]["message"]
+    assert "must not be an assistant message" in out.json()["error"]["message"]
